@@ -1,0 +1,47 @@
+"""diffusers-ptq: timestep-aware post-training quantization for Hugging Face diffusers UNets.
+
+Importing this package never initialises CUDA.
+"""
+
+from diffusers_ptq.api import PTQState, quantize_pipeline, quantize_unet
+from diffusers_ptq.calibration import CalibrationSet, available_samplers, supported_pipelines
+from diffusers_ptq.config import (
+    ActivationQuantConfig,
+    CalibrationConfig,
+    LayerSelectionConfig,
+    PTQConfig,
+    WeightQuantConfig,
+)
+from diffusers_ptq.initialise import set_quant_state
+from diffusers_ptq.methods import available_presets
+from diffusers_ptq.nn import QuantAttnProcessor, QuantConv2d, QuantLinear
+from diffusers_ptq.quantizers import TimestepActQuantizer, WeightQuantizer
+from diffusers_ptq.report import QuantizationReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # configuration
+    "ActivationQuantConfig",
+    "CalibrationConfig",
+    "LayerSelectionConfig",
+    "PTQConfig",
+    "WeightQuantConfig",
+    "available_presets",
+    "available_samplers",
+    "supported_pipelines",
+    # quantization
+    "quantize_pipeline",
+    "quantize_unet",
+    "set_quant_state",
+    "PTQState",
+    "QuantizationReport",
+    "CalibrationSet",
+    # modules
+    "QuantAttnProcessor",
+    "QuantConv2d",
+    "QuantLinear",
+    "TimestepActQuantizer",
+    "WeightQuantizer",
+    "__version__",
+]

@@ -1,0 +1,224 @@
+"""`quantize_pipeline`: validate, plan, capture through the pipeline, install, initialise scales."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffusers_ptq.calibration import (
+    CalibrationSet,
+    capture,
+    get_pipeline_spec,
+    planned_timesteps,
+    recording_mask,
+)
+from diffusers_ptq.calibration.pipelines import default_call_arg
+from diffusers_ptq.config import CalibrationConfig, PTQConfig
+from diffusers_ptq.initialise import initialise_activations, initialise_weights, set_quant_state
+from diffusers_ptq.prepare import QuantPlan, install, is_quantized, plan_quantization
+from diffusers_ptq.quantizers import contiguous_group_map, nearest_step_group_map
+from diffusers_ptq.report import QuantizationReport
+from diffusers_ptq.timestep import TimestepContext
+
+logger = logging.getLogger("diffusers_ptq")
+
+
+@dataclass
+class PTQState:
+    """What a quantized UNet carries: its recipe, timestep context, plan and report."""
+
+    config: PTQConfig
+    context: TimestepContext
+    plan: QuantPlan
+    group_map: torch.Tensor
+    report: QuantizationReport | None = None
+    borrowed_groups: list[int] = field(default_factory=list)
+
+
+def build_group_map(
+    timestep_groups: int | str, num_train_timesteps: int, step_timesteps: torch.Tensor
+) -> torch.Tensor:
+    """Training timestep -> group: contiguous groups, or one group per sampling step ('per_step')."""
+    if timestep_groups == "per_step":
+        return nearest_step_group_map(num_train_timesteps, step_timesteps)
+    if timestep_groups > num_train_timesteps:
+        raise ValueError(
+            f"activations.timestep_groups={timestep_groups} exceeds the scheduler's {num_train_timesteps} "
+            "training timesteps"
+        )
+    return contiguous_group_map(num_train_timesteps, int(timestep_groups))
+
+
+def _calibration_config(config: PTQConfig, **overrides: Any) -> CalibrationConfig:
+    calib = copy.deepcopy(config.calibration)
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(calib, name, value)
+    calib.validate()
+    return calib
+
+
+def _check_prompts(prompts: Any, text_conditioned: bool, pipe_name: str) -> list[str] | None:
+    if not text_conditioned:
+        return None
+    if prompts is None or (isinstance(prompts, list | tuple) and len(prompts) == 0):
+        raise ValueError(f"{pipe_name} is text-conditioned: pass calibration prompts, e.g. prompts=[...]")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, list | tuple) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError("prompts must be a list of strings")
+    return list(prompts)
+
+
+def _seeded_generator(generator: torch.Generator | int | None, seed: int) -> torch.Generator:
+    if isinstance(generator, torch.Generator):
+        return generator
+    return torch.Generator().manual_seed(seed if generator is None else int(generator))
+
+
+def quantize_pipeline(
+    pipe: Any,
+    config: PTQConfig | None = None,
+    *,
+    prompts: list[str] | None = None,
+    num_samples: int | None = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    generator: torch.Generator | int | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> Any:
+    """Quantize `pipe.unet` in place with timestep-aware fake quantization and return `pipe`.
+
+    Calibration runs `pipe(...)` itself (its scheduler, steps, guidance and conditioning) and records the
+    UNet inputs at the steps `config.calibration.sampler` picks. Keyword arguments override the matching
+    `config.calibration` fields. Everything is validated before any model runs; if anything fails later,
+    the UNet is restored to exactly what it was.
+    """
+    config = PTQConfig() if config is None else config
+    if not isinstance(config, PTQConfig):
+        raise TypeError(f"config must be a PTQConfig, got {type(config).__name__}")
+    config.validate()
+    spec = get_pipeline_spec(pipe)
+    unet = pipe.unet
+    if is_quantized(unet):
+        raise ValueError("pipe.unet is already quantized; load the float model again to re-quantize it")
+    prompts = _check_prompts(prompts, spec.text_conditioned, spec.name)
+    calib = _calibration_config(
+        config,
+        num_samples=num_samples,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        batch_size=batch_size,
+    )
+    steps = calib.num_inference_steps or default_call_arg(pipe, "num_inference_steps")
+    if steps is None:
+        raise ValueError(
+            f"{spec.name} has no default num_inference_steps; set calibration.num_inference_steps"
+        )
+    num_train = int(pipe.scheduler.config.num_train_timesteps)
+    step_timesteps = planned_timesteps(pipe, steps)
+    group_map = build_group_map(config.activations.timestep_groups, num_train, step_timesteps)
+    plan = plan_quantization(unet, config)
+    if not plan.layers and not plan.attentions:
+        raise ValueError(
+            "the layer selection matches no Conv2d/Linear layer of the UNet; check layers.include"
+        )
+    mask = recording_mask(calib, step_timesteps, num_train, torch.Generator().manual_seed(calib.seed))
+    if prompts is not None and mask.shape[0] > len(prompts):
+        raise ValueError(
+            f"num_samples={calib.num_samples} with the {calib.sampler!r} sampler needs {mask.shape[0]} "
+            f"trajectories (one per prompt), but only {len(prompts)} prompts were given; pass more prompts "
+            f"or lower num_samples to at most {_max_samples(calib, len(prompts), step_timesteps, num_train)}"
+        )
+
+    start = time.perf_counter()
+    data = capture(
+        pipe,
+        spec,
+        mask,
+        step_timesteps,
+        num_train_timesteps=num_train,
+        num_inference_steps=steps,
+        prompts=prompts,
+        guidance_scale=calib.guidance_scale,
+        batch_size=calib.batch_size,
+        generator=_seeded_generator(generator, calib.seed),
+        progress=progress,
+    )
+    data.check_finite()
+    quantize_unet(unet, config, data, batch_size=calib.batch_size, seed=calib.seed, progress=progress)
+    report = QuantizationReport.build(
+        plan,
+        method=config.method,
+        tag=config.tag,
+        calibration_samples=calib.num_samples,
+        calibration_rows=len(data),
+        samples_per_group=data.samples_per_group(group_map),
+        num_inference_steps=steps,
+        scheduler=type(pipe.scheduler).__name__,
+        borrowed_groups=unet.ptq_state.borrowed_groups,
+        seconds=time.perf_counter() - start,
+    )
+    unet.ptq_state.report = report
+    logger.info("%s", report)
+    if progress:
+        print(report)
+    return pipe
+
+
+def quantize_unet(
+    unet: nn.Module,
+    config: PTQConfig,
+    data: CalibrationSet,
+    *,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> nn.Module:
+    """Install quantized modules in `unet` and initialise their scales from a recorded CalibrationSet."""
+    if is_quantized(unet):
+        raise ValueError("the UNet is already quantized; load the float model again to re-quantize it")
+    config.validate()
+    group_map = build_group_map(
+        config.activations.timestep_groups, data.num_train_timesteps, data.step_timesteps
+    )
+    plan = plan_quantization(unet, config)
+    context = TimestepContext(data.num_train_timesteps)
+    device = next(unet.parameters()).device
+    patch = install(unet, plan, config, context, group_map.to(device))
+    try:
+        initialise_weights(unet, progress)
+        borrowed = initialise_activations(unet, data, batch_size, seed, progress)
+        set_quant_state(unet, weights=True, acts=config.activations.enabled)
+    except BaseException:
+        patch.restore()
+        raise
+    unet.ptq_state = PTQState(
+        config=copy.deepcopy(config),
+        context=context,
+        plan=plan,
+        group_map=group_map,
+        borrowed_groups=sorted(borrowed),
+    )
+    return unet
+
+
+def _max_samples(
+    calib: CalibrationConfig, n_prompts: int, step_timesteps: torch.Tensor, num_train: int
+) -> int:
+    """The largest num_samples `n_prompts` trajectories can provide with this sampler."""
+    lo, hi = 1, calib.num_samples
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        trial = copy.deepcopy(calib)
+        trial.num_samples = mid
+        needed = recording_mask(trial, step_timesteps, num_train, torch.Generator().manual_seed(0)).shape[0]
+        lo, hi = (mid, hi) if needed <= n_prompts else (lo, mid - 1)
+    return lo

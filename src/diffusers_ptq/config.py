@@ -1,0 +1,345 @@
+"""PTQConfig: what to quantize, how, and how to calibrate it.
+
+Every field carries `help` metadata (used by the CLI and the docs) and, where the value is one of a set,
+`choices`. `validate()` raises ValueError naming the field, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import MISSING, InitVar, dataclass, field, fields, is_dataclass
+from typing import Any
+
+SCALE_SEARCHES = ("minmax", "mse", "percentile")
+GRANULARITIES = ("per_channel", "per_tensor")
+TIMESTEP_SAMPLERS = ("uniform", "normal", "skew_normal", "all")
+SPECIAL_LAYER_POLICIES = ("float", "8bit", "same")
+
+
+def _field(default: Any, help: str, choices: tuple | None = None, **kwargs: Any) -> Any:
+    metadata = {"help": help}
+    if choices is not None:
+        metadata["choices"] = choices
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
+def _fail(path: str, value: Any, expected: str) -> None:
+    raise ValueError(f"{path}={value!r} is invalid; expected {expected}.")
+
+
+def _check_choice(path: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        _fail(path, value, "one of " + ", ".join(repr(c) for c in choices))
+
+
+def _check_int(path: str, value: Any, lo: int, hi: int | None = None) -> None:
+    ok = (
+        isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
+    )
+    if not ok:
+        _fail(path, value, f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}")
+
+
+def _check_float(path: str, value: Any, lo: float, hi: float, *, open_lo: bool = False) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    ok = ok and (value > lo if open_lo else value >= lo) and value <= hi
+    if not ok:
+        bracket = "(" if open_lo else "["
+        _fail(path, value, f"a number in {bracket}{lo}, {hi}]")
+
+
+def _check_search(path: str, cfg: WeightQuantConfig | ActivationQuantConfig) -> None:
+    _check_choice(f"{path}.scale_search", cfg.scale_search, SCALE_SEARCHES)
+    _check_float(f"{path}.lp_norm", cfg.lp_norm, 0.0, 10.0, open_lo=True)
+    _check_int(f"{path}.num_candidates", cfg.num_candidates, 1, 1000)
+    _check_float(f"{path}.percentile", cfg.percentile, 50.0, 100.0, open_lo=True)
+
+
+@dataclass
+class WeightQuantConfig:
+    """How weights are quantized."""
+
+    bits: int = _field(8, "weight bit width, 2-8")
+    granularity: str = _field("per_channel", "one scale per output channel or one per tensor", GRANULARITIES)
+    symmetric: bool = _field(True, "signed range with zero-point 0 (True) or an affine range (False)")
+    scale_search: str = _field("mse", "how the clipping range is chosen", SCALE_SEARCHES)
+    lp_norm: float = _field(2.4, "p of the |x - Q(x)|^p error minimised by the 'mse' search")
+    num_candidates: int = _field(100, "'mse' search: candidate ranges min/max * (1 - 0.01 i), i < this")
+    percentile: float = _field(99.99, "'percentile' search: clip at this percentile of the values")
+
+    def validate(self, path: str = "weights") -> None:
+        _check_int(f"{path}.bits", self.bits, 2, 8)
+        _check_choice(f"{path}.granularity", self.granularity, GRANULARITIES)
+        _check_choice(f"{path}.symmetric", self.symmetric, (True, False))
+        _check_search(path, self)
+
+
+@dataclass
+class ActivationQuantConfig:
+    """How layer inputs (and attention matmul operands) are quantized."""
+
+    bits: int | None = _field(8, "activation bit width, 2-16, or None for weight-only quantization")
+    symmetric: bool = _field(False, "signed range with zero-point 0 (True) or an affine range (False)")
+    scale_search: str = _field("mse", "how each clipping range is chosen", SCALE_SEARCHES)
+    lp_norm: float = _field(2.4, "p of the |x - Q(x)|^p error minimised by the 'mse' search")
+    num_candidates: int = _field(100, "'mse' search: candidate ranges min/max * (1 - 0.01 i), i < this")
+    percentile: float = _field(99.99, "'percentile' search: clip at this percentile of the values")
+    timestep_groups: int | str = _field(
+        1,
+        "1: one scale for all timesteps; G > 1: G contiguous groups over the training timesteps; "
+        "'per_step': one group per sampling step of the calibration schedule",
+    )
+    quantize_attention: bool = _field(True, "quantize q, k, v and the softmax output of attention matmuls")
+    softmax_bits: int = _field(8, "bits of the (unsigned) softmax output; 16 leaves it effectively float")
+    observer_samples: int = _field(
+        8192, "values kept per quantizer and timestep group (random subsample) for the scale search"
+    )
+
+    def validate(self, path: str = "activations") -> None:
+        if self.bits is not None:
+            _check_int(f"{path}.bits", self.bits, 2, 16)
+        _check_choice(f"{path}.symmetric", self.symmetric, (True, False))
+        _check_search(path, self)
+        groups = self.timestep_groups
+        if groups != "per_step":
+            ok = isinstance(groups, int) and not isinstance(groups, bool) and 1 <= groups <= 1000
+            if not ok:
+                _fail(f"{path}.timestep_groups", groups, "an integer in [1, 1000] or 'per_step'")
+        _check_choice(f"{path}.quantize_attention", self.quantize_attention, (True, False))
+        _check_int(f"{path}.softmax_bits", self.softmax_bits, 2, 16)
+        _check_int(f"{path}.observer_samples", self.observer_samples, 16)
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits is not None
+
+
+@dataclass
+class CalibrationConfig:
+    """Which denoising steps of the pipeline's own sampling loop are recorded, and how many."""
+
+    sampler: str = _field("uniform", "how calibration timesteps are drawn", TIMESTEP_SAMPLERS)
+    num_samples: int = _field(
+        256, "calibration samples: recorded (trajectory, step) pairs; with CFG each holds both halves"
+    )
+    num_inference_steps: int | None = _field(
+        None, "sampling steps of the calibration run (None: pipeline default)"
+    )
+    step_interval: int = _field(1, "'uniform': record every k-th sampling step")
+    mean: float = _field(0.4, "'normal'/'skew_normal': mean timestep as a fraction of the training timesteps")
+    std: float = _field(
+        0.4, "'normal'/'skew_normal': standard deviation as a fraction of the training timesteps"
+    )
+    skewness: float = _field(
+        -2.0, "'skew_normal': shape parameter alpha (negative puts the tail toward t = 0)"
+    )
+    guidance_scale: float | None = _field(None, "classifier-free guidance scale (None: pipeline default)")
+    batch_size: int = _field(8, "trajectories per pipeline call, and samples per calibration forward")
+    seed: int = _field(0, "seed for the noise, the timestep draws and the observers' subsampling")
+
+    def validate(self, path: str = "calibration") -> None:
+        _check_choice(f"{path}.sampler", self.sampler, TIMESTEP_SAMPLERS)
+        _check_int(f"{path}.num_samples", self.num_samples, 1)
+        if self.num_inference_steps is not None:
+            _check_int(f"{path}.num_inference_steps", self.num_inference_steps, 1, 10000)
+        _check_int(f"{path}.step_interval", self.step_interval, 1)
+        _check_float(f"{path}.mean", self.mean, 0.0, 1.0)
+        _check_float(f"{path}.std", self.std, 0.0, 10.0, open_lo=True)
+        _check_float(f"{path}.skewness", self.skewness, -100.0, 100.0)
+        if self.guidance_scale is not None:
+            _check_float(f"{path}.guidance_scale", self.guidance_scale, 0.0, 100.0)
+        _check_int(f"{path}.batch_size", self.batch_size, 1)
+        _check_int(f"{path}.seed", self.seed, 0)
+
+
+@dataclass
+class LayerSelectionConfig:
+    """Which Conv2d/Linear layers of the UNet are quantized (fnmatch patterns on qualified names)."""
+
+    include: list[str] = _field(["*"], "patterns of layer names to quantize")
+    exclude: list[str] = _field([], "patterns of layer names to keep float (wins over include)")
+    special_layers: str = _field(
+        "8bit",
+        "conv_in, conv_out and the time/class/added embeddings: keep 'float', quantize at '8bit', "
+        "or at the 'same' bits as the rest",
+        SPECIAL_LAYER_POLICIES,
+    )
+    shortcut_split: bool = _field(
+        True, "Q-Diffusion shortcut-split: separate quantizers for the two halves of up-block skip concats"
+    )
+
+    def validate(self, path: str = "layers") -> None:
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if not isinstance(value, list | tuple) or not all(isinstance(p, str) for p in value):
+                _fail(f"{path}.{name}", value, "a list of fnmatch pattern strings")
+        _check_choice(f"{path}.special_layers", self.special_layers, SPECIAL_LAYER_POLICIES)
+        _check_choice(f"{path}.shortcut_split", self.shortcut_split, (True, False))
+
+
+_SECTIONS = {
+    "weights": WeightQuantConfig,
+    "activations": ActivationQuantConfig,
+    "calibration": CalibrationConfig,
+    "layers": LayerSelectionConfig,
+}
+_UNSET: Any = object()
+
+
+@dataclass
+class PTQConfig:
+    """The full recipe. `PTQConfig(weight_bits=4, act_bits=8)` sets the two most common fields directly."""
+
+    weights: WeightQuantConfig = field(
+        default_factory=WeightQuantConfig, metadata={"help": "weight quantizers"}
+    )
+    activations: ActivationQuantConfig = field(
+        default_factory=ActivationQuantConfig, metadata={"help": "activation quantizers"}
+    )
+    calibration: CalibrationConfig = field(
+        default_factory=CalibrationConfig, metadata={"help": "calibration data capture"}
+    )
+    layers: LayerSelectionConfig = field(
+        default_factory=LayerSelectionConfig, metadata={"help": "layer selection"}
+    )
+    method: str = field(default="custom", metadata={"help": "the preset this recipe came from, for reports"})
+    weight_bits: InitVar[int] = _UNSET
+    act_bits: InitVar[int | None] = _UNSET
+
+    def __post_init__(self, weight_bits: int, act_bits: int | None) -> None:
+        for name, cls in _SECTIONS.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, _section_from_dict(name, cls, value))
+        if weight_bits is not _UNSET:
+            self.weights.bits = weight_bits
+        if act_bits is not _UNSET:
+            self.activations.bits = act_bits
+        self.validate()
+
+    def validate(self) -> None:
+        for name, cls in _SECTIONS.items():
+            section = getattr(self, name)
+            if not isinstance(section, cls):
+                _fail(name, section, f"a {cls.__name__} or a dict of its fields")
+            section.validate(name)
+        if not isinstance(self.method, str):
+            _fail("method", self.method, "a string")
+
+    @property
+    def tag(self) -> str:
+        """Short bit-width tag such as 'w4a8' or 'w8a16' ('w4' for weight-only)."""
+        acts = "" if self.activations.bits is None else f"a{self.activations.bits}"
+        return f"w{self.weights.bits}{acts}"
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {name: _section_to_dict(getattr(self, name)) for name in _SECTIONS}
+        out["method"] = self.method
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PTQConfig:
+        if not isinstance(data, dict):
+            raise TypeError(f"PTQConfig.from_dict expects a dict, got {type(data).__name__}")
+        valid = [*_SECTIONS, "method"]
+        unknown = sorted(set(data) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown PTQConfig key(s) {unknown}; valid keys: {valid}")
+        kwargs = {
+            name: _section_from_dict(name, _SECTIONS[name], data[name]) for name in _SECTIONS if name in data
+        }
+        if "method" in data:
+            kwargs["method"] = data["method"]
+        return cls(**kwargs)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> PTQConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"PTQConfig JSON is malformed: {err}") from err
+        return cls.from_dict(data)
+
+    def replace(self, **overrides: Any) -> PTQConfig:
+        """A validated copy with `overrides` applied (see `apply_overrides`)."""
+        new = copy.deepcopy(self)
+        apply_overrides(new, overrides)
+        new.validate()
+        return new
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> PTQConfig:
+        """A published method's recipe, e.g. `PTQConfig.preset("q-diffusion", weight_bits=4)`."""
+        from diffusers_ptq.methods import get_preset
+
+        return get_preset(name).replace(**overrides)
+
+
+def apply_overrides(config: PTQConfig, overrides: dict[str, Any]) -> None:
+    """Apply `weight_bits`/`act_bits`, `method`, whole sections, or partial section dicts to `config`."""
+    for key, value in overrides.items():
+        if key == "weight_bits":
+            config.weights.bits = value
+        elif key == "act_bits":
+            config.activations.bits = value
+        elif key == "method":
+            config.method = value
+        elif key in _SECTIONS:
+            section_cls = _SECTIONS[key]
+            if isinstance(value, section_cls):
+                setattr(config, key, copy.deepcopy(value))
+            elif isinstance(value, dict):
+                merged = {**_section_to_dict(getattr(config, key)), **value}
+                setattr(config, key, _section_from_dict(key, section_cls, merged))
+            else:
+                _fail(key, value, f"a {section_cls.__name__} or a dict of its fields")
+        else:
+            valid = ["weight_bits", "act_bits", "method", *_SECTIONS]
+            raise ValueError(f"unknown override {key!r}; valid overrides: {valid}")
+
+
+def _section_to_dict(section: Any) -> dict[str, Any]:
+    out = {}
+    for f in fields(section):
+        value = getattr(section, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple | list) else value
+    return out
+
+
+def _section_from_dict(name: str, cls: type, data: Any) -> Any:
+    if not isinstance(data, dict):
+        _fail(name, data, f"a dict of {cls.__name__} fields")
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(
+            f"unknown key(s) {[f'{name}.{k}' for k in unknown]}; valid keys of {name!r}: {names}"
+        )
+    section = cls(**data)
+    for f in fields(cls):
+        if isinstance(getattr(section, f.name), tuple):
+            setattr(section, f.name, list(getattr(section, f.name)))
+    return section
+
+
+def describe_fields(cls: type = PTQConfig, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted name, default, help) for every field, for the CLI's --help and the docs."""
+    rows = []
+    for f in fields(cls):
+        if f.name in ("weight_bits", "act_bits"):
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        if is_dataclass(default):
+            rows.extend(describe_fields(type(default), f"{prefix}{f.name}."))
+            continue
+        help_text = f.metadata.get("help", "")
+        if "choices" in f.metadata:
+            help_text += " (choices: " + ", ".join(map(str, f.metadata["choices"])) + ")"
+        rows.append((prefix + f.name, default, help_text))
+    return rows

@@ -1,0 +1,76 @@
+"""Scale initialisation: weights by their configured search, activations per timestep group."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from diffusers_ptq.calibration import CalibrationSet
+from diffusers_ptq.nn import QuantAttnProcessor, QuantLayerMixin
+from diffusers_ptq.quantizers import TimestepActQuantizer
+
+
+def quant_layers(unet: nn.Module) -> list[tuple[str, QuantLayerMixin]]:
+    return [(name, m) for name, m in unet.named_modules() if isinstance(m, QuantLayerMixin)]
+
+
+def act_quantizers(unet: nn.Module) -> list[TimestepActQuantizer]:
+    return [m for m in unet.modules() if isinstance(m, TimestepActQuantizer)]
+
+
+def set_quant_state(unet: nn.Module, weights: bool = True, acts: bool = True) -> None:
+    """Switch weight and activation fake quantization of every quantized module of `unet`."""
+    for m in unet.modules():
+        if isinstance(m, QuantLayerMixin | QuantAttnProcessor):
+            m.set_quant_state(weights, acts)
+
+
+@torch.no_grad()
+def initialise_weights(unet: nn.Module, progress: bool = True) -> None:
+    """Run every weight quantizer's range search on its layer's weight."""
+    layers = quant_layers(unet)
+    for _, layer in tqdm(layers, desc="calibration: weight scales", unit="layer", disable=not progress):
+        layer.calibrate_weights()
+
+
+@torch.no_grad()
+def initialise_activations(
+    unet: nn.Module, data: CalibrationSet, batch_size: int, seed: int = 0, progress: bool = True
+) -> dict[int, int]:
+    """Observe float activations over `data` and set every activation quantizer's group scales.
+
+    Returns {group: number of quantizers that had to borrow that group's scale from a neighbour}.
+    """
+    quantizers = act_quantizers(unet)
+    if not quantizers:
+        return {}
+    param = next(unet.parameters())
+    generator = torch.Generator().manual_seed(seed)
+    set_quant_state(unet, weights=False, acts=False)
+    for q in quantizers:
+        q.start_observing(generator)
+    try:
+        n_batches = (len(data) + batch_size - 1) // batch_size
+        batches = data.batches(batch_size, param.device, param.dtype)
+        for kwargs in tqdm(batches, total=n_batches, desc="calibration: activations", disable=not progress):
+            unet(**kwargs)
+        borrowed: dict[int, int] = {}
+        for q in tqdm(
+            quantizers, desc="calibration: activation scales", unit="quantizer", disable=not progress
+        ):
+            for g in q.finish_observing():
+                borrowed[g] = borrowed.get(g, 0) + 1
+    finally:
+        for q in quantizers:
+            q.observer = None
+    if borrowed:
+        warnings.warn(
+            f"timestep group(s) {sorted(borrowed)} had no calibration samples; their activation scales "
+            "were borrowed from the nearest observed group. Record more sampling steps "
+            "(calibration.step_interval, calibration.sampler) or use fewer timestep groups.",
+            stacklevel=3,
+        )
+    return borrowed

@@ -1,0 +1,138 @@
+"""Quantized Conv2d and Linear: the float layer's own parameters, plus weight and input quantizers.
+
+They subclass the float layers, so `isinstance(m, nn.Conv2d)` still holds and the parameter names
+(`weight`, `bias`) stay where diffusers expects them. A conv may split its input channels in two
+(Q-Diffusion's shortcut-split): each part gets its own activation quantizer and its own weight quantizer
+on the matching input-channel slice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffusers_ptq.config import WeightQuantConfig
+from diffusers_ptq.quantizers import TimestepActQuantizer, WeightQuantizer
+
+ActFactory = Callable[[str], TimestepActQuantizer]
+
+
+class QuantLayerMixin:
+    """Shared state switch and quantizer bookkeeping of QuantConv2d / QuantLinear."""
+
+    weight_quantizers: nn.ModuleList
+    act_quantizers: nn.ModuleList
+    split: int | None
+
+    def _init_quantizers(
+        self, weight_config: WeightQuantConfig, act_factory: ActFactory | None, split: int | None
+    ) -> None:
+        self.split = split
+        parts = 1 if split is None else 2
+        out_channels = self.weight.shape[0]
+        self.weight_quantizers = nn.ModuleList(
+            WeightQuantizer(weight_config, out_channels) for _ in range(parts)
+        )
+        acts = (
+            []
+            if act_factory is None
+            else [act_factory(f"input{i}" if parts > 1 else "input") for i in range(parts)]
+        )
+        self.act_quantizers = nn.ModuleList(acts)
+
+    def set_quant_state(self, weights: bool, acts: bool) -> None:
+        """Turn weight and/or input fake quantization on or off."""
+        for q in self.weight_quantizers:
+            q.enabled = weights
+        for q in self.act_quantizers:
+            q.enabled = acts
+
+    @torch.no_grad()
+    def calibrate_weights(self) -> None:
+        for q, w in zip(self.weight_quantizers, self._weight_parts(self.weight)):
+            q.calibrate(w)
+
+    def _weight_parts(self, weight: torch.Tensor) -> list[torch.Tensor]:
+        if self.split is None:
+            return [weight]
+        return [weight[:, : self.split], weight[:, self.split :]]
+
+    def quantized_weight(self) -> torch.Tensor:
+        parts = [q(w) for q, w in zip(self.weight_quantizers, self._weight_parts(self.weight))]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.act_quantizers) == 0:
+            return x
+        if self.split is None:
+            return self.act_quantizers[0](x)
+        return torch.cat(
+            [self.act_quantizers[0](x[:, : self.split]), self.act_quantizers[1](x[:, self.split :])], dim=1
+        )
+
+    @property
+    def weight_bits(self) -> int:
+        return self.weight_quantizers[0].bits
+
+    @property
+    def act_bits(self) -> int | None:
+        return self.act_quantizers[0].bits if len(self.act_quantizers) else None
+
+
+class QuantConv2d(QuantLayerMixin, nn.Conv2d):
+    """nn.Conv2d with fake-quantized weights and timestep-aware fake-quantized input."""
+
+    @classmethod
+    def from_float(
+        cls,
+        conv: nn.Conv2d,
+        weight_config: WeightQuantConfig,
+        act_factory: ActFactory | None,
+        split: int | None = None,
+    ) -> QuantConv2d:
+        if split is not None and not 0 < split < conv.in_channels:
+            raise ValueError(f"shortcut split {split} must lie inside the {conv.in_channels} input channels")
+        if split is not None and conv.groups != 1:
+            raise ValueError("shortcut split needs a conv with groups=1")
+        with torch.device("meta"):
+            new = cls(
+                conv.in_channels,
+                conv.out_channels,
+                conv.kernel_size,
+                stride=conv.stride,
+                padding=conv.padding,
+                dilation=conv.dilation,
+                groups=conv.groups,
+                bias=conv.bias is not None,
+                padding_mode=conv.padding_mode,
+            )
+        new.weight = conv.weight
+        new.bias = conv.bias
+        new._init_quantizers(weight_config, act_factory, split)
+        new.to(conv.weight.device)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
+
+
+class QuantLinear(QuantLayerMixin, nn.Linear):
+    """nn.Linear with fake-quantized weights and timestep-aware fake-quantized input."""
+
+    @classmethod
+    def from_float(
+        cls, linear: nn.Linear, weight_config: WeightQuantConfig, act_factory: ActFactory | None
+    ) -> QuantLinear:
+        with torch.device("meta"):
+            new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new._init_quantizers(weight_config, act_factory, None)
+        new.to(linear.weight.device)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)

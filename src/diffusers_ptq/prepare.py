@@ -1,0 +1,211 @@
+"""Plan which UNet modules get quantized (pure), then install the quantized modules (reversibly).
+
+`plan_quantization` reads the UNet and the config and changes nothing, so bad configs fail before any
+work. `install` swaps modules and attention processors in and returns a `Patch` whose `restore()` puts
+every original back, so a failure half-way leaves the pipeline as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+from diffusers_ptq.config import PTQConfig
+from diffusers_ptq.nn import (
+    SOFTMAX_FLOAT_BITS,
+    SUPPORTED_PROCESSORS,
+    QuantAttnProcessor,
+    QuantConv2d,
+    QuantLinear,
+)
+from diffusers_ptq.nn.layers import QuantLayerMixin
+from diffusers_ptq.quantizers import TimestepActQuantizer
+from diffusers_ptq.timestep import TimestepContext
+
+SPECIAL_PREFIXES = ("time_embedding.", "class_embedding.", "add_embedding.")
+SPECIAL_NAMES = ("conv_in", "conv_out")
+
+
+@dataclass
+class LayerPlan:
+    name: str
+    kind: str  # "conv" | "linear"
+    weight_bits: int
+    act_bits: int | None
+    split: int | None = None
+    special: bool = False
+
+
+@dataclass
+class AttentionPlan:
+    name: str
+    act_bits: int
+    softmax_bits: int | None  # None: softmax left float
+
+
+@dataclass
+class QuantPlan:
+    layers: list[LayerPlan] = field(default_factory=list)
+    attentions: list[AttentionPlan] = field(default_factory=list)
+    kept_float: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+
+
+def is_special_layer(name: str) -> bool:
+    return name in SPECIAL_NAMES or name.startswith(SPECIAL_PREFIXES)
+
+
+def is_quantized(unet: nn.Module) -> bool:
+    return any(isinstance(m, QuantLayerMixin | QuantAttnProcessor) for m in unet.modules())
+
+
+def shortcut_splits(unet: nn.Module) -> dict[str, int]:
+    """Input-channel split of each up-block `conv_shortcut` that sees cat([upsampled, skip])."""
+    splits: dict[str, int] = {}
+    up_blocks = getattr(unet, "up_blocks", None)
+    if up_blocks is None:
+        return splits
+    prev_out = unet.config.block_out_channels[-1]  # the mid block keeps the deepest width
+    for j, block in enumerate(up_blocks):
+        resnets = getattr(block, "resnets", None) or []
+        for i, resnet in enumerate(resnets):
+            shortcut = getattr(resnet, "conv_shortcut", None)
+            upsampled = prev_out if i == 0 else resnets[i - 1].out_channels
+            if isinstance(shortcut, nn.Conv2d) and 0 < upsampled < shortcut.in_channels:
+                splits[f"up_blocks.{j}.resnets.{i}.conv_shortcut"] = upsampled
+        if resnets:
+            prev_out = resnets[-1].out_channels
+    return splits
+
+
+def _matches(name: str, patterns: list[str]) -> str | None:
+    return next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
+
+
+def _selection_reason(name: str, config: PTQConfig) -> str | None:
+    """Why `name` stays float, or None if it is quantized."""
+    if _matches(name, config.layers.include) is None:
+        return "not matched by layers.include"
+    pattern = _matches(name, config.layers.exclude)
+    if pattern is not None:
+        return f"excluded by pattern {pattern!r}"
+    if is_special_layer(name) and config.layers.special_layers == "float":
+        return "special layer kept float (layers.special_layers='float')"
+    return None
+
+
+def plan_quantization(unet: nn.Module, config: PTQConfig) -> QuantPlan:
+    """Decide, without changing anything, which modules are quantized at which bits."""
+    plan = QuantPlan()
+    splits = shortcut_splits(unet) if config.layers.shortcut_split else {}
+    acts = config.activations
+    for name, module in unet.named_modules():
+        if type(module) not in (nn.Conv2d, nn.Linear):
+            if isinstance(module, Attention):
+                _plan_attention(plan, name, module, config)
+            continue
+        reason = _selection_reason(name, config)
+        if reason is not None:
+            plan.kept_float.append((name, reason))
+            continue
+        special = is_special_layer(name)
+        w_bits, a_bits = config.weights.bits, acts.bits
+        if special and config.layers.special_layers == "8bit":
+            w_bits, a_bits = 8, (None if a_bits is None else 8)
+        kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
+        plan.layers.append(LayerPlan(name, kind, w_bits, a_bits, splits.get(name), special))
+    return plan
+
+
+def _plan_attention(plan: QuantPlan, name: str, module: Attention, config: PTQConfig) -> None:
+    acts = config.activations
+    if acts.bits is None or not acts.quantize_attention:
+        return
+    reason = _selection_reason(name, config)
+    if reason is None and type(module.processor) not in SUPPORTED_PROCESSORS:
+        reason = f"attention processor {type(module.processor).__name__} is not supported; matmuls left float"
+    if reason is not None:
+        plan.kept_float.append((f"{name} (matmuls)", reason))
+        return
+    softmax = None if acts.softmax_bits >= SOFTMAX_FLOAT_BITS else acts.softmax_bits
+    plan.attentions.append(AttentionPlan(name, acts.bits, softmax))
+
+
+class Patch:
+    """Record of what `install` replaced; `restore()` undoes it exactly."""
+
+    def __init__(self, unet: nn.Module, context: TimestepContext) -> None:
+        self.unet = unet
+        self.context = context
+        self.modules: list[tuple[nn.Module, str, nn.Module]] = []
+        self.processors: list[tuple[Attention, object]] = []
+
+    def restore(self) -> None:
+        for parent, attr, original in reversed(self.modules):
+            setattr(parent, attr, original)
+        for attn, original in reversed(self.processors):
+            attn.set_processor(original)
+        self.context.detach(self.unet)
+        self.modules.clear()
+        self.processors.clear()
+
+
+def install(
+    unet: nn.Module, plan: QuantPlan, config: PTQConfig, context: TimestepContext, group_map: torch.Tensor
+) -> Patch:
+    """Swap in the planned quantized modules; on any error, undo what was done and re-raise."""
+    patch = Patch(unet, context)
+    try:
+        context.attach(unet)
+        for layer in plan.layers:
+            parent_name, _, attr = layer.name.rpartition(".")
+            parent = unet.get_submodule(parent_name) if parent_name else unet
+            original = getattr(parent, attr)
+            weight_config = copy.copy(config.weights)
+            weight_config.bits = layer.weight_bits
+            factory = _act_factory(config, context, group_map, layer.name, layer.act_bits)
+            if layer.kind == "conv":
+                new = QuantConv2d.from_float(original, weight_config, factory, layer.split)
+            else:
+                new = QuantLinear.from_float(original, weight_config, factory)
+            setattr(parent, attr, new)
+            patch.modules.append((parent, attr, original))
+        for attn_plan in plan.attentions:
+            attn = unet.get_submodule(attn_plan.name)
+            original = attn.processor
+            make = _act_factory(config, context, group_map, attn_plan.name, attn_plan.act_bits)
+            softmax = None
+            if attn_plan.softmax_bits is not None:
+                softmax = TimestepActQuantizer(
+                    config.activations,
+                    context,
+                    group_map,
+                    bits=attn_plan.softmax_bits,
+                    unsigned=True,
+                    name=f"{attn_plan.name}.softmax",
+                )
+            processor = QuantAttnProcessor(make("q"), make("k"), make("v"), softmax, original=original)
+            attn.set_processor(processor.to(group_map.device))
+            patch.processors.append((attn, original))
+    except BaseException:
+        patch.restore()
+        raise
+    return patch
+
+
+def _act_factory(
+    config: PTQConfig, context: TimestepContext, group_map: torch.Tensor, name: str, bits: int | None
+):
+    if bits is None:
+        return None
+
+    def make(suffix: str) -> TimestepActQuantizer:
+        return TimestepActQuantizer(
+            config.activations, context, group_map, bits=bits, name=f"{name}.{suffix}"
+        )
+
+    return make
