@@ -1,0 +1,357 @@
+"""The `diffusers-ptq` command line: quantize a pipeline's UNet, save its quantizer state and a comparison.
+
+    diffusers-ptq quantize --output out/                      # built-in tiny DDIM pipeline, offline
+    diffusers-ptq quantize --model stable-diffusion-v1-5/stable-diffusion-v1-5 --preset q-diffusion \\
+        --weight-bits 4 --num-samples 256 --output sd15-w4a8/
+    diffusers-ptq presets
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffusers_ptq import TimestepActQuantizer, WeightQuantizer, __version__, available_presets
+from diffusers_ptq.api import quantize_pipeline
+from diffusers_ptq.calibration import get_pipeline_spec
+from diffusers_ptq.config import PTQConfig, describe_fields
+from diffusers_ptq.primitives import sqnr_db
+from diffusers_ptq.tiny import PIPELINE_NAMES, build_tiny_pipeline
+
+TINY_PREFIX = "tiny:"
+DEFAULT_MODEL = "tiny:ddim"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Used for text-conditioned pipelines when neither --prompt nor --prompts-file is given.
+DEFAULT_PROMPTS = [
+    "a photograph of a red fox in a snowy forest",
+    "a bowl of fresh fruit on a wooden table",
+    "a lighthouse on a rocky coast at sunset",
+    "a portrait of an old man with a grey beard",
+    "a city street at night with neon signs",
+    "a watercolor painting of mountains and a lake",
+    "a vintage car parked in front of a diner",
+    "a cozy living room with a fireplace and bookshelves",
+]
+
+
+def _act_bits(text: str) -> int | str:
+    return "none" if text.lower() == "none" else int(text)
+
+
+def _timestep_groups(text: str) -> int | str:
+    return "per_step" if text == "per_step" else int(text)
+
+
+def _config_epilog() -> str:
+    rows = [f"  {name} (default {value!r}): {text}" for name, value, text in describe_fields()]
+    return "PTQConfig JSON fields for --config (nested sections):\n" + "\n".join(rows)
+
+
+_RECIPE = "Default: from the recipe"
+# (flag, type, metavar, what it overrides); every override is validated by PTQConfig.
+_OVERRIDES = [
+    ("--weight-bits", int, "BITS", "weights.bits, an integer 2-8"),
+    ("--act-bits", _act_bits, "{BITS,none}", "activations.bits: 2-16, or 'none' for weight-only"),
+    (
+        "--timestep-groups",
+        _timestep_groups,
+        "{G,per_step}",
+        "activations.timestep_groups: G contiguous timestep groups, each with its own activation "
+        "scales, or 'per_step' (one group per sampling step)",
+    ),
+    ("--num-samples", int, "N", "calibration.num_samples, the recorded (trajectory, step) pairs"),
+    (
+        "--num-inference-steps",
+        int,
+        "N",
+        "calibration.num_inference_steps; also used for the comparison images (recipe's None: the "
+        "pipeline's default)",
+    ),
+    ("--batch-size", int, "N", "calibration.batch_size"),
+    ("--guidance-scale", float, "SCALE", "calibration.guidance_scale (text pipelines; None: the pipeline's)"),
+    (
+        "--seed",
+        int,
+        "SEED",
+        "calibration.seed (noise, timestep draws, observer subsampling); the comparison images use "
+        "SEED + 1 so they are not calibration trajectories",
+    ),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="diffusers-ptq", description=__doc__, formatter_class=raw)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    q = sub.add_parser(
+        "quantize",
+        help="quantize a pipeline's UNet; write config, report, quantizer state and a comparison grid",
+        description="Calibrate and fake-quantize the UNet of a diffusers pipeline. Writes ptq_config.json,\n"
+        "report.json, report.txt, quantizer_state.safetensors and comparison.png (float images on the top\n"
+        "row, quantized below, same noise) into --output, atomically.",
+        epilog=_config_epilog(),
+        formatter_class=raw,
+    )
+    tiny = ", ".join(TINY_PREFIX + n for n in PIPELINE_NAMES)
+    q.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="Hub model id or local directory (diffusers.DiffusionPipeline.from_pretrained), or one of "
+        f"{tiny} (built-in offline random-weight pipelines). Default: {DEFAULT_MODEL}, small and "
+        "offline so the command runs anywhere; a later release ships a trained default.",
+    )
+    recipe = q.add_mutually_exclusive_group()
+    recipe.add_argument(
+        "--preset",
+        metavar="NAME",
+        help=f"start from a method preset; choices: {', '.join(available_presets())}. "
+        "Default: PTQConfig() defaults.",
+    )
+    recipe.add_argument(
+        "--config", metavar="FILE.json", help="start from a PTQConfig JSON file (fields listed below)."
+    )
+    for flag, kind, metavar, what in _OVERRIDES:
+        q.add_argument(flag, type=kind, metavar=metavar, help=f"override {what}. {_RECIPE}.")
+    q.add_argument(
+        "--prompt",
+        action="append",
+        help="calibration prompt for text-conditioned pipelines; repeatable. Prompts are cycled when the "
+        f"calibration needs more trajectories than prompts. Default: {len(DEFAULT_PROMPTS)} generic prompts.",
+    )
+    q.add_argument(
+        "--prompts-file",
+        metavar="FILE",
+        help="text file with one calibration prompt per line (blank lines skipped); added to --prompt.",
+    )
+    q.add_argument("--device", help="torch device. Default: cuda if available, else cpu.")
+    q.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        help="pipeline dtype; choices: %(choices)s. Default: float32 on cpu, float16 on cuda.",
+    )
+    q.add_argument("--samples", type=int, default=4, help="images in each row of comparison.png. Default: 4.")
+    q.add_argument("--output", required=True, metavar="DIR", help="output directory (required).")
+    q.add_argument("--overwrite", action="store_true", help="replace a non-empty --output. Default: refuse.")
+    q.add_argument("--no-progress", action="store_true", help="hide progress bars. Default: show them.")
+    p = sub.add_parser("presets", help="list the method presets and their recipes")
+    p.add_argument("--full", action="store_true", help="print each preset's full PTQConfig JSON.")
+    return parser
+
+
+def _build_config(args: argparse.Namespace) -> PTQConfig:
+    if args.preset is not None:
+        config = PTQConfig.preset(args.preset)
+    elif args.config is not None:
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        config = PTQConfig.from_json(path.read_text(encoding="utf-8"))
+    else:
+        config = PTQConfig()
+    overrides: dict[str, Any] = {}
+    if args.weight_bits is not None:
+        overrides["weight_bits"] = args.weight_bits
+    if args.act_bits is not None:
+        overrides["act_bits"] = None if args.act_bits == "none" else args.act_bits
+    if args.timestep_groups is not None:
+        overrides["activations"] = {"timestep_groups": args.timestep_groups}
+    names = ("num_samples", "num_inference_steps", "batch_size", "seed", "guidance_scale")
+    calib = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if calib:
+        overrides["calibration"] = calib
+    return config.replace(**overrides) if overrides else config
+
+
+def _check_output(text: str, overwrite: bool) -> Path:
+    out = Path(text).resolve()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {text!r} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"output directory {text!r} is not empty; pass --overwrite to replace it")
+    return out
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file is not None:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts file {str(path)!r} does not exist")
+        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return prompts
+
+
+def _load_pipeline(model: str, device: torch.device, dtype: torch.dtype) -> Any:
+    if model.startswith(TINY_PREFIX):
+        pipe = build_tiny_pipeline(model[len(TINY_PREFIX) :])  # built in float32
+        return pipe.to(device) if dtype == torch.float32 else pipe.to(device=device, dtype=dtype)
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype).to(device)
+
+
+def _images(pipe: Any, kwargs: dict[str, Any], seed: int) -> np.ndarray:
+    """(N, H, W, C) float images in [0, 1] from one pipeline call seeded with `seed`."""
+    images = pipe(**kwargs, generator=torch.Generator().manual_seed(seed), output_type="np").images
+    return np.asarray(images, dtype=np.float32)
+
+
+def save_grid(top: np.ndarray, bottom: np.ndarray, path: str | os.PathLike[str], min_tile: int = 128) -> None:
+    """Save a two-row PNG grid (float images on top, quantized below), upscaled to `min_tile` pixels."""
+    from PIL import Image
+
+    rows = [np.concatenate(list(row), axis=1) for row in (top, bottom)]
+    grid = (np.clip(np.concatenate(rows, axis=0), 0.0, 1.0) * 255).round().astype(np.uint8)
+    grid = grid[..., 0] if grid.shape[-1] == 1 else grid
+    scale = max(1, min_tile // max(top.shape[1:3]))
+    image = Image.fromarray(grid)
+    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)
+
+
+def quantizer_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every buffer of every WeightQuantizer/TimestepActQuantizer in `unet`, by state-dict name."""
+    state = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, WeightQuantizer | TimestepActQuantizer):
+            for key, buf in module.named_buffers(prefix=name, recurse=False):
+                state[key] = buf.detach().cpu().contiguous().clone()
+    return state
+
+
+def _write_outputs(tmp: Path, config: PTQConfig, unet: Any, top: np.ndarray, bottom: np.ndarray) -> None:
+    from safetensors.torch import save_file
+
+    report = unet.ptq_state.report
+    (tmp / "ptq_config.json").write_text(config.to_json() + "\n", encoding="utf-8")
+    (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    (tmp / "report.txt").write_text(str(report) + "\n", encoding="utf-8")
+    meta = {"format": "pt", "diffusers_ptq": __version__, "method": config.method, "tag": config.tag}
+    save_file(quantizer_state(unet), str(tmp / "quantizer_state.safetensors"), metadata=meta)
+    save_grid(top, bottom, tmp / "comparison.png")
+
+
+def _sibling(out: Path, kind: str) -> Path:
+    """A new, uniquely named hidden directory next to `out` (created with the usual umask)."""
+    path = out.parent / f".{out.name}.{kind}-{secrets.token_hex(6)}"
+    path.mkdir()
+    return path
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename `tmp` to `out`; an existing `out` (empty, or --overwrite) is swapped out, then removed."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = _sibling(out, "old")
+    os.rename(out, old / "old")
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old / "old", out)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _error(err: BaseException) -> int:
+    print("diffusers-ptq: error: " + " ".join(str(err).split()), file=sys.stderr)
+    return 2
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    try:
+        config = _build_config(args)
+        out = _check_output(args.output, args.overwrite)
+        if args.samples < 1:
+            raise ValueError(f"--samples={args.samples} is invalid; expected an integer >= 1")
+        prompts = _read_prompts(args)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device} requested but CUDA is not available")
+        dtype = DTYPES[args.dtype or ("float16" if device.type == "cuda" else "float32")]
+        pipe = _load_pipeline(args.model, device, dtype)
+        spec = get_pipeline_spec(pipe)
+    except (ValueError, TypeError, OSError, RuntimeError) as err:
+        return _error(err)
+
+    pipe.set_progress_bar_config(disable=args.no_progress)
+    calib = config.calibration
+    call: dict[str, Any] = {}
+    if calib.num_inference_steps is not None:
+        call["num_inference_steps"] = calib.num_inference_steps
+    calib_prompts = None
+    if spec.text_conditioned:
+        if not prompts:
+            prompts = list(DEFAULT_PROMPTS)
+            print(f"diffusers-ptq: no --prompt/--prompts-file given; using {len(prompts)} built-in prompts")
+        # Each calibration trajectory needs a prompt; cycling them gives every repeat fresh noise.
+        calib_prompts = [prompts[i % len(prompts)] for i in range(max(len(prompts), calib.num_samples))]
+        call["prompt"] = [prompts[i % len(prompts)] for i in range(args.samples)]
+        if calib.guidance_scale is not None:
+            call["guidance_scale"] = calib.guidance_scale
+    else:
+        if prompts:
+            print(f"diffusers-ptq: {spec.name} is unconditional; ignoring the prompts")
+        call["batch_size"] = args.samples
+    float_images = _images(pipe, call, calib.seed + 1)  # before quantizing: the float reference
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(out, "tmp")
+    try:
+        try:
+            quantize_pipeline(pipe, config, prompts=calib_prompts, progress=not args.no_progress)
+        except (ValueError, TypeError) as err:
+            return _error(err)
+        quant_images = _images(pipe, call, calib.seed + 1)
+        _write_outputs(tmp, config, pipe.unet, float_images, quant_images)
+        _move_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.no_progress:  # quantize_pipeline prints the report itself when progress is on
+        print(pipe.unet.ptq_state.report)
+    sqnr = sqnr_db(torch.from_numpy(float_images), torch.from_numpy(quant_images))
+    print(f"diffusers-ptq: {args.samples} comparison images, SQNR of quantized vs float: {sqnr:.2f} dB")
+    print(f"diffusers-ptq: wrote {out}")
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    for name in available_presets():
+        config = PTQConfig.preset(name)
+        if args.full:
+            print(f"{name}:\n{config.to_json()}")
+            continue
+        w, a, c = config.weights, config.activations, config.calibration
+        summary = {
+            "method": config.method,
+            "weight_bits": w.bits,
+            "act_bits": a.bits,
+            "weights": f"{w.granularity}, {'symmetric' if w.symmetric else 'asymmetric'}",
+            "sampler": c.sampler,
+            "num_samples": c.num_samples,
+            "timestep_groups": a.timestep_groups,
+            "special_layers": config.layers.special_layers,
+        }
+        print(f"{name:<14} {json.dumps(summary)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    # An application may set global torch state: denormals make CPU calibration many times slower.
+    torch.set_flush_denormal(True)
+    args = build_parser().parse_args(argv)
+    return _quantize(args) if args.command == "quantize" else _presets(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Calibration capture records exactly the steps the sampler chose from the pipeline's own schedule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffusers_ptq.calibration import capture, get_pipeline_spec, planned_timesteps, recording_mask
+from diffusers_ptq.config import CalibrationConfig
+from diffusers_ptq.tiny import tiny_sd_pipeline
+
+
+def _capture(pipe, calib: CalibrationConfig, steps: int, prompts=None, guidance_scale=None):
+    spec = get_pipeline_spec(pipe)
+    planned = planned_timesteps(pipe, steps)
+    mask = recording_mask(calib, planned, 1000, torch.Generator().manual_seed(calib.seed))
+    data = capture(
+        pipe,
+        spec,
+        mask,
+        planned,
+        num_train_timesteps=1000,
+        num_inference_steps=steps,
+        prompts=prompts,
+        guidance_scale=guidance_scale,
+        batch_size=calib.batch_size,
+        generator=torch.Generator().manual_seed(0),
+        progress=False,
+    )
+    return data, mask, planned
+
+
+def _seen_timesteps(pipe, steps, prompts=None):
+    """The timesteps the pipeline really passes to its UNet, read with an independent hook."""
+    seen = []
+    handle = pipe.unet.register_forward_pre_hook(lambda m, a, k: seen.append(float(a[1])), with_kwargs=True)
+    try:
+        if prompts is None:
+            pipe(batch_size=1, num_inference_steps=steps, output_type="np")
+        else:
+            pipe(prompts[:1], num_inference_steps=steps, output_type="latent")
+    finally:
+        handle.remove()
+    return torch.tensor(seen, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "euler_karras", "dpm", "pndm"])
+def test_recorded_steps_match_sampler_and_schedule(scheduler, prompts):
+    pipe = tiny_sd_pipeline(scheduler=scheduler)
+    steps = 6
+    calib = CalibrationConfig(sampler="uniform", step_interval=2, num_samples=7, batch_size=3)
+    data, mask, planned = _capture(pipe, calib, steps, prompts=prompts)
+    # The plan is the schedule the pipeline really runs (Euler/Karras timesteps are floats).
+    torch.testing.assert_close(planned.double(), _seen_timesteps(pipe, steps, prompts))
+    expected = sorted((int(j), int(i)) for j, i in mask.nonzero())
+    assert len(expected) == 7
+    got = sorted(zip(data.trajectory.tolist()[::2], data.step_index.tolist()[::2]))
+    assert got == expected
+    # Every row's timestep is the planned timestep of its step; both guidance halves are recorded.
+    torch.testing.assert_close(data.timesteps.double(), planned[data.step_index].double())
+    assert data.guidance_halves == 2 and len(data) == 14
+    torch.testing.assert_close(data.train_timesteps, planned[data.step_index].double().round().long())
+
+
+def test_unconditional_records_only_planned_rows(ddim_pipe):
+    calib = CalibrationConfig(sampler="normal", num_samples=10, batch_size=4, seed=3)
+    data, mask, _ = _capture(ddim_pipe, calib, steps=20)
+    assert len(data) == 10 and data.guidance_halves == 1
+    assert sorted(zip(data.trajectory.tolist(), data.step_index.tolist())) == sorted(
+        (int(j), int(i)) for j, i in mask.nonzero()
+    )
+    assert data.inputs["sample"].shape == (10, 3, 16, 16)
+    assert data.inputs["sample"].device.type == "cpu"
+
+
+def test_recorded_inputs_equal_the_pipeline_unet_inputs(ddim_pipe):
+    """Rows hold exactly the tensors the UNet saw at that step (not a re-implemented sampler)."""
+    calib = CalibrationConfig(sampler="all", num_samples=5, batch_size=1)
+    data, _, _ = _capture(ddim_pipe, calib, steps=5)
+    seen = []
+    handle = ddim_pipe.unet.register_forward_pre_hook(
+        lambda m, a, k: seen.append(a[0].clone()), with_kwargs=True
+    )
+    try:
+        ddim_pipe(
+            batch_size=1, num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="np"
+        )
+    finally:
+        handle.remove()
+    torch.testing.assert_close(data.inputs["sample"], torch.cat(seen))
+
+
+def test_capture_stops_the_run_after_the_last_needed_step(ddim_pipe):
+    calls = []
+    handle = ddim_pipe.unet.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        calib = CalibrationConfig(sampler="uniform", step_interval=100, num_samples=1, batch_size=1)
+        _capture(ddim_pipe, calib, steps=50)  # only step 0 is needed
+    finally:
+        handle.remove()
+    assert len(calls) == 0  # the pre-hook stopped the run before the first forward completed
+
+
+def test_sdxl_records_added_conditioning(sdxl_pipe, prompts):
+    calib = CalibrationConfig(sampler="all", num_samples=4, batch_size=2)
+    data, _, _ = _capture(sdxl_pipe, calib, steps=2, prompts=prompts)
+    assert set(data.added_cond_kwargs) == {"text_embeds", "time_ids"}
+    assert data.added_cond_kwargs["time_ids"].shape[0] == len(data) == 8
+    kwargs = data.unet_kwargs(slice(0, 3))
+    with torch.no_grad():
+        out = sdxl_pipe.unet(**kwargs).sample
+    assert out.shape == data.inputs["sample"][:3].shape

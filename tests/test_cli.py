@@ -1,0 +1,231 @@
+"""Tests for the `diffusers-ptq` command line (diffusers_ptq.cli)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from diffusers_ptq import PTQConfig, cli
+
+torch.set_flush_denormal(True)
+
+QUANTIZE_OPTIONS = [
+    "--model",
+    "--preset",
+    "--config",
+    "--weight-bits",
+    "--act-bits",
+    "--timestep-groups",
+    "--num-samples",
+    "--num-inference-steps",
+    "--batch-size",
+    "--seed",
+    "--guidance-scale",
+    "--prompt",
+    "--prompts-file",
+    "--device",
+    "--dtype",
+    "--no-progress",
+    "--samples",
+    "--output",
+    "--overwrite",
+]
+OUTPUT_FILES = {
+    "ptq_config.json",
+    "report.json",
+    "report.txt",
+    "quantizer_state.safetensors",
+    "comparison.png",
+}
+# Cheapest settings that still run the whole flow: float images, calibration, quantized images.
+FAST = ["--num-samples", "4", "--num-inference-steps", "2", "--samples", "1", "--no-progress"]
+
+
+def test_quantize_tiny_ddim_writes_all_outputs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    argv = ["quantize", "--model", "tiny:ddim", "--num-samples", "16", "--num-inference-steps", "5"]
+    assert cli.main([*argv, "--samples", "2", "--output", str(out), "--no-progress"]) == 0
+    # Only the output directory: no temporary directory left next to it.
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    assert {p.name for p in out.iterdir()} == OUTPUT_FILES
+
+    config = PTQConfig.from_json((out / "ptq_config.json").read_text())
+    assert config.calibration.num_samples == 16 and config.calibration.num_inference_steps == 5
+    report = json.loads((out / "report.json").read_text())
+    assert report["calibration_samples"] == 16 and report["num_inference_steps"] == 5
+    assert (out / "report.txt").read_text().startswith("diffusers-ptq: custom w8a8")
+
+    state = load_file(out / "quantizer_state.safetensors")
+    scales = [k for k in state if k.endswith(".scale")]
+    assert scales and all(state[k].numel() >= 1 for k in scales)
+    assert any(k.endswith(".zero_point") for k in state) and any(k.endswith(".group_map") for k in state)
+    assert all(torch.isfinite(v.float()).all() for v in state.values())
+    with safe_open(out / "quantizer_state.safetensors", framework="pt") as f:
+        assert f.metadata()["tag"] == "w8a8"
+
+    with Image.open(out / "comparison.png") as image:
+        tile = image.height // 2
+        assert image.size == (2 * tile, 2 * tile)  # two samples per row, two rows, square tiles
+        pixels = torch.from_numpy(np.array(image.convert("RGB"))).float()
+    top, bottom = pixels[:tile], pixels[tile:]
+    assert not torch.equal(top, bottom) and (top - bottom).abs().mean() < 40  # same noise, small error
+    assert "SQNR of quantized vs float" in capsys.readouterr().out
+
+
+def test_quantize_tiny_sd_with_preset_and_prompts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "sd"
+    argv = ["quantize", "--model", "tiny:sd", "--preset", "q-diffusion", "--prompt", "a red cube"]
+    argv += ["--prompt", "a blue sphere on grass", "--output", str(out), *FAST]
+    assert cli.main(argv) == 0
+    assert {p.name for p in out.iterdir()} == OUTPUT_FILES
+    assert json.loads((out / "report.json").read_text())["method"] == "q-diffusion"
+    assert "built-in prompts" not in capsys.readouterr().out
+
+
+def test_text_pipeline_without_prompts_uses_builtin_list(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = {}
+
+    def record(pipe: object, config: PTQConfig, *, prompts: list[str], progress: bool) -> None:
+        seen["prompts"] = prompts
+        raise ValueError("stop after recording the prompts")
+
+    monkeypatch.setattr(cli, "quantize_pipeline", record)
+    argv = ["quantize", "--model", "tiny:sd", "--output", str(tmp_path / "o"), *FAST]
+    assert cli.main(argv) == 2
+    assert f"using {len(cli.DEFAULT_PROMPTS)} built-in prompts" in capsys.readouterr().out
+    # Cycled so that every calibration trajectory (at most one per sample) has a prompt.
+    assert seen["prompts"] == cli.DEFAULT_PROMPTS
+    assert cli.main([*argv, "--prompt", "a cat"]) == 2
+    assert seen["prompts"] == ["a cat"] * 4
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quantize_help_mentions_every_option(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["quantize", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    parser_options = {
+        opt
+        for action in cli.build_parser()._subparsers._group_actions[0].choices["quantize"]._actions
+        for opt in action.option_strings
+    }
+    for option in {*QUANTIZE_OPTIONS, *parser_options}:
+        assert option in text, option
+    for word in ("tiny:ddim", "tiny:sdxl", "q-diffusion", "ptq4dm", "float16", "per_step", "Default"):
+        assert word in text
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    assert exc.value.code == 0
+    assert "quantize" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "setup", "message"),
+    [
+        (["--preset", "nope"], None, "unknown preset"),
+        (["--config", "{cfg}"], "{not json", "malformed"),
+        (["--config", "{cfg}"], '{"weights": {"bits": 99}}', "weights.bits=99"),
+        (["--config", "{dir}/missing.json"], None, "does not exist"),
+        (["--weight-bits", "1"], None, "weights.bits=1"),
+        (["--timestep-groups", "0"], None, "timestep_groups=0"),
+        (["--prompts-file", "{dir}/missing.txt"], None, "does not exist"),
+        (["--samples", "0"], None, "--samples=0"),
+        (["--model", "tiny:nope"], None, "unknown tiny pipeline"),
+        (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "nope"], None, "vice"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture, extra: list[str], setup: str | None, message: str
+) -> None:
+    cfg = tmp_path / "cfg.json"
+    if setup is not None:
+        cfg.write_text(setup)
+    extra = [a.format(cfg=cfg, dir=tmp_path) for a in extra]
+    out = tmp_path / "out"
+    assert cli.main(["quantize", *extra, "--output", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("diffusers-ptq: error: ") and err.count("\n") == 1
+    assert message in err
+    assert not out.exists()
+
+
+def test_non_empty_output_is_refused_without_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert cli.main(["quantize", "--output", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize(
+    "argv", [["quantize", "--preset", "ptq4dm", "--config", "x.json"], ["quantize", "--act-bits", "x"], []]
+)
+def test_argparse_errors_exit_2(tmp_path: Path, argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*argv, "--output", str(tmp_path / "o")] if argv else argv)
+    assert exc.value.code == 2
+
+
+@pytest.mark.parametrize(("error", "existing"), [(RuntimeError, False), (ValueError, True)])
+def test_failure_during_quantization_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: type[Exception], existing: bool
+) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise error("calibration blew up")
+
+    monkeypatch.setattr(cli, "quantize_pipeline", fail)
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+        (out / "old.txt").write_text("previous run")
+    argv = ["quantize", "--model", "tiny:ddim", "--output", str(out), "--overwrite", *FAST]
+    if error is RuntimeError:  # unexpected errors propagate with their traceback
+        with pytest.raises(RuntimeError, match="blew up"):
+            cli.main(argv)
+    else:  # ValueError/TypeError from quantize_pipeline's validation: a message and exit code 2
+        assert cli.main(argv) == 2
+    expected = ["old.txt"] if existing else None
+    assert (sorted(p.name for p in out.iterdir()) if out.exists() else None) == expected
+    assert [p.name for p in tmp_path.iterdir()] == (["out"] if existing else [])
+
+
+def test_move_into_place_replaces_existing_directory(tmp_path: Path) -> None:
+    new, out = tmp_path / "new", tmp_path / "out"
+    new.mkdir()
+    (new / "a.txt").write_text("new")
+    out.mkdir()
+    (out / "b.txt").write_text("old")
+    cli._move_into_place(new, out)
+    assert [p.name for p in out.iterdir()] == ["a.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_prompts_file_is_read_one_prompt_per_line(tmp_path: Path) -> None:
+    path = tmp_path / "prompts.txt"
+    path.write_text("a cat\n\n  a dog on a sofa  \n")
+    args = cli.build_parser().parse_args(
+        ["quantize", "--output", "o", "--prompt", "x", "--prompts-file", str(path)]
+    )
+    assert cli._read_prompts(args) == ["x", "a cat", "a dog on a sofa"]
+
+
+def test_presets_lists_every_preset(capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["presets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split()[0] for line in lines]
+    assert "ptq4dm" in names and "q-diffusion" in names
+    summary = json.loads(lines[names.index("ptq4dm")].split(maxsplit=1)[1])
+    assert summary["sampler"] == "skew_normal" and summary["timestep_groups"] == 1
+    assert cli.main(["presets", "--full"]) == 0
+    assert '"method": "q-diffusion"' in capsys.readouterr().out

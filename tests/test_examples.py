@@ -1,0 +1,34 @@
+"""Smoke tests for the scripts in examples/ (offline, on the tiny pipelines)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from PIL import Image
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+torch.set_flush_denormal(True)
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stable_diffusion_text2image_tiny(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    example = _load("stable_diffusion_text2image")
+    output = tmp_path / "grid.png"
+    # Weight-only W8 keeps the tiny run to a few seconds; the full W8A8 path is covered by test_cli.
+    argv = ["--tiny", "--act-bits", "none", "--prompt", "a red cube", "--output", str(output)]
+    assert example.main(argv) == 0
+    with Image.open(output) as image:
+        assert image.height == 2 * image.width  # one prompt: a float tile above a quantized tile
+    assert "SQNR of quantized vs float images" in capsys.readouterr().out
