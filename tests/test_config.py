@@ -260,12 +260,6 @@ def test_boundary_values_are_accepted(section, name, good):
     assert getattr(getattr(cfg, section), name) == good
 
 
-@pytest.mark.xfail(
-    reason="config.py _check_choice tests `value in (True, False)`, which uses ==, so 1, 0, 1.0 and 0.0 "
-    "pass validation for the bool fields (symmetric, quantize_attention, shortcut_split), while bits "
-    "explicitly rejects a bool given as an int",
-    strict=True,
-)
 @pytest.mark.parametrize(
     ("section", "name"),
     [
@@ -327,12 +321,6 @@ def test_dict_and_json_round_trip_exactly(label, cfg):
     assert from_text.tag == cfg.tag
 
 
-@pytest.mark.xfail(
-    reason="config.py: LayerSelectionConfig.validate accepts tuples for include/exclude and "
-    "_section_from_dict turns them into lists, but a section object passed to PTQConfig (or as a "
-    "preset override) keeps its tuple, so from_dict(to_dict(cfg)) != cfg",
-    strict=True,
-)
 def test_round_trip_with_tuple_patterns():
     cfg = PTQConfig(layers=LayerSelectionConfig(include=("down_blocks.*",), exclude=("*attn*",)))
     assert PTQConfig.from_dict(cfg.to_dict()) == cfg

@@ -312,6 +312,19 @@ def test_mse_candidates_limit_the_shrink():
     torch.testing.assert_close(hi100, hi_m * factor)
 
 
+def test_mse_lp_norm_controls_clipping():
+    gen = _gen(9)
+    x = torch.randn(1, 5000, generator=gen) * torch.exp(1.5 * torch.randn(1, 5000, generator=gen))
+    factors = {}
+    for p in (1.0, 2.4):
+        lo, hi = search_range(x, 2, True, "mse", lp_norm=p)
+        factors[p] = (lo / x.amin(1)).item()
+        assert (hi / x.amax(1)).item() == pytest.approx(factors[p], rel=1e-5)
+    # A smaller p penalises clipping the tail less, so it clips much harder (down to the last candidates).
+    assert factors[1.0] < 0.1
+    assert factors[1.0] < factors[2.4] < 1.0
+
+
 @pytest.mark.parametrize("percentile", [90.0, 99.0, 99.9])
 def test_percentile_matches_torch_quantile_exact_positions(percentile):
     # n - 1 = 10000 makes the quantile position integral, so no interpolation is involved.

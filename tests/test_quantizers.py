@@ -332,6 +332,17 @@ def test_unsigned_quantizer_has_zero_point_zero(config_symmetric, search):
     assert (out - probs).abs().max() <= q.scale[0] / 2 + 1e-6
 
 
+@pytest.mark.parametrize("search", ["minmax", "mse"])
+def test_unsigned_range_starts_at_zero_even_with_negative_inputs(search):
+    q, ctx = _act_quantizer(groups=1, search=search, symmetric=False, bits=8, unsigned=True)
+    x = torch.rand(4, 64, generator=_gen(13)) - 0.2  # a few negatives
+    _observe(q, ctx, [(100, x)])
+    assert q.zero_point.item() == 0
+    with ctx.use(torch.tensor([100] * 4)):
+        out = q(x)
+    assert out.min().item() == 0.0  # negatives clip to 0
+
+
 def test_bits_override_and_repr():
     ctx = TimestepContext(T)
     q = TimestepActQuantizer(

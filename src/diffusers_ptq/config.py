@@ -35,6 +35,11 @@ def _check_choice(path: str, value: Any, choices: tuple) -> None:
         _fail(path, value, "one of " + ", ".join(repr(c) for c in choices))
 
 
+def _check_bool(path: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        _fail(path, value, "True or False")
+
+
 def _check_int(path: str, value: Any, lo: int, hi: int | None = None) -> None:
     ok = (
         isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
@@ -73,7 +78,7 @@ class WeightQuantConfig:
     def validate(self, path: str = "weights") -> None:
         _check_int(f"{path}.bits", self.bits, 2, 8)
         _check_choice(f"{path}.granularity", self.granularity, GRANULARITIES)
-        _check_choice(f"{path}.symmetric", self.symmetric, (True, False))
+        _check_bool(f"{path}.symmetric", self.symmetric)
         _check_search(path, self)
 
 
@@ -101,14 +106,14 @@ class ActivationQuantConfig:
     def validate(self, path: str = "activations") -> None:
         if self.bits is not None:
             _check_int(f"{path}.bits", self.bits, 2, 16)
-        _check_choice(f"{path}.symmetric", self.symmetric, (True, False))
+        _check_bool(f"{path}.symmetric", self.symmetric)
         _check_search(path, self)
         groups = self.timestep_groups
         if groups != "per_step":
             ok = isinstance(groups, int) and not isinstance(groups, bool) and 1 <= groups <= 1000
             if not ok:
                 _fail(f"{path}.timestep_groups", groups, "an integer in [1, 1000] or 'per_step'")
-        _check_choice(f"{path}.quantize_attention", self.quantize_attention, (True, False))
+        _check_bool(f"{path}.quantize_attention", self.quantize_attention)
         _check_int(f"{path}.softmax_bits", self.softmax_bits, 2, 16)
         _check_int(f"{path}.observer_samples", self.observer_samples, 16)
 
@@ -171,13 +176,19 @@ class LayerSelectionConfig:
         True, "Q-Diffusion shortcut-split: separate quantizers for the two halves of up-block skip concats"
     )
 
+    def __post_init__(self) -> None:
+        # Tuples are accepted for convenience; lists keep equality and JSON round-trips exact.
+        for name in ("include", "exclude"):
+            if isinstance(getattr(self, name), tuple):
+                setattr(self, name, list(getattr(self, name)))
+
     def validate(self, path: str = "layers") -> None:
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if not isinstance(value, list | tuple) or not all(isinstance(p, str) for p in value):
                 _fail(f"{path}.{name}", value, "a list of fnmatch pattern strings")
         _check_choice(f"{path}.special_layers", self.special_layers, SPECIAL_LAYER_POLICIES)
-        _check_choice(f"{path}.shortcut_split", self.shortcut_split, (True, False))
+        _check_bool(f"{path}.shortcut_split", self.shortcut_split)
 
 
 _SECTIONS = {

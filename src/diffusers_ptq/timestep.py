@@ -61,7 +61,9 @@ class TimestepContext:
     def use(self, timesteps: torch.Tensor) -> Iterator[None]:
         """Set the per-sample timesteps by hand, for running blocks of the UNet outside its forward."""
         previous = self.timesteps
-        self.timesteps = timesteps.reshape(-1).long().clamp(0, self.num_train_timesteps - 1)
+        t = timesteps.reshape(-1)
+        t = t.round() if t.is_floating_point() else t
+        self.timesteps = t.long().clamp(0, self.num_train_timesteps - 1)
         try:
             yield
         finally:

@@ -114,6 +114,8 @@ class TimestepActQuantizer(nn.Module):
             lo, hi = search_range(
                 values, self.bits, self.symmetric, self.search, lo=lo, hi=hi, **self.search_kwargs
             )
+            if self.unsigned:  # every search keeps an unsigned range anchored at 0
+                lo = torch.zeros_like(lo)
             scale, zero_point = compute_qparams(lo, hi, self.bits, self.symmetric)
             self.scale[g] = scale[0]
             self.zero_point[g] = zero_point[0]
