@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers.models.attention_processor import Attention
 from torch import nn
@@ -179,3 +180,35 @@ def test_sdxl_added_conditioning(sdxl_pipe, prompts):
     out = sdxl_pipe(prompts[0], num_inference_steps=4, output_type="latent").images
     assert torch.isfinite(out).all()
     assert sdxl_pipe.unet.ptq_state.group_map.max() == 3  # one group per sampling step
+
+
+def test_timestep_read_from_keyword_and_python_number(ddim_pipe):
+    quantize_pipeline(ddim_pipe, _config(activations={"timestep_groups": 4, "num_candidates": 20}), **FAST)
+    x, _ = _unet_inputs(ddim_pipe, batch=2)
+    with torch.no_grad():
+        positional = ddim_pipe.unet(x, torch.tensor(30)).sample
+        keyword = ddim_pipe.unet(sample=x, timestep=torch.tensor([30, 30])).sample
+        number = ddim_pipe.unet(x, 30).sample
+    for out in (keyword, number):
+        torch.testing.assert_close(out, positional)
+    context = ddim_pipe.unet.ptq_state.context
+    with torch.no_grad():
+        ddim_pipe.unet(x, 29.6)  # sigma-based schedulers pass floats: nearest training timestep
+    assert torch.equal(context.timesteps, torch.tensor([30, 30]))
+    with torch.no_grad():
+        ddim_pipe.unet(x, torch.tensor([1500.0, -3.0]))  # out of range: clamped
+    assert torch.equal(context.timesteps, torch.tensor([999, 0]))
+
+
+def test_groups_without_samples_borrow_and_warn(ddim_pipe):
+    config = _config(
+        activations={"timestep_groups": "per_step", "num_candidates": 20}, calibration={"step_interval": 2}
+    )
+    with pytest.warns(UserWarning, match=r"timestep group\(s\) \[1, 3, 5, 7\] had no calibration samples"):
+        quantize_pipeline(ddim_pipe, config, **FAST)
+    unet = ddim_pipe.unet
+    assert unet.ptq_state.borrowed_groups == [1, 3, 5, 7]
+    q = unet.conv_in.act_quantizers[0]
+    assert q.num_groups == 8
+    # Group 1 has no samples; its nearest observed neighbour is group 0.
+    assert q.scale[1] == q.scale[0] and q.zero_point[1] == q.zero_point[0]
