@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from diffusers_ptq.config import ActivationQuantConfig
-from diffusers_ptq.primitives import compute_qparams, fake_quantize, qrange, search_range
+from diffusers_ptq.primitives import compute_qparams, fake_quantize, search_range
+from diffusers_ptq.quantizers.grid import GridMixin
 from diffusers_ptq.quantizers.observer import GroupObserver
 from diffusers_ptq.timestep import TimestepContext
 
@@ -29,7 +30,7 @@ def nearest_step_group_map(num_train_timesteps: int, step_timesteps: torch.Tenso
     return (t[:, None] - steps[None, :]).abs().argmin(dim=1)
 
 
-class TimestepActQuantizer(nn.Module):
+class TimestepActQuantizer(GridMixin, nn.Module):
     """Per-tensor activation fake quantizer with one (scale, zero-point) per timestep group."""
 
     def __init__(
@@ -66,14 +67,6 @@ class TimestepActQuantizer(nn.Module):
     @property
     def num_groups(self) -> int:
         return self.scale.shape[0]
-
-    @property
-    def qmin(self) -> int:
-        return qrange(self.bits, self.symmetric)[0]
-
-    @property
-    def qmax(self) -> int:
-        return qrange(self.bits, self.symmetric)[1]
 
     def groups_for(self, x: torch.Tensor) -> torch.Tensor:
         """Group index of each sample along `x`'s leading dim."""

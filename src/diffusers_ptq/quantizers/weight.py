@@ -6,10 +6,11 @@ import torch
 from torch import nn
 
 from diffusers_ptq.config import WeightQuantConfig
-from diffusers_ptq.primitives import compute_qparams, fake_quantize, qrange, search_range
+from diffusers_ptq.primitives import compute_qparams, fake_quantize, search_range
+from diffusers_ptq.quantizers.grid import GridMixin
 
 
-class WeightQuantizer(nn.Module):
+class WeightQuantizer(GridMixin, nn.Module):
     """Fake-quantizes a weight tensor whose dim 0 is the output channel.
 
     `scale`/`zero_point` are buffers of shape (C_out,) (per channel) or (1,) (per tensor); they are set
@@ -32,14 +33,6 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.zeros(n))
         self.enabled = True
         self.calibrated = False
-
-    @property
-    def qmin(self) -> int:
-        return qrange(self.bits, self.symmetric)[0]
-
-    @property
-    def qmax(self) -> int:
-        return qrange(self.bits, self.symmetric)[1]
 
     @torch.no_grad()
     def calibrate(self, weight: torch.Tensor) -> None:
