@@ -153,7 +153,8 @@ def quantize_pipeline(
         progress=progress,
     )
     data.check_finite()
-    quantize_unet(unet, config, data, batch_size=calib.batch_size, seed=calib.seed, progress=progress)
+    # The plan and group map validated above are the ones installed: no second walk of the UNet.
+    _install_and_initialise(unet, config, data, plan, group_map, calib.batch_size, calib.seed, progress)
     report = QuantizationReport.build(
         plan,
         method=config.method,
@@ -190,6 +191,19 @@ def quantize_unet(
         config.activations.timestep_groups, data.num_train_timesteps, data.step_timesteps
     )
     plan = plan_quantization(unet, config)
+    return _install_and_initialise(unet, config, data, plan, group_map, batch_size, seed, progress)
+
+
+def _install_and_initialise(
+    unet: nn.Module,
+    config: PTQConfig,
+    data: CalibrationSet,
+    plan: QuantPlan,
+    group_map: torch.Tensor,
+    batch_size: int,
+    seed: int,
+    progress: bool,
+) -> nn.Module:
     context = TimestepContext(data.num_train_timesteps)
     device = next(unet.parameters()).device
     patch = install(unet, plan, config, context, group_map.to(device))

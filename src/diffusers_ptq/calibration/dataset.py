@@ -60,19 +60,6 @@ class CalibrationSet:
         for start in range(0, len(self), batch_size):
             yield self.unet_kwargs(slice(start, start + batch_size), device, dtype)
 
-    def subset(self, index: torch.Tensor) -> CalibrationSet:
-        return CalibrationSet(
-            inputs={k: v[index] for k, v in self.inputs.items()},
-            timesteps=self.timesteps[index],
-            train_timesteps=self.train_timesteps[index],
-            step_index=self.step_index[index],
-            trajectory=self.trajectory[index],
-            step_timesteps=self.step_timesteps,
-            num_train_timesteps=self.num_train_timesteps,
-            added_cond_kwargs={k: v[index] for k, v in self.added_cond_kwargs.items()},
-            guidance_halves=self.guidance_halves,
-        )
-
     def samples_per_group(self, group_map: torch.Tensor) -> list[int]:
         """Rows falling in each timestep group of `group_map` (training timestep -> group)."""
         groups = group_map.cpu()[self.train_timesteps]
@@ -94,7 +81,3 @@ class CalibrationSet:
                     f"the pipeline produced non-finite values (NaN or inf) in UNet input {name!r} at "
                     f"timestep(s) {steps}; run the float pipeline in float32 or check its inputs"
                 )
-
-    def nbytes(self) -> int:
-        tensors = [*self.inputs.values(), *self.added_cond_kwargs.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
