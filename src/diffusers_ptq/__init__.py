@@ -17,8 +17,19 @@ from diffusers_ptq.methods import available_presets
 from diffusers_ptq.nn import QuantAttnProcessor, QuantConv2d, QuantLinear
 from diffusers_ptq.quantizers import TimestepActQuantizer, WeightQuantizer
 from diffusers_ptq.report import QuantizationReport
+from diffusers_ptq.serialization import (
+    CheckpointError,
+    PTQQuantizationConfig,
+    PTQQuantizer,
+    push_to_hub,
+    register,
+)
 
 __version__ = "0.1.0"
+
+# diffusers finds quantizers through its AUTO mappings: register ours so stock from_pretrained loads
+# diffusers-ptq checkpoints (idempotent; registering touches no device).
+register()
 
 __all__ = [
     # configuration
@@ -37,6 +48,11 @@ __all__ = [
     "PTQState",
     "QuantizationReport",
     "CalibrationSet",
+    # save, load and publish (stock diffusers save_pretrained / from_pretrained work after import)
+    "push_to_hub",
+    "PTQQuantizationConfig",
+    "PTQQuantizer",
+    "CheckpointError",
     # modules
     "QuantAttnProcessor",
     "QuantConv2d",

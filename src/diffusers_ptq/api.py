@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from diffusers_ptq.initialise import initialise_activations, initialise_weights,
 from diffusers_ptq.prepare import QuantPlan, install, is_quantized, plan_quantization
 from diffusers_ptq.quantizers import contiguous_group_map, nearest_step_group_map
 from diffusers_ptq.report import QuantizationReport
+from diffusers_ptq.serialization import attach_quantizer
+from diffusers_ptq.serialization.model_card import infer_base_model
 from diffusers_ptq.timestep import TimestepContext
 
 logger = logging.getLogger("diffusers_ptq")
@@ -31,7 +34,11 @@ logger = logging.getLogger("diffusers_ptq")
 
 @dataclass
 class PTQState:
-    """What a quantized UNet carries: its recipe, timestep context, plan and report."""
+    """What a quantized UNet carries: its recipe, timestep context, plan and report.
+
+    `metrics` (name -> number, e.g. measured FID or SQNR) and `base_model` (the float model's Hub id) are
+    saved with the checkpoint and shown on the model card by `push_to_hub`.
+    """
 
     config: PTQConfig
     context: TimestepContext
@@ -39,6 +46,9 @@ class PTQState:
     group_map: torch.Tensor
     report: QuantizationReport | None = None
     borrowed_groups: list[int] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    base_model: str | None = None
+    num_prompts: int | None = None  # calibration prompts (text-conditioned pipelines)
 
 
 def build_group_map(
@@ -168,6 +178,12 @@ def quantize_pipeline(
         seconds=time.perf_counter() - start,
     )
     unet.ptq_state.report = report
+    # The stored recipe is the one that ran: keyword overrides and the pipeline's default step count applied.
+    unet.ptq_state.config.calibration = dataclasses.replace(calib, num_inference_steps=steps)
+    unet.ptq_state.base_model = infer_base_model(pipe, unet)
+    unet.ptq_state.num_prompts = None if prompts is None else len(prompts)
+    # quantization_config + hf_quantizer: stock save_pretrained / from_pretrained now handle this UNet.
+    attach_quantizer(unet)
     logger.info("%s", report)
     if progress:
         print(report)
@@ -191,7 +207,10 @@ def quantize_unet(
         config.activations.timestep_groups, data.num_train_timesteps, data.step_timesteps
     )
     plan = plan_quantization(unet, config)
-    return _install_and_initialise(unet, config, data, plan, group_map, batch_size, seed, progress)
+    _install_and_initialise(unet, config, data, plan, group_map, batch_size, seed, progress)
+    unet.ptq_state.base_model = infer_base_model(unet)
+    attach_quantizer(unet)
+    return unet
 
 
 def _install_and_initialise(

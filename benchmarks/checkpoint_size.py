@@ -1,0 +1,148 @@
+"""Checkpoint size of a quantized UNet against its float16 checkpoint (Stable Diffusion 1.5 shapes default).
+
+Builds the UNet from its config with random weights (sizes do not depend on the values), saves it in float16
+with diffusers' `save_pretrained`, then quantizes copies with `quantize_unet` (a one-row synthetic calibration
+set at 8x8 latents and min/max scale search: the checkpoint layout and size do not depend on the calibration)
+and saves each with `save_pretrained`. Sizes count every `*.safetensors` file of the saved folder.
+
+    OMP_NUM_THREADS=1 python benchmarks/checkpoint_size.py                      # SD 1.5: W8A8 and W4A8
+    OMP_NUM_THREADS=1 python benchmarks/checkpoint_size.py --bits 8 4 2 --verify --json out/sizes.json
+
+Needs about 16 GB of RAM (with --verify) and 4 GB of disk for SD 1.5 (860 M parameters); about 4 minutes
+on 2 CPU cores.
+`--verify` also reloads each checkpoint with `from_pretrained` and checks the outputs are bit-identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+
+import diffusers_ptq  # noqa: F401  (registers the quantizer, so from_pretrained loads the checkpoints)
+from diffusers_ptq import CalibrationSet, PTQConfig, quantize_unet
+
+DEFAULT_CONFIG = Path("/work/shared/reference/sd15_unet_config.json")
+# Stable Diffusion 1.5's UNet, for machines without the reference file.
+SD15_CONFIG = {
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+}
+
+
+def load_config(path: Path | None) -> dict:
+    if path is None:
+        path = DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
+    config = dict(SD15_CONFIG) if path is None else json.loads(Path(path).read_text())
+    config.pop("_class_name", None)
+    config.pop("_diffusers_version", None)
+    return config
+
+
+def calibration_set(unet: UNet2DConditionModel, size: int = 8, tokens: int = 8) -> CalibrationSet:
+    gen = torch.Generator().manual_seed(0)
+    cfg = unet.config
+    t = torch.tensor([500])
+    return CalibrationSet(
+        inputs={
+            "sample": torch.randn(1, cfg.in_channels, size, size, generator=gen),
+            "encoder_hidden_states": torch.randn(1, tokens, cfg.cross_attention_dim, generator=gen),
+        },
+        timesteps=t,
+        train_timesteps=t,
+        step_index=torch.zeros(1, dtype=torch.long),
+        trajectory=torch.zeros(1, dtype=torch.long),
+        step_timesteps=t,
+        num_train_timesteps=1000,
+    )
+
+
+def checkpoint_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=None, help="UNet2DConditionModel config.json")
+    parser.add_argument("--bits", type=int, nargs="+", default=[8, 4], help="weight bit widths (A8 each)")
+    parser.add_argument("--verify", action="store_true", help="reload each checkpoint and compare outputs")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--keep", type=Path, default=None, help="save the checkpoints here (default: temp)")
+    args = parser.parse_args(argv)
+    torch.set_flush_denormal(True)
+
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel.from_config(load_config(args.config)).eval()
+    params = sum(p.numel() for p in unet.parameters())
+    built = time.perf_counter() - start
+    print(f"UNet2DConditionModel: {params / 1e6:.1f} M parameters, built in {built:.0f} s")
+
+    with tempfile.TemporaryDirectory(prefix="checkpoint_size_") as tmp:
+        root = args.keep or Path(tmp)
+        # Casting back to float32 afterwards loses nothing that matters here: the weights are random.
+        unet.to(torch.float16).save_pretrained(root / "fp16")
+        unet.to(torch.float32)
+        fp16 = checkpoint_bytes(root / "fp16")
+        rows = [{"checkpoint": "float16", "bytes": fp16, "ratio_vs_fp16": 1.0}]
+        data = calibration_set(unet)
+        for bits in args.bits:
+            t0 = time.perf_counter()
+            quantized = copy.deepcopy(unet)
+            minmax = {"scale_search": "minmax"}
+            recipe = PTQConfig(weight_bits=bits, act_bits=8, weights=minmax, activations=minmax)
+            quantize_unet(quantized, recipe, data, progress=False)
+            folder = root / recipe.tag
+            quantized.save_pretrained(folder)
+            size = checkpoint_bytes(folder)
+            row = {"checkpoint": recipe.tag.upper(), "bytes": size, "ratio_vs_fp16": size / fp16}
+            report = quantized.ptq_state.plan
+            row["quantized_layers"] = len(report.layers)
+            row["kept_float"] = len(report.kept_float)
+            if args.verify:
+                loaded = UNet2DConditionModel.from_pretrained(folder)
+                kwargs = data.unet_kwargs(slice(None))
+                with torch.no_grad():
+                    row["bit_exact"] = bool(torch.equal(loaded(**kwargs).sample, quantized(**kwargs).sample))
+                del loaded
+            row["seconds"] = round(time.perf_counter() - t0, 1)
+            rows.append(row)
+            del quantized
+            print(f"{row['checkpoint']}: done in {row['seconds']} s")
+
+    print()
+    print("| checkpoint | size (MB) | vs float16 |")
+    print("|---|---:|---:|")
+    for row in rows:
+        print(f"| {row['checkpoint']} | {row['bytes'] / 1e6:,.1f} | {row['ratio_vs_fp16']:.3f}x |")
+    result = {"parameters": params, "config": str(args.config or DEFAULT_CONFIG), "rows": rows}
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,339 @@
+"""Load side: rebuild the quantized modules from the stored plan, then convert checkpoint tensors.
+
+diffusers' `from_pretrained` drives this through `PTQQuantizer`'s hooks, in this order:
+1. `read_manifest` reads the plan and checksums from the safetensors header (no tensor is read);
+2. `rebuild_modules` checks the empty (meta) UNet against the plan and installs the quantized modules, so
+   the model's state dict has exactly the checkpoint's keys — no calibration runs;
+3. `CheckpointReader.convert`, for each shard, verifies every tensor's CRC-32, turns packed codes back into
+   the quantized float weight (bit-exact: `(code - zero_point) * scale`, the forward's own arithmetic) and
+   expands the shared timestep -> group map; a layer whose scales sit in a later shard waits for them;
+4. `CheckpointReader.finish` checks nothing is missing and restores every quantizer buffer exactly (diffusers
+   casts floating tensors to `torch_dtype`; the scales must stay as calibrated), then `PTQState` is rebuilt.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from safetensors import safe_open
+from torch import nn
+
+from diffusers_ptq.initialise import initialise_weights, set_quant_state
+from diffusers_ptq.prepare import AttentionPlan, LayerPlan, QuantPlan, install, plan_quantization
+from diffusers_ptq.quantizers import TimestepActQuantizer, WeightQuantizer, contiguous_group_map
+from diffusers_ptq.report import QuantizationReport
+from diffusers_ptq.serialization.layout import (
+    PACKED_SUFFIX,
+    SHARED_GROUP_MAP_KEY,
+    CheckpointError,
+    LayerRecord,
+    Manifest,
+    checksum,
+)
+from diffusers_ptq.serialization.packing import unpack_codes
+from diffusers_ptq.serialization.quant_config import PTQQuantizationConfig
+from diffusers_ptq.timestep import TimestepContext
+
+DEFAULT_TRAIN_TIMESTEPS = 1000
+_PROCESSORS = {"AttnProcessor": AttnProcessor, "AttnProcessor2_0": AttnProcessor2_0}
+_KINDS = {"conv": nn.Conv2d, "linear": nn.Linear}
+
+
+def read_manifest(checkpoint_files: list[Any]) -> Manifest:
+    """The manifest in the header of the first checkpoint file (every shard carries the same one)."""
+    files = [os.fspath(f) for f in checkpoint_files if isinstance(f, str | os.PathLike)]
+    if not files:
+        raise CheckpointError("diffusers-ptq checkpoints are loaded from files; no checkpoint file was given")
+    for path in files:
+        if not path.endswith(".safetensors"):
+            raise CheckpointError(
+                f"{os.path.basename(path)} is not a safetensors file: diffusers-ptq checkpoints are "
+                "safetensors only and never read pickle files"
+            )
+    try:
+        with safe_open(files[0], framework="pt") as f:
+            metadata = f.metadata()
+    except Exception as err:  # safetensors raises its own error type for every malformed header
+        raise CheckpointError(
+            f"cannot read the safetensors header of {files[0]}: {err}. The file is truncated or corrupted; "
+            "download or save it again"
+        ) from err
+    return Manifest.from_metadata(metadata, os.path.basename(files[0]))
+
+
+def map_loaded_keys(keys: list[str]) -> list[str]:
+    """Checkpoint keys -> the model keys they load into (packed codes fill the float weight)."""
+    out = []
+    for key in keys:
+        if key == SHARED_GROUP_MAP_KEY:
+            continue
+        out.append(key[: -len(PACKED_SUFFIX)] + ".weight" if key.endswith(PACKED_SUFFIX) else key)
+    return out
+
+
+def rebuild_modules(
+    model: nn.Module, manifest: Manifest, qconfig: PTQQuantizationConfig
+) -> tuple[QuantPlan, TimestepContext]:
+    """Check `model` against the stored plan, then install its quantized modules (scales load later)."""
+    for record in manifest.layers:
+        _check_layer(model, record)
+    for att in manifest.attentions:
+        module = _submodule(model, att.name)
+        if not isinstance(module, Attention):
+            raise CheckpointError(
+                f"the checkpoint quantizes the attention block {att.name!r}, which this "
+                f"{type(model).__name__} does not have (found {type(module).__name__}): the checkpoint was "
+                "saved from a UNet of another architecture"
+            )
+        if att.processor not in _PROCESSORS:
+            raise CheckpointError(f"attention {att.name!r}: unknown float processor {att.processor!r}")
+        if type(module.processor) is not _PROCESSORS[att.processor]:
+            module.set_processor(_PROCESSORS[att.processor]())
+    plan = QuantPlan(
+        layers=[
+            LayerPlan(r.name, r.kind, r.weight_bits, r.act_bits, r.split, r.special) for r in manifest.layers
+        ],
+        attentions=[AttentionPlan(a.name, a.act_bits, a.softmax_bits) for a in manifest.attentions],
+        kept_float=list(manifest.kept_float),
+    )
+    num_train = qconfig.num_train_timesteps or DEFAULT_TRAIN_TIMESTEPS
+    num_groups = qconfig.num_timestep_groups or 1
+    if num_groups > num_train:
+        raise CheckpointError(
+            f"quantization_config.num_timestep_groups={num_groups} exceeds num_train_timesteps={num_train}"
+        )
+    context = TimestepContext(num_train)
+    # A placeholder with the right number of groups; the stored map replaces it while loading.
+    install(model, plan, qconfig.ptq, context, contiguous_group_map(num_train, num_groups))
+    for record in manifest.layers:
+        quantizer = model.get_submodule(record.name).weight_quantizers[0]
+        if quantizer.qmin != record.qmin:
+            raise CheckpointError(
+                f"layer {record.name!r}: its weight codes start at {record.qmin}, but the stored recipe's "
+                f"grid starts at {quantizer.qmin} (weights.symmetric disagrees with the weights)"
+            )
+    return plan, context
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _check_layer(model: nn.Module, record: LayerRecord) -> None:
+    module = _submodule(model, record.name)
+    expected = _KINDS.get(record.kind)
+    if expected is None:
+        raise CheckpointError(f"layer {record.name!r}: unknown layer kind {record.kind!r}")
+    where = f"this {type(model).__name__}"
+    if module is None or type(module) is not expected:
+        found = "nothing" if module is None else f"a {type(module).__name__}"
+        raise CheckpointError(
+            f"the checkpoint quantizes {expected.__name__} {record.name!r} (weight {list(record.shape)}), "
+            f"but {where} has {found} there: the checkpoint was saved from a UNet of another architecture"
+        )
+    if tuple(module.weight.shape) != record.shape:
+        raise CheckpointError(
+            f"layer {record.name!r}: the checkpoint's weight has shape {list(record.shape)}, {where} has "
+            f"{list(module.weight.shape)}: the checkpoint was saved from a UNet of another architecture"
+        )
+
+
+class CheckpointReader:
+    """Per-load state: verifies and converts checkpoint tensors shard by shard."""
+
+    def __init__(self, manifest: Manifest, model: nn.Module) -> None:
+        self.manifest = manifest
+        self.layers = {r.name: r for r in manifest.layers}
+        self.quantizer_modules = {
+            name for name, m in model.named_modules() if isinstance(m, WeightQuantizer | TimestepActQuantizer)
+        }
+        self.shared_map_users = [
+            name
+            for name, m in model.named_modules()
+            if isinstance(m, TimestepActQuantizer) and f"{name}.group_map" not in manifest.checksums
+        ]
+        self.seen: set[str] = set()
+        self.pending: dict[str, torch.Tensor] = {}  # layer -> packed codes waiting for their scales
+        self.qparams: dict[str, torch.Tensor] = {}  # weight quantizers' scale / zero_point by key
+        self.exact: dict[str, torch.Tensor] = {}  # every quantizer buffer, as stored
+        self.group_map: torch.Tensor | None = None
+
+    def check_missing(self, missing_keys: list[str]) -> list[str]:
+        """Raise if the model expects a tensor the checkpoint does not have."""
+        has_shared = SHARED_GROUP_MAP_KEY in self.manifest.checksums
+        users = {f"{name}.group_map" for name in self.shared_map_users}
+        missing = sorted(k for k in missing_keys if not (has_shared and k in users))
+        if missing:
+            shown = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
+            raise CheckpointError(
+                f"the checkpoint has no tensor for {shown}: it is incomplete or was saved from a different "
+                "model; save it again"
+            )
+        return []
+
+    def convert(self, shard: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Model tensors for one shard of checkpoint tensors."""
+        out: dict[str, torch.Tensor] = {}
+        for key, tensor in shard.items():
+            self._verify(key, tensor)
+            if key == SHARED_GROUP_MAP_KEY:
+                self.group_map = tensor.long()
+                for name in self.shared_map_users:
+                    out[f"{name}.group_map"] = self.group_map.clone()
+                    self.exact[f"{name}.group_map"] = out[f"{name}.group_map"]
+                continue
+            if key.endswith(PACKED_SUFFIX):
+                layer = key[: -len(PACKED_SUFFIX)]
+                if layer not in self.layers:
+                    raise CheckpointError(f"packed weight {key!r} belongs to no layer of the stored plan")
+                self.pending[layer] = tensor
+                continue
+            if key.endswith(".group_map"):
+                tensor = tensor.long()
+            module_name, _, _ = key.rpartition(".")
+            if module_name in self.quantizer_modules:
+                self.exact[key] = tensor.clone()
+                if ".weight_quantizers." in key:
+                    self.qparams[key] = tensor
+            out[key] = tensor
+        for layer in list(self.pending):
+            weight = self._dequantize(layer)
+            if weight is not None:
+                out[f"{layer}.weight"] = weight
+                del self.pending[layer]
+        return out
+
+    def _verify(self, key: str, tensor: torch.Tensor) -> None:
+        expected = self.manifest.checksums.get(key)
+        if expected is None:
+            raise CheckpointError(
+                f"tensor {key!r} is not listed in the checkpoint's manifest: the file was modified after "
+                "diffusers-ptq saved it; save it again"
+            )
+        actual = checksum(tensor)
+        if actual != expected:
+            raise CheckpointError(
+                f"tensor {key!r} fails its CRC-32 check (stored {expected}, read {actual}): the checkpoint "
+                "file is corrupted; download or save it again"
+            )
+        self.seen.add(key)
+
+    def _dequantize(self, layer: str) -> torch.Tensor | None:
+        record = self.layers[layer]
+        parts = 1 if record.split is None else 2
+        qparams = []
+        for i in range(parts):
+            scale = self.qparams.get(f"{layer}.weight_quantizers.{i}.scale")
+            zero_point = self.qparams.get(f"{layer}.weight_quantizers.{i}.zero_point")
+            if scale is None or zero_point is None:
+                return None  # in a later shard
+            qparams.append((scale, zero_point))
+        try:
+            codes = unpack_codes(self.pending[layer], record.weight_bits, record.qmin, record.shape)
+        except ValueError as err:
+            raise CheckpointError(f"{layer}{PACKED_SUFFIX}: {err}") from err
+        code_parts = [codes] if parts == 1 else [codes[:, : record.split], codes[:, record.split :]]
+        weights = []
+        for part, (scale, zero_point) in zip(code_parts, qparams):
+            shape = (-1,) + (1,) * (part.ndim - 1)
+            # The arithmetic of fake_quantize after rounding: (code - zero_point) * scale, in float32.
+            weights.append((part - zero_point.reshape(shape)) * scale.reshape(shape))
+        weight = weights[0] if parts == 1 else torch.cat(weights, dim=1)
+        dtype = getattr(torch, record.dtype, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise CheckpointError(f"layer {layer!r}: {record.dtype!r} is not a floating-point weight dtype")
+        return weight.to(dtype)
+
+    def finish(self, model: nn.Module) -> None:
+        """After all shards: check completeness, restore quantizer buffers exactly."""
+        if self.pending:
+            layer = next(iter(self.pending))
+            raise CheckpointError(
+                f"the checkpoint has packed weights for {layer!r} but not its weight quantizer scales"
+            )
+        unseen = sorted(set(self.manifest.checksums) - self.seen)
+        if unseen:
+            shown = ", ".join(unseen[:5]) + (f", ... ({len(unseen)} in all)" if len(unseen) > 5 else "")
+            raise CheckpointError(
+                f"the checkpoint is missing tensor(s) listed in its manifest: {shown}; a shard file is "
+                "missing or was rewritten"
+            )
+        for key, tensor in self.exact.items():
+            module_name, _, buffer_name = key.rpartition(".")
+            module = model.get_submodule(module_name)
+            current = module._buffers.get(buffer_name)
+            device = current.device if current is not None and not current.is_meta else torch.device("cpu")
+            module._buffers[buffer_name] = tensor.to(device)
+        on_meta = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+        if on_meta:
+            raise CheckpointError(f"no value was loaded for {on_meta[:5]}; the checkpoint is incomplete")
+
+
+def finalize(
+    model: nn.Module,
+    qconfig: PTQQuantizationConfig,
+    plan: QuantPlan,
+    context: TimestepContext,
+    group_map: torch.Tensor | None,
+) -> None:
+    """Switch quantization on and give the loaded model the `ptq_state` quantize_pipeline would have."""
+    from diffusers_ptq.api import PTQState  # api imports this package: import late to avoid a cycle
+
+    ptq = qconfig.ptq
+    for module in model.modules():
+        if isinstance(module, WeightQuantizer):
+            module.calibrated = True
+    set_quant_state(model, weights=True, acts=ptq.activations.enabled)
+    if group_map is None:
+        act = next((m for m in model.modules() if isinstance(m, TimestepActQuantizer)), None)
+        group_map = act.group_map if act is not None else contiguous_group_map(context.num_train_timesteps, 1)
+    report = None
+    if qconfig.report is not None:
+        try:
+            data = dict(qconfig.report)
+            data["kept_float"] = [tuple(item) for item in data.get("kept_float", [])]
+            report = QuantizationReport(**data)
+        except TypeError as err:
+            raise CheckpointError(f"quantization_config.report is malformed: {err}") from err
+    model.ptq_state = PTQState(
+        config=ptq,
+        context=context,
+        plan=plan,
+        group_map=group_map.detach().cpu(),
+        report=report,
+        borrowed_groups=list(report.borrowed_groups) if report is not None else [],
+        metrics=dict(qconfig.metrics),
+        base_model=qconfig.base_model,
+        num_prompts=qconfig.calibration_prompts,
+    )
+
+
+def quantize_weights_on_load(model: nn.Module, qconfig: PTQQuantizationConfig) -> None:
+    """Weight-only quantization of a just-loaded float UNet (weights need no calibration data)."""
+    ptq = qconfig.ptq
+    if ptq.activations.enabled:
+        raise ValueError(
+            "activation quantization needs calibration data: load a checkpoint saved after "
+            "quantize_pipeline, or pass a weight-only recipe (act_bits=None) to quantize while loading"
+        )
+    plan = plan_quantization(model, ptq)
+    if not plan.layers:
+        raise ValueError(
+            "the layer selection matches no Conv2d/Linear layer of the UNet; check layers.include"
+        )
+    context = TimestepContext(qconfig.num_train_timesteps or DEFAULT_TRAIN_TIMESTEPS)
+    device = next(model.parameters()).device
+    group_map = contiguous_group_map(context.num_train_timesteps, 1)
+    patch = install(model, plan, ptq, context, group_map.to(device))
+    try:
+        initialise_weights(model, progress=False)
+    except BaseException:
+        patch.restore()
+        raise
+    finalize(model, qconfig, plan, context, group_map)
