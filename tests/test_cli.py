@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from diffusers_ptq import PTQConfig, cli
+from diffusers_ptq.cli import common, quantize
 
 torch.set_flush_denormal(True)
 
@@ -98,12 +99,12 @@ def test_text_pipeline_without_prompts_uses_builtin_list(
         seen["prompts"] = prompts
         raise ValueError("stop after recording the prompts")
 
-    monkeypatch.setattr(cli, "quantize_pipeline", record)
+    monkeypatch.setattr(quantize, "quantize_pipeline", record)
     argv = ["quantize", "--model", "tiny:sd", "--output", str(tmp_path / "o"), *FAST]
     assert cli.main(argv) == 2
-    assert f"using {len(cli.DEFAULT_PROMPTS)} built-in prompts" in capsys.readouterr().out
+    assert f"using {len(quantize.DEFAULT_PROMPTS)} built-in prompts" in capsys.readouterr().out
     # Cycled so that every calibration trajectory (at most one per sample) has a prompt.
-    assert seen["prompts"] == cli.DEFAULT_PROMPTS
+    assert seen["prompts"] == quantize.DEFAULT_PROMPTS
     assert cli.main([*argv, "--prompt", "a cat"]) == 2
     assert seen["prompts"] == ["a cat"] * 4
     assert list(tmp_path.iterdir()) == []
@@ -184,7 +185,7 @@ def test_failure_during_quantization_leaves_nothing_behind(
     def fail(*args: object, **kwargs: object) -> None:
         raise error("calibration blew up")
 
-    monkeypatch.setattr(cli, "quantize_pipeline", fail)
+    monkeypatch.setattr(quantize, "quantize_pipeline", fail)
     out = tmp_path / "out"
     if existing:
         out.mkdir()
@@ -206,7 +207,7 @@ def test_move_into_place_replaces_existing_directory(tmp_path: Path) -> None:
     (new / "a.txt").write_text("new")
     out.mkdir()
     (out / "b.txt").write_text("old")
-    cli._move_into_place(new, out)
+    common.move_into_place(new, out)
     assert [p.name for p in out.iterdir()] == ["a.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
@@ -217,7 +218,7 @@ def test_prompts_file_is_read_one_prompt_per_line(tmp_path: Path) -> None:
     args = cli.build_parser().parse_args(
         ["quantize", "--output", "o", "--prompt", "x", "--prompts-file", str(path)]
     )
-    assert cli._read_prompts(args) == ["x", "a cat", "a dog on a sofa"]
+    assert quantize._read_prompts(args) == ["x", "a cat", "a dog on a sofa"]
 
 
 def test_presets_lists_every_preset(capsys: pytest.CaptureFixture) -> None:

@@ -1,19 +1,10 @@
-"""The `diffusers-ptq` command line: quantize a pipeline's UNet, save its quantizer state and a comparison.
-
-    diffusers-ptq quantize --output out/                      # built-in tiny DDIM pipeline, offline
-    diffusers-ptq quantize --model stable-diffusion-v1-5/stable-diffusion-v1-5 --preset q-diffusion \\
-        --weight-bits 4 --num-samples 256 --output sd15-w4a8/
-    diffusers-ptq presets
-"""
+"""`diffusers-ptq quantize`: calibrate a UNet; write its config, report, quantizer state and a comparison."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import secrets
-import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +14,19 @@ import torch
 from diffusers_ptq import TimestepActQuantizer, WeightQuantizer, __version__, available_presets
 from diffusers_ptq.api import quantize_pipeline
 from diffusers_ptq.calibration import get_pipeline_spec
+from diffusers_ptq.cli.common import (
+    DEFAULT_MODEL,
+    DTYPES,
+    MODEL_HELP,
+    atomic_directory,
+    check_output,
+    error,
+    load_pipeline,
+    resolve_device,
+)
 from diffusers_ptq.config import PTQConfig, describe_fields
 from diffusers_ptq.primitives import sqnr_db
-from diffusers_ptq.tiny import PIPELINE_NAMES, build_tiny_pipeline
 
-TINY_PREFIX = "tiny:"
-DEFAULT_MODEL = "tiny:ddim"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Used for text-conditioned pipelines when neither --prompt nor --prompts-file is given.
 DEFAULT_PROMPTS = [
     "a photograph of a red fox in a snowy forest",
@@ -88,11 +85,8 @@ _OVERRIDES = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_parser(sub: Any) -> None:
     raw = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(prog="diffusers-ptq", description=__doc__, formatter_class=raw)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     q = sub.add_parser(
         "quantize",
         help="quantize a pipeline's UNet; write config, report, quantizer state and a comparison grid",
@@ -102,14 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_config_epilog(),
         formatter_class=raw,
     )
-    tiny = ", ".join(TINY_PREFIX + n for n in PIPELINE_NAMES)
-    q.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help="Hub model id or local directory (diffusers.DiffusionPipeline.from_pretrained), or one of "
-        f"{tiny} (built-in offline random-weight pipelines). Default: {DEFAULT_MODEL}, small and "
-        "offline so the command runs anywhere; a later release ships a trained default.",
-    )
+    q.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} Default: {DEFAULT_MODEL}.")
     recipe = q.add_mutually_exclusive_group()
     recipe.add_argument(
         "--preset",
@@ -143,9 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--output", required=True, metavar="DIR", help="output directory (required).")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty --output. Default: refuse.")
     q.add_argument("--no-progress", action="store_true", help="hide progress bars. Default: show them.")
-    p = sub.add_parser("presets", help="list the method presets and their recipes")
-    p.add_argument("--full", action="store_true", help="print each preset's full PTQConfig JSON.")
-    return parser
 
 
 def _build_config(args: argparse.Namespace) -> PTQConfig:
@@ -172,15 +156,6 @@ def _build_config(args: argparse.Namespace) -> PTQConfig:
     return config.replace(**overrides) if overrides else config
 
 
-def _check_output(text: str, overwrite: bool) -> Path:
-    out = Path(text).resolve()
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output {text!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"output directory {text!r} is not empty; pass --overwrite to replace it")
-    return out
-
-
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file is not None:
@@ -189,15 +164,6 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
             raise FileNotFoundError(f"prompts file {str(path)!r} does not exist")
         prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return prompts
-
-
-def _load_pipeline(model: str, device: torch.device, dtype: torch.dtype) -> Any:
-    if model.startswith(TINY_PREFIX):
-        pipe = build_tiny_pipeline(model[len(TINY_PREFIX) :])  # built in float32
-        return pipe.to(device) if dtype == torch.float32 else pipe.to(device=device, dtype=dtype)
-    from diffusers import DiffusionPipeline
-
-    return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype).to(device)
 
 
 def _images(pipe: Any, kwargs: dict[str, Any], seed: int) -> np.ndarray:
@@ -240,49 +206,18 @@ def _write_outputs(tmp: Path, config: PTQConfig, unet: Any, top: np.ndarray, bot
     save_grid(top, bottom, tmp / "comparison.png")
 
 
-def _sibling(out: Path, kind: str) -> Path:
-    """A new, uniquely named hidden directory next to `out` (created with the usual umask)."""
-    path = out.parent / f".{out.name}.{kind}-{secrets.token_hex(6)}"
-    path.mkdir()
-    return path
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename `tmp` to `out`; an existing `out` (empty, or --overwrite) is swapped out, then removed."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = _sibling(out, "old")
-    os.rename(out, old / "old")
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old / "old", out)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _error(err: BaseException) -> int:
-    print("diffusers-ptq: error: " + " ".join(str(err).split()), file=sys.stderr)
-    return 2
-
-
-def _quantize(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     try:
         config = _build_config(args)
-        out = _check_output(args.output, args.overwrite)
+        out = check_output(args.output, args.overwrite)
         if args.samples < 1:
             raise ValueError(f"--samples={args.samples} is invalid; expected an integer >= 1")
         prompts = _read_prompts(args)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device} requested but CUDA is not available")
-        dtype = DTYPES[args.dtype or ("float16" if device.type == "cuda" else "float32")]
-        pipe = _load_pipeline(args.model, device, dtype)
+        device, dtype = resolve_device(args.device, args.dtype)
+        pipe = load_pipeline(args.model, device, dtype)
         spec = get_pipeline_spec(pipe)
     except (ValueError, TypeError, OSError, RuntimeError) as err:
-        return _error(err)
+        return error(err)
 
     pipe.set_progress_bar_config(disable=args.no_progress)
     calib = config.calibration
@@ -305,53 +240,16 @@ def _quantize(args: argparse.Namespace) -> int:
         call["batch_size"] = args.samples
     float_images = _images(pipe, call, calib.seed + 1)  # before quantizing: the float reference
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(out, "tmp")
     try:
-        try:
+        with atomic_directory(out) as tmp:
             quantize_pipeline(pipe, config, prompts=calib_prompts, progress=not args.no_progress)
-        except (ValueError, TypeError) as err:
-            return _error(err)
-        quant_images = _images(pipe, call, calib.seed + 1)
-        _write_outputs(tmp, config, pipe.unet, float_images, quant_images)
-        _move_into_place(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            quant_images = _images(pipe, call, calib.seed + 1)
+            _write_outputs(tmp, config, pipe.unet, float_images, quant_images)
+    except (ValueError, TypeError) as err:  # quantize_pipeline's validation of the pipeline and prompts
+        return error(err)
     if args.no_progress:  # quantize_pipeline prints the report itself when progress is on
         print(pipe.unet.ptq_state.report)
     sqnr = sqnr_db(torch.from_numpy(float_images), torch.from_numpy(quant_images))
     print(f"diffusers-ptq: {args.samples} comparison images, SQNR of quantized vs float: {sqnr:.2f} dB")
     print(f"diffusers-ptq: wrote {out}")
     return 0
-
-
-def _presets(args: argparse.Namespace) -> int:
-    for name in available_presets():
-        config = PTQConfig.preset(name)
-        if args.full:
-            print(f"{name}:\n{config.to_json()}")
-            continue
-        w, a, c = config.weights, config.activations, config.calibration
-        summary = {
-            "method": config.method,
-            "weight_bits": w.bits,
-            "act_bits": a.bits,
-            "weights": f"{w.granularity}, {'symmetric' if w.symmetric else 'asymmetric'}",
-            "sampler": c.sampler,
-            "num_samples": c.num_samples,
-            "timestep_groups": a.timestep_groups,
-            "special_layers": config.layers.special_layers,
-        }
-        print(f"{name:<14} {json.dumps(summary)}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    # An application may set global torch state: denormals make CPU calibration many times slower.
-    torch.set_flush_denormal(True)
-    args = build_parser().parse_args(argv)
-    return _quantize(args) if args.command == "quantize" else _presets(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Shared pieces of the `diffusers-ptq` commands: model loading, atomic output directories, errors."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffusers_ptq.tiny import PIPELINE_NAMES, build_tiny_pipeline
+
+TINY_PREFIX = "tiny:"
+FASHION_MODEL = "fashion"
+DEFAULT_MODEL = FASHION_MODEL
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MODEL_HELP = (
+    "Hub model id or local directory (diffusers.DiffusionPipeline.from_pretrained); 'fashion' for the "
+    "DDPM trained on Fashion-MNIST that ships with diffusers-ptq (offline, DDIM sampling); or one of "
+    + ", ".join(TINY_PREFIX + n for n in PIPELINE_NAMES)
+    + " (offline random-weight pipelines for plumbing tests)."
+)
+
+
+def error(err: BaseException) -> int:
+    """Print a one-line error for bad input and return exit code 2."""
+    print("diffusers-ptq: error: " + " ".join(str(err).split()), file=sys.stderr)
+    return 2
+
+
+def resolve_device(name: str | None, dtype_name: str | None) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} requested but CUDA is not available")
+    return device, DTYPES[dtype_name or ("float16" if device.type == "cuda" else "float32")]
+
+
+def load_pipeline(model: str, device: torch.device, dtype: torch.dtype) -> Any:
+    """A pipeline from a Hub id / local path, the shipped 'fashion' DDPM, or a 'tiny:' pipeline."""
+    if model == FASHION_MODEL:
+        from diffusers_ptq.zoo import fashion_ddpm_pipeline
+
+        return fashion_ddpm_pipeline("ddim", dtype=dtype).to(device)
+    if model.startswith(TINY_PREFIX):
+        pipe = build_tiny_pipeline(model[len(TINY_PREFIX) :])  # built in float32
+        return pipe.to(device) if dtype == torch.float32 else pipe.to(device=device, dtype=dtype)
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype).to(device)
+
+
+def check_output(text: str, overwrite: bool) -> Path:
+    out = Path(text).resolve()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output {text!r} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"output directory {text!r} is not empty; pass --overwrite to replace it")
+    return out
+
+
+def sibling(out: Path, kind: str) -> Path:
+    """A new, uniquely named hidden directory next to `out` (created with the usual umask)."""
+    path = out.parent / f".{out.name}.{kind}-{secrets.token_hex(6)}"
+    path.mkdir()
+    return path
+
+
+def move_into_place(tmp: Path, out: Path) -> None:
+    """Rename `tmp` to `out`; an existing `out` (empty, or --overwrite) is swapped out, then removed."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = sibling(out, "old")
+    os.rename(out, old / "old")
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old / "old", out)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(out: Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory next to `out`; on success it replaces `out`, on error it vanishes."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = sibling(out, "tmp")
+    try:
+        yield tmp
+        move_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
