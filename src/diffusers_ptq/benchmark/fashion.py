@@ -1,0 +1,77 @@
+"""FD and IS in the shipped Fashion-MNIST classifier's features, against shipped real-data statistics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from diffusers_ptq.benchmark.fidelity import (
+    FeatureStats,
+    classifier_outputs,
+    frechet_distance,
+    inception_score,
+    load_stats,
+)
+from diffusers_ptq.zoo.classifier import FashionClassifier, load_fashion_classifier
+from diffusers_ptq.zoo.models import ASSETS_DIR
+
+STATS_FILE = ASSETS_DIR / "fashion_fd_stats.safetensors"
+IMAGE_SHAPE = (1, 32, 32)
+
+
+class FashionFidelity:
+    """FD against the 10k Fashion-MNIST test images, and the classifier's Inception-style score."""
+
+    name = "fashion-mnist classifier (FD: 128-d features vs 10k test images)"
+
+    def __init__(self, classifier: FashionClassifier | None = None, stats_file: str | Path | None = None):
+        self.classifier = classifier if classifier is not None else load_fashion_classifier()
+        path = Path(stats_file) if stats_file is not None else STATS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"feature statistics not found at {path}")
+        self.stats = load_stats(path)
+
+    def _check(self, images: torch.Tensor) -> None:
+        if tuple(images.shape[1:]) != IMAGE_SHAPE:
+            raise ValueError(
+                f"the Fashion-MNIST classifier takes images of shape {IMAGE_SHAPE}, "
+                f"got {tuple(images.shape[1:])}"
+            )
+
+    def compute(self, images: torch.Tensor) -> dict[str, float]:
+        self._check(images)
+        features, logits = classifier_outputs(self.classifier, images.float())
+        return {
+            "FD": frechet_distance(FeatureStats.of(features), self.stats["test"]),
+            "IS": inception_score(logits),
+        }
+
+    def reference_rows(self, num_images: int, seed: int = 0) -> dict[str, dict[str, float]]:
+        """What the metric says of known inputs, to show it discriminates (real ≈ 0 ≪ model ≪ noise)."""
+        generator = torch.Generator().manual_seed(seed)
+        out = {
+            "real train (all 60k) vs test": {"FD": frechet_distance(self.stats["train"], self.stats["test"])},
+            f"Gaussian noise ({num_images})": self.compute(
+                torch.randn((num_images, *IMAGE_SHAPE), generator=generator).clamp(-1, 1)
+            ),
+        }
+        try:
+            from diffusers_ptq.zoo.data import load_fashion_mnist
+
+            train, _ = load_fashion_mnist("train")
+        except FileNotFoundError:
+            return out
+        idx = torch.randperm(len(train), generator=generator)[:num_images]
+        out[f"real train ({num_images})"] = self.compute(train[idx])
+        return out
+
+
+def matches_fashion_model(pipe: object) -> bool:
+    """True when the pipeline generates the classifier's images (1x32x32), as the shipped DDPM does."""
+    config = getattr(getattr(pipe, "unet", None), "config", None)
+    if config is None:
+        return False
+    size = config.sample_size
+    size = size if isinstance(size, int) else size[0]
+    return (config.out_channels, size) == (IMAGE_SHAPE[0], IMAGE_SHAPE[1])

@@ -1,0 +1,120 @@
+"""The quality benchmark's outputs: a markdown table, a PNG sample grid per row, a PNG SQNR-per-step plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffusers_ptq.benchmark.plotting import pyplot
+from diffusers_ptq.benchmark.quality import BenchResult, RowResult
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if math.isinf(value):
+        return "∞"
+    return f"{value:.{digits}f}"
+
+
+def _spread(values: list[float]) -> str:
+    if len(values) < 2:
+        return ""
+    return f" ± {np.std(values, ddof=1):.2f}"
+
+
+def _gap(row: RowResult, float_fd: float | None) -> str:
+    fd = row.mean("FD")
+    if fd is None or float_fd is None or row.preset is None:
+        return "–"
+    return f"{100.0 * (fd - float_fd) / float_fd:+.1f} %"
+
+
+def markdown_table(result: BenchResult) -> str:
+    """One line per row: FD (mean ± sd over seeds), gap to float, IS, extra metrics, noise SQNR, times."""
+    float_fd = result.rows[0].mean("FD")
+    extra = sorted({name for row in result.rows for name in row.metrics} - {"FD", "IS"})
+    head = ["row", "FD ↓", "FD vs float", "IS ↑", *extra, "noise SQNR (dB) ↑", "calibration (s)"]
+    head.append("sampling (s)")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in result.rows:
+        fd = row.mean("FD")
+        cells = [
+            row.name,
+            "–" if fd is None else f"{fd:.2f}{_spread(row.metrics['FD'])}",
+            _gap(row, float_fd),
+            _fmt(row.mean("IS")),
+            *(_fmt(row.mean(name)) for name in extra),
+            _fmt(row.sqnr_db),
+            "–" if row.preset is None else f"{row.calibration_s:.1f}",
+            f"{row.sampling_s:.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def reference_table(references: dict[str, dict[str, float]], result: BenchResult) -> str:
+    """What the metric says of real data and of noise, next to the float model: it must discriminate."""
+    lines = ["| images | FD | IS |", "|---|---|---|"]
+    lines += [f"| {name} | {_fmt(v['FD'])} | {_fmt(v.get('IS'))} |" for name, v in references.items()]
+    float_row = result.rows[0]
+    label = f"float model samples ({result.settings.num_samples} per seed, mean)"
+    lines.append(f"| {label} | {_fmt(float_row.mean('FD'))} | {_fmt(float_row.mean('IS'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def save_image_grid(images: torch.Tensor, path: Path, columns: int = 8, scale: int = 3) -> None:
+    """Images (N, C, H, W) in [-1, 1] as one PNG grid, upscaled by `scale` (nearest)."""
+    from PIL import Image
+
+    n, c, h, w = images.shape
+    rows = math.ceil(n / columns)
+    canvas = torch.ones(c, rows * (h + 2), columns * (w + 2))
+    for i, image in enumerate(images):
+        r, k = divmod(i, columns)
+        canvas[:, r * (h + 2) + 1 : r * (h + 2) + 1 + h, k * (w + 2) + 1 : k * (w + 2) + 1 + w] = image
+    pixels = ((canvas.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    picture = Image.fromarray(pixels[..., 0] if c == 1 else pixels)
+    picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(path)
+
+
+def save_sqnr_plot(result: BenchResult, path: Path) -> None:
+    """Noise-prediction SQNR against the float UNet, per sampling step, one line per quantized row."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    for row in result.rows:
+        if row.sqnr_per_step:
+            style = "-" if row.preset == result.settings.presets[0] else "--"
+            ax.plot(result.timesteps, row.sqnr_per_step, style, label=row.name, linewidth=1.3)
+    ax.set_xlabel("timestep t (sampling runs right to left)")
+    ax.set_ylabel("noise-prediction SQNR vs float (dB)")
+    ax.set_title("Per-step error of the quantized UNet on float DDIM trajectories")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_outputs(result: BenchResult, directory: Path, header: str = "") -> None:
+    """results.json, table.md, sqnr_per_step.png and grids/<row>.png into `directory` (which exists)."""
+    (directory / "results.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n", encoding="utf-8")
+    notes = "".join(f"\n> {note}\n" for note in result.notes)
+    (directory / "table.md").write_text(f"{header}{markdown_table(result)}\n{notes}", encoding="utf-8")
+    grids = directory / "grids"
+    grids.mkdir(exist_ok=True)
+    for name, images in result.grids.items():
+        if images.numel():
+            save_image_grid(images, grids / f"{_slug(name)}.png")
+    if any(row.sqnr_per_step for row in result.rows):
+        save_sqnr_plot(result, directory / "sqnr_per_step.png")

@@ -1,0 +1,86 @@
+"""What the quality benchmark runs: rows (float + preset x bit widths), sample counts, seeds."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+
+from diffusers_ptq.methods import available_presets
+
+_BITS = re.compile(r"^W(\d+)A(\d+)$", re.IGNORECASE)
+
+
+def parse_bits(text: str) -> tuple[int, int]:
+    """'W4A8' -> (4, 8)."""
+    match = _BITS.match(text.strip())
+    if match is None:
+        raise ValueError(
+            f"bit setting {text!r} is not valid; expected the form W<weight bits>A<act bits>, e.g. W4A8"
+        )
+    return int(match.group(1)), int(match.group(2))
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class BenchSettings:
+    """Settings of `diffusers-ptq bench`; `BenchSettings.quick()` is the CI-sized variant."""
+
+    presets: list[str] = field(
+        default_factory=lambda: ["ptq4dm", "q-diffusion"], metadata=_help("presets, one row per bit setting")
+    )
+    bits: list[str] = field(default_factory=lambda: ["W8A8", "W6A6", "W4A8"], metadata=_help("bit settings"))
+    num_samples: int = field(default=1000, metadata=_help("generated images per seed and row"))
+    seeds: list[int] = field(default_factory=lambda: [0, 1], metadata=_help("noise seeds; rows are paired"))
+    num_inference_steps: int = field(default=100, metadata=_help("DDIM steps for sampling and calibration"))
+    batch_size: int = field(default=250, metadata=_help("images per pipeline call"))
+    sqnr_samples: int = field(default=32, metadata=_help("float trajectories for the per-step noise error"))
+    calibration_samples: int | None = field(
+        default=None, metadata=_help("override each preset's calibration.num_samples (None: the preset's)")
+    )
+
+    @classmethod
+    def quick(cls, **overrides: object) -> BenchSettings:
+        """Every row, few samples: finishes in minutes on 2 CPU cores (for CI)."""
+        base = {
+            "num_samples": 48,
+            "seeds": [0],
+            "batch_size": 48,
+            "sqnr_samples": 8,
+            "calibration_samples": 256,
+        }
+        return cls(**{**base, **overrides})
+
+    def validate(self) -> None:
+        known = available_presets()
+        for name in self.presets:
+            if name not in known:
+                raise ValueError(f"presets: {name!r} is not a preset; choose from {', '.join(known)}")
+        for text in self.bits:
+            parse_bits(text)
+        for name in ("num_samples", "num_inference_steps", "batch_size", "sqnr_samples"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} is invalid; expected an integer >= 1")
+        if self.num_samples < 2:
+            raise ValueError(
+                f"num_samples={self.num_samples} is invalid; FD needs at least 2 images per seed"
+            )
+        if not self.seeds or not all(isinstance(s, int) and s >= 0 for s in self.seeds):
+            raise ValueError(f"seeds={self.seeds!r} is invalid; expected a non-empty list of integers >= 0")
+        calib = self.calibration_samples
+        if calib is not None and (not isinstance(calib, int) or calib < 1):
+            raise ValueError(f"calibration_samples={calib!r} is invalid; expected None or an integer >= 1")
+
+    def rows(self) -> list[tuple[str, str | None, int | None, int | None]]:
+        """(row name, preset, weight bits, act bits); the float row first."""
+        out: list[tuple[str, str | None, int | None, int | None]] = [("float", None, None, None)]
+        for text in self.bits:
+            w, a = parse_bits(text)
+            out += [(f"{preset} W{w}A{a}", preset, w, a) for preset in self.presets]
+        return out
+
+    def to_dict(self) -> dict[str, object]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
