@@ -201,13 +201,12 @@ def test_failure_during_quantization_leaves_nothing_behind(
     assert [p.name for p in tmp_path.iterdir()] == (["out"] if existing else [])
 
 
-def test_move_into_place_replaces_existing_directory(tmp_path: Path) -> None:
-    new, out = tmp_path / "new", tmp_path / "out"
-    new.mkdir()
-    (new / "a.txt").write_text("new")
+def test_output_directory_is_replaced_entirely(tmp_path: Path) -> None:
+    out = tmp_path / "out"
     out.mkdir()
-    (out / "b.txt").write_text("old")
-    common.move_into_place(new, out)
+    (out / "README.md").write_text("old")  # unlike checkpoint saves, command outputs carry nothing over
+    with common.atomic_directory(out) as tmp:
+        (tmp / "a.txt").write_text("new")
     assert [p.name for p in out.iterdir()] == ["a.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import secrets
-import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from diffusers_ptq.serialization import atomic as serialization_atomic
 from diffusers_ptq.tiny import PIPELINE_NAMES, build_tiny_pipeline
 
 TINY_PREFIX = "tiny:"
@@ -63,36 +60,6 @@ def check_output(text: str, overwrite: bool) -> Path:
     return out
 
 
-def sibling(out: Path, kind: str) -> Path:
-    """A new, uniquely named hidden directory next to `out` (created with the usual umask)."""
-    path = out.parent / f".{out.name}.{kind}-{secrets.token_hex(6)}"
-    path.mkdir()
-    return path
-
-
-def move_into_place(tmp: Path, out: Path) -> None:
-    """Rename `tmp` to `out`; an existing `out` (empty, or --overwrite) is swapped out, then removed."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = sibling(out, "old")
-    os.rename(out, old / "old")
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old / "old", out)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_directory(out: Path) -> Iterator[Path]:
-    """Yield a fresh temporary directory next to `out`; on success it replaces `out`, on error it vanishes."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = sibling(out, "tmp")
-    try:
-        yield tmp
-        move_into_place(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def atomic_directory(out: Path) -> contextlib.AbstractContextManager[Path]:
+    """A fresh directory next to `out`; on success it replaces `out` entirely, on error it vanishes."""
+    return serialization_atomic.atomic_directory(out, carry_over=False)

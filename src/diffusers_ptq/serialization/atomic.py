@@ -21,10 +21,11 @@ CHECKPOINT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.j
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_directory(target: str | os.PathLike[str], carry_over: bool = True) -> Iterator[Path]:
     """Yield an empty directory to write into; on success it replaces `target` by rename.
 
-    On an exception the partial directory is removed and `target` is left as it was.
+    On an exception the partial directory is removed and `target` is left as it was. `carry_over` keeps the
+    old directory's non-checkpoint top-level files (README.md, LICENSE) that the new one does not write.
     """
     target = Path(os.path.abspath(target))
     if target.exists() and not target.is_dir():
@@ -35,7 +36,8 @@ def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
     partial = _fresh_sibling(target, "partial")
     try:
         yield partial
-        _carry_over(target, partial)
+        if carry_over:
+            _carry_over(target, partial)
         _sync_tree(partial)
         _replace(partial, target)
     except BaseException:
