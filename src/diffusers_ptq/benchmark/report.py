@@ -36,11 +36,11 @@ def _gap(row: RowResult, float_fd: float | None) -> str:
 
 
 def markdown_table(result: BenchResult) -> str:
-    """One line per row: FD (mean ± sd over seeds), gap to float, IS, extra metrics, noise SQNR, times."""
+    """One line per row: FD (mean ± sd over seeds), gap to float, IS, extra metrics, noise error, times."""
     float_fd = result.rows[0].mean("FD")
     extra = sorted({name for row in result.rows for name in row.metrics} - {"FD", "IS"})
-    head = ["row", "FD ↓", "FD vs float", "IS ↑", *extra, "noise SQNR (dB) ↑", "calibration (s)"]
-    head.append("sampling (s)")
+    head = ["row", "FD ↓", "FD vs float", "IS ↑", *extra, "noise MSE ↓", "noise SQNR (dB) ↑"]
+    head += ["calibration (s)", "sampling (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in result.rows:
         fd = row.mean("FD")
@@ -50,6 +50,7 @@ def markdown_table(result: BenchResult) -> str:
             _gap(row, float_fd),
             _fmt(row.mean("IS")),
             *(_fmt(row.mean(name)) for name in extra),
+            "–" if not row.mse_per_step else f"{np.mean(row.mse_per_step):.2e}",
             _fmt(row.sqnr_db),
             "–" if row.preset is None else f"{row.calibration_s:.1f}",
             f"{row.sampling_s:.1f}",
