@@ -10,16 +10,20 @@ import pytest
 
 from diffusers_ptq.config import (
     GRANULARITIES,
+    SAMPLE_SELECTORS,
     SCALE_SEARCHES,
     SPECIAL_LAYER_POLICIES,
     TIMESTEP_SAMPLERS,
     ActivationQuantConfig,
     CalibrationConfig,
+    GroupSearchConfig,
     LayerSelectionConfig,
     PTQConfig,
+    SelectionConfig,
     WeightQuantConfig,
     describe_fields,
 )
+from diffusers_ptq.config_search import ACTIVE_SCORES, SEARCH_INITS, SEARCH_TARGETS
 from diffusers_ptq.methods import available_presets, get_preset
 
 SECTIONS = {
@@ -27,6 +31,8 @@ SECTIONS = {
     "activations": ActivationQuantConfig,
     "calibration": CalibrationConfig,
     "layers": LayerSelectionConfig,
+    "selection": SelectionConfig,
+    "group_search": GroupSearchConfig,
 }
 
 
@@ -49,13 +55,14 @@ def _non_default_config() -> PTQConfig:
             lp_norm=2.0,
             num_candidates=20,
             percentile=99.0,
-            timestep_groups="per_step",
+            timestep_groups=4,
             quantize_attention=False,
             softmax_bits=10,
             observer_samples=1024,
         ),
         calibration=CalibrationConfig(
             sampler="normal",
+            selector="active",
             num_samples=33,
             num_inference_steps=25,
             step_interval=3,
@@ -71,6 +78,30 @@ def _non_default_config() -> PTQConfig:
             exclude=["*attn*"],
             special_layers="float",
             shortcut_split=False,
+        ),
+        selection=SelectionConfig(
+            feature_module="down_blocks.1.attentions.0",
+            feature_samples=8,
+            density_radius=0.3,
+            diversity_weight=5.0,
+            active_round_size=4,
+            active_score="code",
+            active_eta=2.0,
+            active_exclude_noisiest=30,
+            active_search_epochs=2,
+        ),
+        group_search=GroupSearchConfig(
+            enabled=True,
+            init="contiguous",
+            init_logit=0.0,
+            target="float",
+            num_images=16,
+            epochs=3,
+            batch_size=16,
+            lr=1e-2,
+            lr_min=0.0,
+            entropy_weight=1.0,
+            refit_scales=True,
         ),
     )
 
@@ -190,6 +221,31 @@ BAD_VALUES = [
     ("layers", "special_layers", "x", "'8bit'"),
     ("layers", "special_layers", "16bit", "'float'"),
     ("layers", "shortcut_split", "true", "True"),
+    ("calibration", "selector", "tdac", "'density_diversity'"),
+    ("calibration", "selector", None, "'random'"),
+    ("selection", "feature_module", "", "module name"),
+    ("selection", "feature_module", 3, "module name"),
+    ("selection", "feature_samples", 0, ">= 1"),
+    ("selection", "density_radius", 0.0, "(0.0, 1000000000000.0]"),
+    ("selection", "density_radius", float("inf"), "(0.0, 1000000000000.0]"),
+    ("selection", "diversity_weight", -1.0, "[0.0, 1000000.0]"),
+    ("selection", "active_round_size", 0, ">= 1"),
+    ("selection", "active_score", "mixed", "'paper'"),
+    ("selection", "active_eta", -0.5, "[0.0, 1000000.0]"),
+    ("selection", "active_exclude_noisiest", -1, ">= 0"),
+    ("selection", "active_search_epochs", 1.5, ">= 0"),
+    ("group_search", "enabled", "yes", "True"),
+    ("group_search", "init", "random", "'ranges'"),
+    ("group_search", "init_logit", -1.0, "[0.0, 100.0]"),
+    ("group_search", "target", "eps", "'noise'"),
+    ("group_search", "num_images", 0, ">= 1"),
+    ("group_search", "epochs", -1, ">= 0"),
+    ("group_search", "batch_size", 0, ">= 1"),
+    ("group_search", "lr", 0.0, "(0.0, 10.0]"),
+    ("group_search", "lr", "1e-3", "(0.0, 10.0]"),
+    ("group_search", "lr_min", -1e-5, "[0.0, 10.0]"),
+    ("group_search", "entropy_weight", float("nan"), "[0.0, 1000000.0]"),
+    ("group_search", "refit_scales", 1, "True"),
 ]
 
 
@@ -220,6 +276,9 @@ def test_bad_value_names_field_value_and_allowed(section, name, bad, expected):
         ("activations", "scale_search", SCALE_SEARCHES),
         ("calibration", "sampler", TIMESTEP_SAMPLERS),
         ("layers", "special_layers", SPECIAL_LAYER_POLICIES),
+        ("selection", "active_score", ACTIVE_SCORES),
+        ("group_search", "target", SEARCH_TARGETS),
+        ("group_search", "init", SEARCH_INITS),
     ],
 )
 def test_choice_errors_list_every_choice_and_accept_each(section, name, choices):
@@ -229,6 +288,48 @@ def test_choice_errors_list_every_choice_and_accept_each(section, name, choices)
         assert repr(choice) in str(info.value)
     for choice in choices:
         assert getattr(getattr(PTQConfig(**{section: {name: choice}}), section), name) == choice
+
+
+def test_selector_choices_are_listed_and_each_accepted():
+    with pytest.raises(ValueError) as info:
+        PTQConfig(calibration={"selector": "not-a-choice"})
+    for choice in SAMPLE_SELECTORS:
+        assert repr(choice) in str(info.value)
+    search = {"enabled": True}
+    for choice in SAMPLE_SELECTORS:  # 'active' scores steps by the group search: it comes with it
+        cfg = PTQConfig(
+            calibration={"selector": choice}, activations={"timestep_groups": 8}, group_search=search
+        )
+        assert cfg.calibration.selector == choice
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "expected"),
+    [
+        ({"calibration": {"selector": "active"}}, "calibration.selector", "group_search.enabled=True"),
+        ({"group_search": {"enabled": True}, "act_bits": None}, "group_search.enabled", "weight-only"),
+        (
+            {"group_search": {"enabled": True}, "activations": {"timestep_groups": "per_step"}},
+            "group_search.enabled",
+            "integer number of groups",
+        ),
+    ],
+)
+def test_cross_section_combinations_name_both_fields(overrides, field, expected):
+    with pytest.raises(ValueError) as info:
+        PTQConfig().replace(**overrides)
+    assert field in str(info.value) and expected in str(info.value)
+
+
+def test_lr_min_above_lr_is_rejected():
+    with pytest.raises(ValueError, match=r"group_search\.lr_min=0\.1.*<= group_search\.lr=0\.01"):
+        PTQConfig(group_search={"lr": 0.01, "lr_min": 0.1})
+
+
+def test_group_search_with_one_group_is_allowed():
+    # G = 1 is the ablation's baseline: only the scale is learned.
+    cfg = PTQConfig(group_search={"enabled": True}, activations={"timestep_groups": 1})
+    assert cfg.group_search.enabled
 
 
 @pytest.mark.parametrize(
@@ -253,6 +354,14 @@ def test_choice_errors_list_every_choice_and_accept_each(section, name, choices)
         ("calibration", "num_inference_steps", None),
         ("calibration", "seed", 0),
         ("layers", "include", []),
+        ("selection", "density_radius", 1e12),
+        ("selection", "diversity_weight", 0.0),
+        ("selection", "active_eta", 0.0),
+        ("selection", "active_search_epochs", 0),
+        ("group_search", "epochs", 0),
+        ("group_search", "lr", None),
+        ("group_search", "init_logit", 0.0),
+        ("group_search", "entropy_weight", 0.0),
     ],
 )
 def test_boundary_values_are_accepted(section, name, good):
@@ -267,6 +376,8 @@ def test_boundary_values_are_accepted(section, name, good):
         ("activations", "symmetric"),
         ("activations", "quantize_attention"),
         ("layers", "shortcut_split"),
+        ("group_search", "enabled"),
+        ("group_search", "refit_scales"),
     ],
 )
 @pytest.mark.parametrize("bad", [1, 0.0])
@@ -292,6 +403,7 @@ def _all_configs() -> list[tuple[str, PTQConfig]]:
     out = [("default", PTQConfig()), ("non_default", _non_default_config())]
     out += [(name, get_preset(name)) for name in available_presets()]
     out.append(("weight_only", PTQConfig(weight_bits=4, act_bits=None)))
+    out.append(("per_step", PTQConfig(activations={"timestep_groups": "per_step"})))
     return out
 
 
@@ -392,8 +504,62 @@ def test_section_value_of_wrong_type_in_dict_is_rejected():
 # ----------------------------------------------------------------------------------------------- presets
 
 
-def test_available_presets_lists_both_methods():
-    assert {"ptq4dm", "q-diffusion"} <= set(available_presets())
+def test_available_presets_lists_every_method():
+    assert {"ptq4dm", "q-diffusion", "apq-dm", "eda-dm"} <= set(available_presets())
+
+
+@pytest.mark.parametrize("name", ["apq-dm", "APQ_DM"])
+def test_apq_dm_preset_values(name):
+    cfg = PTQConfig.preset(name)
+    assert cfg.method == "apq-dm"
+    assert cfg.activations.timestep_groups == 8  # G = 8
+    assert cfg.activations.symmetric is False  # a (scale, zero-point) set per group
+    assert cfg.calibration.selector == "active"
+    assert cfg.calibration.num_samples == 1024
+    assert cfg.selection.active_score == "paper"
+    assert cfg.selection.active_eta == 1.5
+    assert cfg.selection.active_round_size == 16
+    search = cfg.group_search
+    assert search.enabled is True
+    assert search.entropy_weight == 0.8
+    assert (search.epochs, search.batch_size, search.num_images) == (10, 64, 1024)
+    assert search.lr is None and search.lr_min == 1e-5  # 5e-3 at 8 bits, 3e-3 below, decaying to 1e-5
+    assert search.target == "auto"
+    # Ablations switch parts through the config alone.
+    ablation = PTQConfig.preset(
+        name, calibration={"selector": "random", "num_samples": 64}, activations={"timestep_groups": 4}
+    )
+    assert ablation.calibration.selector == "random" and ablation.group_search.enabled
+    no_search = PTQConfig.preset(
+        name, calibration={"selector": "density_diversity"}, group_search={"enabled": False}
+    )
+    assert not no_search.group_search.enabled
+
+
+def test_eda_dm_preset_values():
+    from diffusers_ptq.methods.eda_dm import EDA_DM_DATASETS, eda_dm_config
+
+    cfg = PTQConfig.preset("eda-dm")
+    assert cfg.method == "eda-dm"
+    assert cfg.calibration.selector == "density_diversity"
+    assert cfg.calibration.num_samples == 1024
+    assert (cfg.selection.density_radius, cfg.selection.diversity_weight) == (3.0, 1.2)
+    assert cfg.selection.feature_module == "mid_block.attentions.0"
+    assert cfg.activations.timestep_groups == 1  # one static scale for all timesteps
+    assert cfg.weights.symmetric is True and cfg.activations.symmetric is True
+    assert cfg.activations.softmax_bits == 8 and cfg.layers.special_layers == "8bit"
+    assert cfg.group_search.enabled is False
+    sd = eda_dm_config("sd")
+    assert (sd.selection.density_radius, sd.selection.diversity_weight, sd.calibration.num_samples) == (
+        0.3,
+        5.0,
+        256,
+    )
+    assert sd.selection.feature_samples == 8
+    assert eda_dm_config("lsun").selection.diversity_weight == 1.0
+    with pytest.raises(ValueError, match=r"dataset='coco'.*cifar"):
+        eda_dm_config("coco")
+    assert set(EDA_DM_DATASETS) == {"cifar", "imagenet", "lsun", "sd"}
 
 
 @pytest.mark.parametrize("name", ["q-diffusion", "Q-Diffusion", "q_diffusion", "Q_DIFFUSION"])

@@ -14,17 +14,21 @@ from torch import nn
 
 from diffusers_ptq.calibration import (
     CalibrationSet,
-    capture,
+    SelectionRequest,
     get_pipeline_spec,
     planned_timesteps,
     recording_mask,
+    select_calibration,
 )
+from diffusers_ptq.calibration.active import candidate_steps
+from diffusers_ptq.calibration.features import feature_module
 from diffusers_ptq.calibration.pipelines import default_call_arg
 from diffusers_ptq.config import CalibrationConfig, PTQConfig
 from diffusers_ptq.initialise import initialise_activations, initialise_weights, set_quant_state
 from diffusers_ptq.prepare import QuantPlan, install, is_quantized, plan_quantization
 from diffusers_ptq.quantizers import contiguous_group_map, nearest_step_group_map
 from diffusers_ptq.report import QuantizationReport
+from diffusers_ptq.search import FloatTargets, GroupSearch, NoiseTargets, resolve_target, sample_clean_images
 from diffusers_ptq.serialization import attach_quantizer
 from diffusers_ptq.serialization.model_card import infer_base_model
 from diffusers_ptq.timestep import TimestepContext
@@ -49,6 +53,10 @@ class PTQState:
     metrics: dict[str, float] = field(default_factory=dict)
     base_model: str | None = None
     num_prompts: int | None = None  # calibration prompts (text-conditioned pipelines)
+    # What the sample selector chose (samples per step; TDAC scores; active picks), for reports and ablations.
+    selection: dict[str, Any] = field(default_factory=dict)
+    # Group search summary (learning rate, loss per epoch, final entropies); None when it did not run.
+    group_search: dict[str, Any] | None = None
 
 
 def build_group_map(
@@ -107,9 +115,10 @@ def quantize_pipeline(
     """Quantize `pipe.unet` in place with timestep-aware fake quantization and return `pipe`.
 
     Calibration runs `pipe(...)` itself (its scheduler, steps, guidance and conditioning) and records the
-    UNet inputs at the steps `config.calibration.sampler` picks. Keyword arguments override the matching
-    `config.calibration` fields. Everything is validated before any model runs; if anything fails later,
-    the UNet is restored to exactly what it was.
+    UNet inputs `config.calibration.selector` chooses (by default: the steps `calibration.sampler` picks);
+    with `group_search.enabled` the timestep -> group maps are then searched (APQ-DM). Keyword arguments
+    override the matching `config.calibration` fields. Everything is validated before any model runs; if
+    anything fails later, the UNet is restored to exactly what it was.
     """
     config = PTQConfig() if config is None else config
     if not isinstance(config, PTQConfig):
@@ -140,31 +149,55 @@ def quantize_pipeline(
         raise ValueError(
             "the layer selection matches no Conv2d/Linear layer of the UNet; check layers.include"
         )
-    mask = recording_mask(calib, step_timesteps, num_train, torch.Generator().manual_seed(calib.seed))
-    if prompts is not None and mask.shape[0] > len(prompts):
-        raise ValueError(
-            f"num_samples={calib.num_samples} with the {calib.sampler!r} sampler needs {mask.shape[0]} "
-            f"trajectories (one per prompt), but only {len(prompts)} prompts were given; pass more prompts "
-            f"or lower num_samples to at most {_max_samples(calib, len(prompts), step_timesteps, num_train)}"
-        )
+    if calib.selector == "random":
+        mask = recording_mask(calib, step_timesteps, num_train, torch.Generator().manual_seed(calib.seed))
+        if prompts is not None and mask.shape[0] > len(prompts):
+            raise ValueError(
+                f"num_samples={calib.num_samples} with the {calib.sampler!r} sampler needs {mask.shape[0]} "
+                f"trajectories (one per prompt), but only {len(prompts)} prompts were given; pass more "
+                "prompts or lower num_samples to at most "
+                f"{_max_samples(calib, len(prompts), step_timesteps, num_train)}"
+            )
+    _check_selection(config, calib, unet, len(step_timesteps))
+    search = config.group_search
+    target = resolve_target(search.target, spec, pipe.scheduler) if search.enabled else None
 
     start = time.perf_counter()
-    data = capture(
-        pipe,
-        spec,
-        mask,
-        step_timesteps,
+    targets = None
+    if target == "noise":
+        # Sampled from the float UNet before anything is installed; a generator of its own, so the captured
+        # calibration data are the same with the search on or off.
+        images = sample_clean_images(
+            pipe,
+            search.num_images,
+            steps,
+            calib.batch_size,
+            torch.Generator().manual_seed(calib.seed + 1),
+            progress,
+        )
+        targets = NoiseTargets(unet, pipe.scheduler, images)
+    request = SelectionRequest(
+        pipe=pipe,
+        spec=spec,
+        calibration=calib,
+        selection=config.selection,
+        step_timesteps=step_timesteps,
         num_train_timesteps=num_train,
         num_inference_steps=steps,
         prompts=prompts,
-        guidance_scale=calib.guidance_scale,
-        batch_size=calib.batch_size,
         generator=_seeded_generator(generator, calib.seed),
         progress=progress,
     )
-    data.check_finite()
-    # The plan and group map validated above are the ones installed: no second walk of the UNet.
-    _install_and_initialise(unet, config, data, plan, group_map, calib.batch_size, calib.seed, progress)
+    job = _Quantization(
+        unet, config, plan, group_map, step_timesteps, calib.batch_size, calib.seed, progress, targets
+    )
+    try:
+        selection = select_calibration(request, job.feedback if search.enabled else None)
+        data = selection.data
+        job.finish(data)
+    except BaseException:
+        job.restore()
+        raise
     report = QuantizationReport.build(
         plan,
         method=config.method,
@@ -178,6 +211,7 @@ def quantize_pipeline(
         seconds=time.perf_counter() - start,
     )
     unet.ptq_state.report = report
+    unet.ptq_state.selection = selection.info
     # The stored recipe is the one that ran: keyword overrides and the pipeline's default step count applied.
     unet.ptq_state.config.calibration = dataclasses.replace(calib, num_inference_steps=steps)
     unet.ptq_state.base_model = infer_base_model(pipe, unet)
@@ -199,7 +233,11 @@ def quantize_unet(
     seed: int = 0,
     progress: bool = True,
 ) -> nn.Module:
-    """Install quantized modules in `unet` and initialise their scales from a recorded CalibrationSet."""
+    """Install quantized modules in `unet` and initialise their scales from a recorded CalibrationSet.
+
+    `data` is used as given (`calibration.selector` applies to capture through a pipeline). With
+    `group_search.enabled` the search regresses the float UNet's outputs on `data` (target 'float').
+    """
     if is_quantized(unet):
         raise ValueError("the UNet is already quantized; load the float model again to re-quantize it")
     config.validate()
@@ -207,40 +245,115 @@ def quantize_unet(
         config.activations.timestep_groups, data.num_train_timesteps, data.step_timesteps
     )
     plan = plan_quantization(unet, config)
-    _install_and_initialise(unet, config, data, plan, group_map, batch_size, seed, progress)
+    if config.group_search.enabled:
+        resolve_target(config.group_search.target, None, None)
+    job = _Quantization(unet, config, plan, group_map, data.step_timesteps, batch_size, seed, progress, None)
+    try:
+        job.finish(data)
+    except BaseException:
+        job.restore()
+        raise
     unet.ptq_state.base_model = infer_base_model(unet)
     attach_quantizer(unet)
     return unet
 
 
-def _install_and_initialise(
-    unet: nn.Module,
-    config: PTQConfig,
-    data: CalibrationSet,
-    plan: QuantPlan,
-    group_map: torch.Tensor,
-    batch_size: int,
-    seed: int,
-    progress: bool,
-) -> nn.Module:
-    context = TimestepContext(data.num_train_timesteps)
-    device = next(unet.parameters()).device
-    patch = install(unet, plan, config, context, group_map.to(device))
-    try:
-        initialise_weights(unet, progress)
-        borrowed = initialise_activations(unet, data, batch_size, seed, progress)
+def _check_selection(config: PTQConfig, calib: CalibrationConfig, unet: nn.Module, num_steps: int) -> None:
+    """Selector settings that need the UNet or the schedule, checked before any model runs."""
+    if calib.selector == "density_diversity":
+        feature_module(unet, config.selection.feature_module)
+    if calib.selector == "active":
+        candidate_steps(num_steps, config.selection.active_exclude_noisiest)
+
+
+class _Quantization:
+    """Install, initialise and optionally group-search one UNet; `restore()` undoes all of it exactly.
+
+    Installation waits for the first data: with active selection that is the first round, and the search's
+    entropies then steer the later rounds (`feedback`).
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        config: PTQConfig,
+        plan: QuantPlan,
+        group_map: torch.Tensor,
+        step_timesteps: torch.Tensor,
+        batch_size: int,
+        seed: int,
+        progress: bool,
+        targets: NoiseTargets | None,
+    ) -> None:
+        self.unet, self.config, self.plan, self.group_map = unet, config, plan, group_map
+        self.step_timesteps, self.batch_size, self.seed, self.progress = (
+            step_timesteps,
+            batch_size,
+            seed,
+            progress,
+        )
+        self.targets: NoiseTargets | FloatTargets | None = targets
+        self.patch = None
+        self.search: GroupSearch | None = None
+        self.had_state = "ptq_state" in unet.__dict__
+
+    def install(self, data: CalibrationSet) -> None:
+        data.check_finite()
+        unet, config = self.unet, self.config
+        context = TimestepContext(data.num_train_timesteps)
+        device = next(unet.parameters()).device
+        self.patch = install(unet, self.plan, config, context, self.group_map.to(device))
+        initialise_weights(unet, self.progress)
+        borrowed: dict[int, int] = {}
+        if config.group_search.enabled:
+            self.search = GroupSearch(
+                unet,
+                config.group_search,
+                self.step_timesteps,
+                data.num_train_timesteps,
+                act_bits=config.activations.bits,
+                batch_size=self.batch_size,
+                seed=self.seed,
+                progress=self.progress,
+            )
+            self.search.start(data)
+            if self.targets is None:
+                self.targets = FloatTargets(unet, self.batch_size)
+        else:
+            borrowed = initialise_activations(unet, data, self.batch_size, self.seed, self.progress)
         set_quant_state(unet, weights=True, acts=config.activations.enabled)
-    except BaseException:
-        patch.restore()
-        raise
-    unet.ptq_state = PTQState(
-        config=copy.deepcopy(config),
-        context=context,
-        plan=plan,
-        group_map=group_map,
-        borrowed_groups=sorted(borrowed),
-    )
-    return unet
+        unet.ptq_state = PTQState(
+            config=copy.deepcopy(config),
+            context=context,
+            plan=self.plan,
+            group_map=self.group_map,
+            borrowed_groups=sorted(borrowed),
+        )
+
+    def feedback(self, data: CalibrationSet) -> torch.Tensor:
+        """Active selection: learn from the data so far; return H(sigma_t) per sampling step."""
+        if self.patch is None:
+            self.install(data)
+        else:
+            data.check_finite()
+        self.search.fit(data, self.targets, self.config.selection.active_search_epochs, decay=False)
+        return self.search.step_entropy()
+
+    def finish(self, data: CalibrationSet) -> None:
+        if self.patch is None:
+            self.install(data)
+        if self.search is not None:
+            self.search.fit(data, self.targets, self.config.group_search.epochs, decay=True)
+            self.unet.ptq_state.group_search = self.search.finish(data)
+            set_quant_state(self.unet, weights=True, acts=True)
+
+    def restore(self) -> None:
+        if self.search is not None:
+            self.search.abort()
+        if self.patch is not None:
+            self.patch.restore()
+        if not self.had_state:
+            self.unet.__dict__.pop("ptq_state", None)
 
 
 def _max_samples(

@@ -11,49 +11,17 @@ import json
 from dataclasses import MISSING, InitVar, dataclass, field, fields, is_dataclass
 from typing import Any
 
+from diffusers_ptq.config_fields import _check_bool, _check_choice, _check_float, _check_int, _fail, _field
+from diffusers_ptq.config_search import (
+    GroupSearchConfig,
+    SelectionConfig,
+)
+
 SCALE_SEARCHES = ("minmax", "mse", "percentile")
 GRANULARITIES = ("per_channel", "per_tensor")
 TIMESTEP_SAMPLERS = ("uniform", "normal", "skew_normal", "all")
+SAMPLE_SELECTORS = ("random", "density_diversity", "active")
 SPECIAL_LAYER_POLICIES = ("float", "8bit", "same")
-
-
-def _field(default: Any, help: str, choices: tuple | None = None, **kwargs: Any) -> Any:
-    metadata = {"help": help}
-    if choices is not None:
-        metadata["choices"] = choices
-    if isinstance(default, list | dict):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata, **kwargs)
-    return field(default=default, metadata=metadata, **kwargs)
-
-
-def _fail(path: str, value: Any, expected: str) -> None:
-    raise ValueError(f"{path}={value!r} is invalid; expected {expected}.")
-
-
-def _check_choice(path: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        _fail(path, value, "one of " + ", ".join(repr(c) for c in choices))
-
-
-def _check_bool(path: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        _fail(path, value, "True or False")
-
-
-def _check_int(path: str, value: Any, lo: int, hi: int | None = None) -> None:
-    ok = (
-        isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
-    )
-    if not ok:
-        _fail(path, value, f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}")
-
-
-def _check_float(path: str, value: Any, lo: float, hi: float, *, open_lo: bool = False) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    ok = ok and (value > lo if open_lo else value >= lo) and value <= hi
-    if not ok:
-        bracket = "(" if open_lo else "["
-        _fail(path, value, f"a number in {bracket}{lo}, {hi}]")
 
 
 def _check_search(path: str, cfg: WeightQuantConfig | ActivationQuantConfig) -> None:
@@ -127,6 +95,14 @@ class CalibrationConfig:
     """Which denoising steps of the pipeline's own sampling loop are recorded, and how many."""
 
     sampler: str = _field("uniform", "how calibration timesteps are drawn", TIMESTEP_SAMPLERS)
+    selector: str = _field(
+        "random",
+        "how calibration samples are chosen: 'random' (the sampler's steps on random trajectories), "
+        "'density_diversity' (EDA-DM TDAC: samples per step from feature density and diversity; "
+        "ignores the sampler), 'active' (APQ-DM: rounds at the step of highest group-assignment "
+        "entropy; needs group_search.enabled)",
+        SAMPLE_SELECTORS,
+    )
     num_samples: int = _field(
         256, "calibration samples: recorded (trajectory, step) pairs; with CFG each holds both halves"
     )
@@ -147,6 +123,7 @@ class CalibrationConfig:
 
     def validate(self, path: str = "calibration") -> None:
         _check_choice(f"{path}.sampler", self.sampler, TIMESTEP_SAMPLERS)
+        _check_choice(f"{path}.selector", self.selector, SAMPLE_SELECTORS)
         _check_int(f"{path}.num_samples", self.num_samples, 1)
         if self.num_inference_steps is not None:
             _check_int(f"{path}.num_inference_steps", self.num_inference_steps, 1, 10000)
@@ -196,6 +173,8 @@ _SECTIONS = {
     "activations": ActivationQuantConfig,
     "calibration": CalibrationConfig,
     "layers": LayerSelectionConfig,
+    "selection": SelectionConfig,
+    "group_search": GroupSearchConfig,
 }
 _UNSET: Any = object()
 
@@ -215,6 +194,12 @@ class PTQConfig:
     )
     layers: LayerSelectionConfig = field(
         default_factory=LayerSelectionConfig, metadata={"help": "layer selection"}
+    )
+    selection: SelectionConfig = field(
+        default_factory=SelectionConfig, metadata={"help": "calibration sample selectors"}
+    )
+    group_search: GroupSearchConfig = field(
+        default_factory=GroupSearchConfig, metadata={"help": "APQ-DM timestep-group search"}
     )
     method: str = field(default="custom", metadata={"help": "the preset this recipe came from, for reports"})
     weight_bits: InitVar[int] = _UNSET
@@ -239,6 +224,29 @@ class PTQConfig:
             section.validate(name)
         if not isinstance(self.method, str):
             _fail("method", self.method, "a string")
+        self._validate_combination()
+
+    def _validate_combination(self) -> None:
+        """Checks across sections: the active selector and the group search need each other's parts."""
+        search, acts = self.group_search, self.activations
+        if self.calibration.selector == "active" and not search.enabled:
+            _fail(
+                "calibration.selector",
+                "active",
+                "group_search.enabled=True with it (active selection scores steps by the entropy of the "
+                "searched group assignment), or another selector",
+            )
+        if not search.enabled:
+            return
+        if acts.bits is None:
+            _fail("group_search.enabled", True, "False for weight-only quantization (activations.bits=None)")
+        if not isinstance(acts.timestep_groups, int):
+            _fail(
+                "group_search.enabled",
+                True,
+                f"False with activations.timestep_groups={acts.timestep_groups!r}; the search needs an "
+                "integer number of groups G",
+            )
 
     @property
     def tag(self) -> str:

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from diffusers_ptq.calibration import CalibrationSet
 from diffusers_ptq.nn import QuantAttnProcessor, QuantLayerMixin
-from diffusers_ptq.quantizers import TimestepActQuantizer
+from diffusers_ptq.quantizers import GroupObserver, TimestepActQuantizer
 
 
 def quant_layers(unet: nn.Module) -> list[tuple[str, QuantLayerMixin]]:
@@ -37,26 +37,62 @@ def initialise_weights(unet: nn.Module, progress: bool = True) -> None:
 
 
 @torch.no_grad()
+def run_float(
+    unet: nn.Module, data: CalibrationSet, batch_size: int, progress: bool = True, desc: str = "activations"
+) -> None:
+    """Run every row of `data` through `unet` with fake quantization off (observers see float inputs)."""
+    param = next(unet.parameters())
+    set_quant_state(unet, weights=False, acts=False)
+    n_batches = (len(data) + batch_size - 1) // batch_size
+    batches = data.batches(batch_size, param.device, param.dtype)
+    for kwargs in tqdm(batches, total=n_batches, desc=f"calibration: {desc}", disable=not progress):
+        unet(**kwargs)
+
+
+@torch.no_grad()
+def observe_activations(
+    unet: nn.Module,
+    data: CalibrationSet,
+    batch_size: int,
+    slots: torch.Tensor,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[TimestepActQuantizer, GroupObserver]:
+    """Float activation statistics of every activation quantizer, per slot of `slots` (timestep -> slot).
+
+    Nothing is set: the group search reads these per-step statistics to choose its starting groups.
+    """
+    quantizers = act_quantizers(unet)
+    generator = torch.Generator().manual_seed(seed)
+    num_slots = int(slots.max()) + 1
+    for q in quantizers:
+        q.start_observing(generator, slots=slots, num_slots=num_slots)
+    try:
+        run_float(unet, data, batch_size, progress, desc="activations per step")
+        return {q: q.stop_observing() for q in quantizers}
+    finally:
+        for q in quantizers:
+            q.observer, q._slots = None, None
+
+
+@torch.no_grad()
 def initialise_activations(
     unet: nn.Module, data: CalibrationSet, batch_size: int, seed: int = 0, progress: bool = True
 ) -> dict[int, int]:
     """Observe float activations over `data` and set every activation quantizer's group scales.
 
+    Each group's scale comes from that group's own samples; with `timestep_groups="per_step"` every
+    sampling step is a group, so each step gets the scale of its own data (TFMQ-DM's per-step scales).
     Returns {group: number of quantizers that had to borrow that group's scale from a neighbour}.
     """
     quantizers = act_quantizers(unet)
     if not quantizers:
         return {}
-    param = next(unet.parameters())
     generator = torch.Generator().manual_seed(seed)
-    set_quant_state(unet, weights=False, acts=False)
     for q in quantizers:
         q.start_observing(generator)
     try:
-        n_batches = (len(data) + batch_size - 1) // batch_size
-        batches = data.batches(batch_size, param.device, param.dtype)
-        for kwargs in tqdm(batches, total=n_batches, desc="calibration: activations", disable=not progress):
-            unet(**kwargs)
+        run_float(unet, data, batch_size, progress)
         borrowed: dict[int, int] = {}
         for q in tqdm(
             quantizers, desc="calibration: activation scales", unit="quantizer", disable=not progress

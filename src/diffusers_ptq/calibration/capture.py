@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -138,13 +139,14 @@ def capture(
     """Run `pipe` over the trajectories of `mask` (trajectories, steps), `batch_size` at a time."""
     recorder = _Recorder(pipe.unet, step_timesteps, num_train_timesteps)
     handle = pipe.unet.register_forward_pre_hook(recorder.hook, with_kwargs=True)
-    saved_bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
-    pipe.set_progress_bar_config(disable=True)
     n_traj = mask.shape[0]
     try:
-        with tqdm(
-            total=int(mask.sum()), desc="calibration: capture", unit="sample", disable=not progress
-        ) as bar:
+        with (
+            quiet_pipeline(pipe),
+            tqdm(
+                total=int(mask.sum()), desc="calibration: capture", unit="sample", disable=not progress
+            ) as bar,
+        ):
             for start in range(0, n_traj, batch_size):
                 chunk = mask[start : start + batch_size]
                 before = len(recorder.rows)
@@ -155,5 +157,49 @@ def capture(
                 bar.update((len(recorder.rows) - before) // max(recorder.halves, 1))
     finally:
         handle.remove()
-        pipe._progress_bar_config = saved_bar_config
     return recorder.to_dataset()
+
+
+@contextlib.contextmanager
+def quiet_pipeline(pipe: Any) -> Iterator[None]:
+    """Silence the pipeline's own progress bar (calibration shows its own), restoring it afterwards."""
+    saved_bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        yield
+    finally:
+        pipe._progress_bar_config = saved_bar_config
+
+
+def concat_calibration_sets(sets: list[CalibrationSet]) -> CalibrationSet:
+    """One CalibrationSet with the rows of `sets` in order; trajectory ids are kept distinct."""
+    if not sets:
+        raise ValueError("concat_calibration_sets needs at least one CalibrationSet")
+    first = sets[0]
+    for other in sets[1:]:
+        same = (
+            other.num_train_timesteps == first.num_train_timesteps
+            and other.guidance_halves == first.guidance_halves
+            and torch.equal(other.step_timesteps, first.step_timesteps)
+            and set(other.inputs) == set(first.inputs)
+            and set(other.added_cond_kwargs) == set(first.added_cond_kwargs)
+        )
+        if not same:
+            raise ValueError("calibration sets from different schedules or pipelines cannot be joined")
+    offsets, total = [], 0
+    for data in sets:  # shift each set's trajectory ids past the previous sets'
+        offsets.append(total)
+        total += int(data.trajectory.max()) + 1 if len(data) else 0
+    return CalibrationSet(
+        inputs={k: torch.cat([d.inputs[k] for d in sets]) for k in first.inputs},
+        timesteps=torch.cat([d.timesteps for d in sets]),
+        train_timesteps=torch.cat([d.train_timesteps for d in sets]),
+        step_index=torch.cat([d.step_index for d in sets]),
+        trajectory=torch.cat([d.trajectory + off for d, off in zip(sets, offsets)]),
+        step_timesteps=first.step_timesteps,
+        num_train_timesteps=first.num_train_timesteps,
+        added_cond_kwargs={
+            k: torch.cat([d.added_cond_kwargs[k] for d in sets]) for k in first.added_cond_kwargs
+        },
+        guidance_halves=first.guidance_halves,
+    )

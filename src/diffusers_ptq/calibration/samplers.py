@@ -49,7 +49,7 @@ def recording_mask(
     return mask
 
 
-def _every_step_of(steps: list[int], num_steps: int, num_samples: int) -> torch.Tensor:
+def every_step_mask(steps: list[int], num_steps: int, num_samples: int) -> torch.Tensor:
     """Enough trajectories recording all of `steps`; the last one is trimmed so the total is exact."""
     n_traj = math.ceil(num_samples / len(steps))
     mask = torch.zeros(n_traj, num_steps, dtype=torch.bool)
@@ -66,7 +66,7 @@ def uniform(
 ) -> torch.Tensor:
     """Q-Diffusion: every `step_interval`-th sampling step, the same number of samples at each."""
     steps = list(range(0, len(step_timesteps), config.step_interval))
-    return _every_step_of(steps, len(step_timesteps), config.num_samples)
+    return every_step_mask(steps, len(step_timesteps), config.num_samples)
 
 
 @register_timestep_sampler("all")
@@ -74,7 +74,7 @@ def all_steps(
     config: CalibrationConfig, step_timesteps: torch.Tensor, T: int, gen: torch.Generator
 ) -> torch.Tensor:
     """Every sampling step of every calibration trajectory."""
-    return _every_step_of(list(range(len(step_timesteps))), len(step_timesteps), config.num_samples)
+    return every_step_mask(list(range(len(step_timesteps))), len(step_timesteps), config.num_samples)
 
 
 def _one_step_per_trajectory(draws: torch.Tensor, step_timesteps: torch.Tensor, T: int) -> torch.Tensor:

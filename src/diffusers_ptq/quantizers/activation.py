@@ -7,6 +7,8 @@ timesteps, and `torch.compile` sees no Python branch on the timestep value.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -24,10 +26,21 @@ def contiguous_group_map(num_train_timesteps: int, num_groups: int) -> torch.Ten
 
 
 def nearest_step_group_map(num_train_timesteps: int, step_timesteps: torch.Tensor) -> torch.Tensor:
-    """One group per sampling step: each training timestep joins the step whose timestep is nearest."""
+    """One group per sampling step: each training timestep joins the step whose timestep is nearest.
+
+    Steps are compared as the quantizers see them, rounded to training timesteps; steps that share one
+    (PNDM repeats a timestep, Karras sigmas can collide after rounding) share one group, numbered in
+    schedule order, so no group is left that no timestep can reach.
+    """
     t = torch.arange(num_train_timesteps, dtype=torch.float64)
-    steps = step_timesteps.to(torch.float64).reshape(-1)
+    steps = distinct_step_timesteps(num_train_timesteps, step_timesteps).double()
     return (t[:, None] - steps[None, :]).abs().argmin(dim=1)
+
+
+def distinct_step_timesteps(num_train_timesteps: int, step_timesteps: torch.Tensor) -> torch.Tensor:
+    """The schedule's distinct training timesteps (nearest, clamped), in order of first appearance."""
+    rounded = step_timesteps.to(torch.float64).reshape(-1).round().clamp(0, num_train_timesteps - 1)
+    return torch.tensor(list(dict.fromkeys(rounded.long().tolist())), dtype=torch.long)
 
 
 class TimestepActQuantizer(GridMixin, nn.Module):
@@ -63,6 +76,10 @@ class TimestepActQuantizer(GridMixin, nn.Module):
         self.register_buffer("zero_point", torch.zeros(num_groups))
         self.enabled = True
         self.observer: GroupObserver | None = None
+        self._slots: torch.Tensor | None = None  # observe by another grouping than group_map
+
+    # Set by the group search while it runs (kept outside the module tree: never saved, never a parameter).
+    group_mixer: Callable[[TimestepActQuantizer, torch.Tensor], torch.Tensor] | None = None
 
     @property
     def num_groups(self) -> int:
@@ -72,8 +89,31 @@ class TimestepActQuantizer(GridMixin, nn.Module):
         """Group index of each sample along `x`'s leading dim."""
         return self.group_map[self.context.per_sample(x.shape[0])]
 
-    def start_observing(self, generator: torch.Generator | None = None) -> None:
-        self.observer = GroupObserver(self.num_groups, self.max_values, generator)
+    def start_observing(
+        self,
+        generator: torch.Generator | None = None,
+        slots: torch.Tensor | None = None,
+        num_slots: int | None = None,
+    ) -> None:
+        """Collect statistics per group, or per slot of `slots` (training timestep -> slot) when given.
+
+        Observing by slots (e.g. one per sampling step) gathers what a group search needs to choose groups;
+        read it back with `stop_observing()`.
+        """
+        if slots is not None:
+            self._slots = slots.to(self.group_map.device).long()
+            num_slots = int(self._slots.max()) + 1 if num_slots is None else num_slots
+        else:
+            self._slots = None
+        self.observer = GroupObserver(num_slots or self.num_groups, self.max_values, generator)
+
+    def stop_observing(self) -> GroupObserver:
+        """End observation and return the raw statistics, without setting any scale."""
+        obs = self.observer
+        if obs is None:
+            raise RuntimeError(f"{self.name}: stop_observing() without start_observing()")
+        self.observer, self._slots = None, None
+        return obs
 
     def _observe(self, x: torch.Tensor) -> None:
         if not torch.isfinite(x).all():
@@ -83,7 +123,8 @@ class TimestepActQuantizer(GridMixin, nn.Module):
                 f"non-finite activation (NaN or inf) at the input of {self.name or 'a quantizer'} "
                 f"for timestep(s) {bad}; check the model's dtype and the calibration inputs"
             )
-        self.observer.update(x, self.groups_for(x))
+        t = self.context.per_sample(x.shape[0])
+        self.observer.update(x, (self.group_map if self._slots is None else self._slots)[t])
 
     @torch.no_grad()
     def finish_observing(self) -> list[int]:
@@ -95,25 +136,34 @@ class TimestepActQuantizer(GridMixin, nn.Module):
         obs = self.observer
         if obs is None:
             raise RuntimeError(f"{self.name}: finish_observing() without start_observing()")
+        if self._slots is not None:
+            raise RuntimeError(f"{self.name}: observing by slots; read the statistics with stop_observing()")
         empty = obs.empty_groups()
         if len(empty) == self.num_groups:
             raise RuntimeError(f"{self.name}: no calibration activations were observed")
         for g in range(self.num_groups):
             src = g if g not in empty else self._nearest_observed(g, empty)
-            values = obs.values[src].reshape(1, -1)
-            lo, hi = obs.lo[src].reshape(1), obs.hi[src].reshape(1)
-            if self.unsigned:
-                lo = torch.zeros_like(lo)
-            lo, hi = search_range(
-                values, self.bits, self.symmetric, self.search, lo=lo, hi=hi, **self.search_kwargs
-            )
-            if self.unsigned:  # every search keeps an unsigned range anchored at 0
-                lo = torch.zeros_like(lo)
-            scale, zero_point = compute_qparams(lo, hi, self.bits, self.symmetric)
-            self.scale[g] = scale[0]
-            self.zero_point[g] = zero_point[0]
+            self.set_group_range(g, obs.values[src], obs.lo[src], obs.hi[src])
         self.observer = None
         return empty
+
+    @torch.no_grad()
+    def set_group_range(self, g: int, values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Set group `g`'s (scale, zero-point) by this quantizer's range search over `values`.
+
+        `lo`/`hi` are the exact extremes when `values` is only a subsample.
+        """
+        lo, hi = lo.reshape(1).float(), hi.reshape(1).float()
+        if self.unsigned:
+            lo = torch.zeros_like(lo)
+        lo, hi = search_range(
+            values.reshape(1, -1), self.bits, self.symmetric, self.search, lo=lo, hi=hi, **self.search_kwargs
+        )
+        if self.unsigned:  # every search keeps an unsigned range anchored at 0
+            lo = torch.zeros_like(lo)
+        scale, zero_point = compute_qparams(lo, hi, self.bits, self.symmetric)
+        self.scale[g] = scale[0]
+        self.zero_point[g] = zero_point[0]
 
     def _nearest_observed(self, g: int, empty: list[int]) -> int:
         observed = [h for h in range(self.num_groups) if h not in empty]
@@ -125,6 +175,8 @@ class TimestepActQuantizer(GridMixin, nn.Module):
             return x
         if not self.enabled:
             return x
+        if self.group_mixer is not None:
+            return self.group_mixer(self, x)
         g = self.groups_for(x)
         shape = (-1,) + (1,) * (x.ndim - 1)
         scale = self.scale[g].reshape(shape)
