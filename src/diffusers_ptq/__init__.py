@@ -4,19 +4,29 @@ Importing this package never initialises CUDA.
 """
 
 from diffusers_ptq.api import PTQState, quantize_pipeline, quantize_unet
-from diffusers_ptq.calibration import CalibrationSet, available_samplers, supported_pipelines
+from diffusers_ptq.calibration import (
+    CalibrationSet,
+    available_samplers,
+    available_selectors,
+    register_sample_selector,
+    supported_pipelines,
+)
 from diffusers_ptq.config import (
     ActivationQuantConfig,
     CalibrationConfig,
+    GroupSearchConfig,
     LayerSelectionConfig,
     PTQConfig,
+    SelectionConfig,
     WeightQuantConfig,
 )
 from diffusers_ptq.initialise import set_quant_state
 from diffusers_ptq.methods import available_presets
 from diffusers_ptq.nn import QuantAttnProcessor, QuantConv2d, QuantLinear
 from diffusers_ptq.quantizers import TimestepActQuantizer, WeightQuantizer
+from diffusers_ptq.reconstruction import ReconstructionConfig, ReconstructionReport, reconstruct
 from diffusers_ptq.report import QuantizationReport
+from diffusers_ptq.search import GroupSearch
 from diffusers_ptq.serialization import (
     CheckpointError,
     PTQQuantizationConfig,
@@ -35,19 +45,27 @@ __all__ = [
     # configuration
     "ActivationQuantConfig",
     "CalibrationConfig",
+    "GroupSearchConfig",
     "LayerSelectionConfig",
     "PTQConfig",
+    "ReconstructionConfig",
+    "SelectionConfig",
     "WeightQuantConfig",
     "available_presets",
     "available_samplers",
+    "available_selectors",
+    "register_sample_selector",
     "supported_pipelines",
     # quantization
     "quantize_pipeline",
     "quantize_unet",
+    "reconstruct",
     "set_quant_state",
     "PTQState",
     "QuantizationReport",
+    "ReconstructionReport",
     "CalibrationSet",
+    "GroupSearch",
     # save, load and publish (stock diffusers save_pretrained / from_pretrained work after import)
     "push_to_hub",
     "PTQQuantizationConfig",

@@ -1,0 +1,198 @@
+"""ReconstructionConfig: how block reconstruction optimises weight rounding and activation step sizes.
+
+Every field carries `help` metadata and, where the value is one of a set, `choices`. `validate()` raises
+ValueError naming the field, the bad value and what is allowed. Defaults are BRECQ / Q-Diffusion's
+published values (METHODS.md, "Common ground"); the method presets override them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+OPTIMIZATIONS = ("sequential", "joint")
+WEIGHT_ROUNDINGS = ("adaround", "nearest")
+LR_SCHEDULES = ("constant", "cosine")
+TRANSFORMER_UNITS = ("block", "model")
+CACHE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _field(default: Any, help: str, choices: tuple | None = None) -> Any:
+    metadata: dict[str, Any] = {"help": help}
+    if choices is not None:
+        metadata["choices"] = choices
+    return field(default=default, metadata=metadata)
+
+
+def _fail(path: str, value: Any, expected: str) -> None:
+    raise ValueError(f"{path}={value!r} is invalid; expected {expected}.")
+
+
+def _check_choice(path: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        _fail(path, value, "one of " + ", ".join(repr(c) for c in choices))
+
+
+def _check_bool(path: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        _fail(path, value, "True or False")
+
+
+def _check_int(path: str, value: Any, lo: int, hi: int | None = None) -> None:
+    ok = (
+        isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
+    )
+    if not ok:
+        _fail(path, value, f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}")
+
+
+def _check_float(path: str, value: Any, lo: float, hi: float, *, open_lo: bool = False) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > lo if open_lo else value >= lo) and value <= hi
+    if not ok:
+        _fail(path, value, f"a number in {'(' if open_lo else '['}{lo}, {hi}]")
+
+
+@dataclass
+class ReconstructionConfig:
+    """Block reconstruction (BRECQ / AdaRound, EDA-DM fine-grained blocks, TFMQ-DM temporal block)."""
+
+    enabled: bool = _field(
+        False,
+        "run block reconstruction after calibration inside quantize_pipeline / quantize_unet "
+        "(reconstruct() called directly always runs)",
+    )
+    optimization: str = _field(
+        "sequential",
+        "'sequential': AdaRound over all blocks with activations float, then a second pass learning "
+        "activation step sizes (BRECQ / Q-Diffusion code); 'joint': rounding and step sizes together in one "
+        "pass (EDA-DM FBR, QDrop)",
+        OPTIMIZATIONS,
+    )
+    weight_rounding: str = _field(
+        "adaround",
+        "'adaround': learn each weight's up/down rounding; 'nearest': keep round-to-nearest",
+        WEIGHT_ROUNDINGS,
+    )
+    learn_act_scales: bool = _field(
+        True, "learn activation step sizes LSQ-style (each timestep group's scale from its own samples)"
+    )
+    iterations: int = _field(
+        20000, "optimiser steps per block: the AdaRound pass ('sequential') or the joint pass"
+    )
+    act_iterations: int = _field(5000, "'sequential': optimiser steps per block of the activation pass")
+    batch_size: int = _field(32, "calibration rows per optimiser step")
+    weight_lr: float = _field(1e-3, "Adam learning rate of the AdaRound variables V")
+    act_lr: float = _field(4e-4, "Adam learning rate of the activation step sizes")
+    weight_lr_schedule: str = _field(
+        "constant", "learning-rate schedule of V: 'constant' or 'cosine' decay to 0", LR_SCHEDULES
+    )
+    act_lr_schedule: str = _field(
+        "cosine", "learning-rate schedule of the step sizes: 'constant' or 'cosine' decay to 0", LR_SCHEDULES
+    )
+    round_weight: float = _field(
+        0.01, "lambda of the AdaRound regulariser sum(1 - |2h(V) - 1|^beta); 0 disables it"
+    )
+    beta_start: float = _field(
+        20.0, "regulariser exponent beta at the end of the warm-up (annealed linearly)"
+    )
+    beta_end: float = _field(2.0, "regulariser exponent beta at the last iteration")
+    warmup: float = _field(0.2, "fraction of the AdaRound iterations before the regulariser switches on")
+    loss_p: float = _field(
+        2.0,
+        "p of the reconstruction error |B_q - B_fp|^p (summed over channels, averaged over batch and "
+        "positions) of the AdaRound / joint pass; 2 = MSE",
+    )
+    act_loss_p: float = _field(
+        2.0, "p of the reconstruction error in the 'sequential' activation pass (Q-Diffusion's code: 2.4)"
+    )
+    layer_loss_weight: float = _field(
+        0.0, "EDA-DM FBR gamma: weight of the inner layers' output errors added to the block loss; 0 = BRECQ"
+    )
+    qdrop_prob: float = _field(
+        0.0, "QDrop: probability that an activation element is left unquantized while training (EDA-DM: 0.5)"
+    )
+    temporal_block: bool = _field(
+        False,
+        "TFMQ-DM: reconstruct the time embedding and every ResNet time projection first, as one block "
+        "whose loss is the error of all per-block time features",
+    )
+    transformer_unit: str = _field(
+        "block",
+        "reconstruction unit of transformers: each BasicTransformerBlock ('block', with proj_in/"
+        "proj_out layer by layer, as Q-Diffusion) or the whole Transformer2DModel ('model')",
+        TRANSFORMER_UNITS,
+    )
+    num_samples: int | None = _field(
+        None, "calibration rows used for reconstruction (a seeded random subset); None: all of them"
+    )
+    cache_dtype: str = _field(
+        "float16", "dtype of the block input/target cache held on the CPU", CACHE_DTYPES
+    )
+    cache_batch_size: int = _field(16, "rows per UNet forward while building a block's cache")
+    max_minutes: float | None = _field(
+        None,
+        "time budget of the whole call: each block's iterations are capped so that the remaining "
+        "blocks share the remaining time in proportion to their configured iterations; None: no budget",
+    )
+    seed: int = _field(0, "seed of the row subset, the mini-batches and the QDrop masks")
+
+    def validate(self, path: str = "reconstruction") -> None:
+        _check_bool(f"{path}.enabled", self.enabled)
+        _check_choice(f"{path}.optimization", self.optimization, OPTIMIZATIONS)
+        _check_choice(f"{path}.weight_rounding", self.weight_rounding, WEIGHT_ROUNDINGS)
+        _check_bool(f"{path}.learn_act_scales", self.learn_act_scales)
+        _check_int(f"{path}.iterations", self.iterations, 0)
+        _check_int(f"{path}.act_iterations", self.act_iterations, 0)
+        _check_int(f"{path}.batch_size", self.batch_size, 1)
+        _check_float(f"{path}.weight_lr", self.weight_lr, 0.0, 1e3, open_lo=True)
+        _check_float(f"{path}.act_lr", self.act_lr, 0.0, 1e3, open_lo=True)
+        _check_choice(f"{path}.weight_lr_schedule", self.weight_lr_schedule, LR_SCHEDULES)
+        _check_choice(f"{path}.act_lr_schedule", self.act_lr_schedule, LR_SCHEDULES)
+        _check_float(f"{path}.round_weight", self.round_weight, 0.0, 1e6)
+        _check_float(f"{path}.beta_start", self.beta_start, 0.0, 1e3, open_lo=True)
+        _check_float(f"{path}.beta_end", self.beta_end, 0.0, 1e3, open_lo=True)
+        _check_float(f"{path}.warmup", self.warmup, 0.0, 1.0)
+        _check_float(f"{path}.loss_p", self.loss_p, 0.0, 10.0, open_lo=True)
+        _check_float(f"{path}.act_loss_p", self.act_loss_p, 0.0, 10.0, open_lo=True)
+        _check_float(f"{path}.layer_loss_weight", self.layer_loss_weight, 0.0, 1e6)
+        _check_float(f"{path}.qdrop_prob", self.qdrop_prob, 0.0, 1.0)
+        _check_bool(f"{path}.temporal_block", self.temporal_block)
+        _check_choice(f"{path}.transformer_unit", self.transformer_unit, TRANSFORMER_UNITS)
+        if self.num_samples is not None:
+            _check_int(f"{path}.num_samples", self.num_samples, 1)
+        _check_choice(f"{path}.cache_dtype", self.cache_dtype, CACHE_DTYPES)
+        _check_int(f"{path}.cache_batch_size", self.cache_batch_size, 1)
+        if self.max_minutes is not None:
+            _check_float(f"{path}.max_minutes", self.max_minutes, 0.0, 1e7, open_lo=True)
+        _check_int(f"{path}.seed", self.seed, 0)
+        if self.weight_rounding == "nearest" and not self.learn_act_scales:
+            raise ValueError(
+                f"{path}: weight_rounding='nearest' with learn_act_scales=False leaves nothing to "
+                "reconstruct; set weight_rounding='adaround' or learn_act_scales=True"
+            )
+
+    @property
+    def learns_rounding(self) -> bool:
+        return self.weight_rounding == "adaround"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ReconstructionConfig:
+        if not isinstance(data, dict):
+            raise TypeError(f"ReconstructionConfig.from_dict expects a dict, got {type(data).__name__}")
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ValueError(f"unknown ReconstructionConfig key(s) {unknown}; valid keys: {names}")
+        config = cls(**data)
+        config.validate()
+        return config
+
+    def replace(self, **overrides: Any) -> ReconstructionConfig:
+        """A validated copy with `overrides` applied (unknown names are errors)."""
+        return ReconstructionConfig.from_dict({**self.to_dict(), **overrides})

@@ -1,0 +1,362 @@
+"""`reconstruct`: block reconstruction of a UNet quantized by `quantize_pipeline` / `quantize_unet`.
+
+Passes ('sequential': AdaRound over every unit with activations float, then step sizes over every unit;
+'joint': both at once) visit the units in execution order. For each unit: cache its inputs from the model
+as quantized so far and its targets from the float model, optimise, freeze, and (with `checkpoint_dir`)
+record what it learned. At the end the AdaRound codes are baked into the weights. If anything fails the
+UNet is restored to exactly what it was; finished units stay in the checkpoint for the next call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from diffusers_ptq.calibration import CalibrationSet
+from diffusers_ptq.nn.layers import QuantLayerMixin
+from diffusers_ptq.primitives import fake_quantize
+from diffusers_ptq.quantizers import TimestepActQuantizer, WeightQuantizer
+from diffusers_ptq.quantizers.adaround import AdaRoundQuantizer
+from diffusers_ptq.reconstruction.blocks import reconstruction_units
+from diffusers_ptq.reconstruction.budget import Budget
+from diffusers_ptq.reconstruction.cache import build_cache
+from diffusers_ptq.reconstruction.checkpoint import (
+    ResumeCheckpoint,
+    calibration_fingerprint,
+    model_fingerprint,
+    pack_bits,
+    run_identity,
+    unpack_bits,
+)
+from diffusers_ptq.reconstruction.config import ReconstructionConfig
+from diffusers_ptq.reconstruction.lsq import restore_scales, snapshot_scales
+from diffusers_ptq.reconstruction.report import ReconstructionReport, UnitReport
+from diffusers_ptq.reconstruction.rounding import bake_layers, restore_rounding, unwrap_layer, wrapped_layers
+from diffusers_ptq.reconstruction.trainer import Phase, seeded, train_unit
+from diffusers_ptq.reconstruction.units import Unit
+
+logger = logging.getLogger("diffusers_ptq")
+
+
+def plan_phases(config: ReconstructionConfig) -> list[Phase]:
+    """The passes over the units that `config` asks for."""
+    if config.optimization == "joint":
+        joint = Phase(
+            name="joint",
+            learn_rounding=config.learns_rounding,
+            learn_scales=config.learn_act_scales,
+            acts_on=True,
+            loss_p=config.loss_p,
+            qdrop_prob=config.qdrop_prob,
+        )
+        return [joint]
+    phases = []
+    if config.learns_rounding:  # BRECQ / Q-Diffusion: rounding first, with activations float
+        phases.append(
+            Phase(
+                name="weights", learn_rounding=True, learn_scales=False, acts_on=False, loss_p=config.loss_p
+            )
+        )
+    if config.learn_act_scales:
+        phases.append(
+            Phase(
+                name="acts",
+                learn_rounding=False,
+                learn_scales=True,
+                acts_on=True,
+                loss_p=config.act_loss_p,
+                qdrop_prob=config.qdrop_prob,
+            )
+        )
+    return phases
+
+
+def _applies(phase: Phase, unit: Unit) -> bool:
+    return (phase.learn_rounding and bool(unit.layers)) or (phase.learn_scales and bool(unit.act_quantizers))
+
+
+def select_rows(num_rows: int, config: ReconstructionConfig) -> torch.Tensor:
+    """Calibration rows used: all, or a seeded random subset of `num_samples` (kept in recording order)."""
+    if config.num_samples is None or config.num_samples >= num_rows:
+        return torch.arange(num_rows)
+    gen = torch.Generator().manual_seed(seeded(config.seed, "rows"))
+    return torch.randperm(num_rows, generator=gen)[: config.num_samples].sort().values
+
+
+def _weights_on_grid(unet: nn.Module) -> bool:
+    """Whether every quantized weight already sits on its grid (float weights gone: loaded or baked)."""
+    for m in unet.modules():
+        if not isinstance(m, QuantLayerMixin):
+            continue
+        for q, part in zip(m.weight_quantizers, m._weight_parts(m.weight)):
+            scale, zero_point = q._broadcast(q.scale, part.ndim), q._broadcast(q.zero_point, part.ndim)
+            if not torch.equal(fake_quantize(part.float(), scale, zero_point, q.qmin, q.qmax), part.float()):
+                return False
+    return True
+
+
+def _check_inputs(
+    unet: nn.Module, data: CalibrationSet, config: ReconstructionConfig | None
+) -> ReconstructionConfig:
+    config = ReconstructionConfig() if config is None else config
+    if not isinstance(config, ReconstructionConfig):
+        raise TypeError(f"config must be a ReconstructionConfig, got {type(config).__name__}")
+    config.validate()
+    state = getattr(unet, "ptq_state", None)
+    if state is None or not any(isinstance(m, QuantLayerMixin) for m in unet.modules()):
+        raise ValueError(
+            "reconstruct needs a UNet quantized by diffusers-ptq; run quantize_pipeline or quantize_unet "
+            "first"
+        )
+    if not isinstance(data, CalibrationSet):
+        raise TypeError(f"calibration_set must be a CalibrationSet, got {type(data).__name__}")
+    if len(data) == 0:
+        raise ValueError("the calibration set is empty; record calibration samples first")
+    if data.num_train_timesteps != state.context.num_train_timesteps:
+        raise ValueError(
+            f"the calibration set has {data.num_train_timesteps} training timesteps but the UNet was "
+            f"quantized for {state.context.num_train_timesteps}; pass the calibration set of this model"
+        )
+    if any(isinstance(m, AdaRoundQuantizer) for m in unet.modules()):
+        raise ValueError("the UNet is in the middle of another reconstruction")
+    if _weights_on_grid(unet):
+        raise ValueError(
+            "every quantized weight of this UNet is already on its integer grid (a loaded checkpoint, or a "
+            "model reconstructed before): reconstruction needs the float weights; quantize the float model "
+            "again"
+        )
+    return config
+
+
+class _SavedState:
+    """Quantizer switches, parameter requires_grad flags and step sizes at the start, for restoring."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        self.unet = unet
+        self.enabled = [
+            (m, m.enabled) for m in unet.modules() if isinstance(m, TimestepActQuantizer | WeightQuantizer)
+        ]
+        self.grads = [(p, p.requires_grad) for p in unet.parameters()]
+        self.scales = snapshot_scales(unet)
+        self.training = unet.training
+
+    def restore_switches(self) -> None:
+        for m, enabled in self.enabled:
+            m.enabled = enabled
+        for p, requires_grad in self.grads:
+            p.requires_grad_(requires_grad)
+        self.unet.train(self.training)
+
+    def undo(self) -> None:
+        for _, layer in wrapped_layers(self.unet):
+            unwrap_layer(layer)
+        restore_scales(self.unet, self.scales)
+
+
+def _learned(
+    unet: nn.Module, unit: Unit, phase: Phase
+) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
+    tensors, shapes = {}, {}
+    if phase.learn_rounding:
+        for name in unit.layers:
+            for i, q in enumerate(unet.get_submodule(name).weight_quantizers):
+                key = f"{name}.weight_quantizers.{i}.round_up"
+                tensors[key] = pack_bits(q.round_up)
+                shapes[key] = list(q.round_up.shape)
+    if phase.learn_scales:
+        for name in unit.act_quantizers:
+            tensors[f"{name}.scale"] = unet.get_submodule(name).scale.detach().float()
+    return tensors, shapes
+
+
+@torch.no_grad()
+def _restore(unet: nn.Module, unit: Unit, phase: Phase, checkpoint: ResumeCheckpoint, entry: dict) -> None:
+    tensors, shapes = checkpoint.load(entry)
+
+    def get(key: str) -> torch.Tensor:
+        if key not in tensors:
+            raise ValueError(f"{entry['file']} of the reconstruction checkpoint has no {key!r}")
+        return tensors[key]
+
+    if phase.learn_rounding:
+        for name in unit.layers:
+            layer = unet.get_submodule(name)
+            parts = layer._weight_parts(layer.weight)
+            masks = []
+            for i, part in enumerate(parts):
+                key = f"{name}.weight_quantizers.{i}.round_up"
+                if shapes.get(key) != list(part.shape):
+                    raise ValueError(
+                        f"{entry['file']}: {key} has shape {shapes.get(key)}, expected {list(part.shape)}"
+                    )
+                masks.append(unpack_bits(get(key), shapes[key]))
+            restore_rounding(layer, masks)
+    if phase.learn_scales:
+        for name in unit.act_quantizers:
+            scale = unet.get_submodule(name).scale
+            stored = get(f"{name}.scale")
+            if stored.shape != scale.shape:
+                raise ValueError(
+                    f"{entry['file']}: {name}.scale has shape {tuple(stored.shape)}, "
+                    f"expected {tuple(scale.shape)}"
+                )
+            scale.copy_(stored.to(scale.device, scale.dtype))
+
+
+def reconstruct(
+    unet: nn.Module,
+    calibration_set: CalibrationSet,
+    config: ReconstructionConfig | None = None,
+    *,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> ReconstructionReport:
+    """Reconstruct a quantized `unet` block by block on `calibration_set` (in place) and report it.
+
+    `unet` must be quantized by `quantize_pipeline` / `quantize_unet` and still hold its float weights.
+    AdaRound codes are baked into the weights at the end, so save/load stores plain integers. With
+    `checkpoint_dir`, every finished unit is saved there and a later call with the same model, calibration
+    rows and config resumes after the last finished unit (`max_minutes` may differ).
+    """
+    config = _check_inputs(unet, calibration_set, config)
+    started = time.perf_counter()
+    rows = select_rows(len(calibration_set), config)
+    units = reconstruction_units(unet, config, calibration_set)
+    phases = plan_phases(config)
+    steps = [(phase, unit) for phase in phases for unit in units if _applies(phase, unit)]
+    if not steps:
+        raise ValueError(
+            "nothing to reconstruct: no quantized layer gets learnable rounding and no activation quantizer "
+            "a learnable step size under this config"
+        )
+    checkpoint = None
+    if checkpoint_dir is not None:
+        identity = run_identity(
+            config.to_dict(),
+            [u.name for u in units],
+            calibration_fingerprint(calibration_set, rows),
+            model_fingerprint(unet),
+        )
+        checkpoint = ResumeCheckpoint(checkpoint_dir, identity)
+    weights = [config.act_iterations if phase.name == "acts" else config.iterations for phase, _ in steps]
+    run = _Run(
+        unet=unet,
+        data=calibration_set,
+        rows=rows,
+        config=config,
+        budget=Budget(config.max_minutes, sum(weights), len(steps)),
+        checkpoint=checkpoint,
+        total=len(steps),
+        progress=progress,
+    )
+    report = ReconstructionReport(config=config.to_dict(), rows=len(rows))
+    saved = _SavedState(unet)
+    done = False
+    try:
+        unet.eval()
+        for p in unet.parameters():
+            p.requires_grad_(False)
+        for index, ((phase, unit), weight) in enumerate(zip(steps, weights)):
+            report.units.append(run.step(phase, unit, index, weight))
+        bake_layers(wrapped_layers(unet))
+        done = True
+    finally:
+        if not done:
+            saved.undo()
+        saved.restore_switches()
+    report.seconds = time.perf_counter() - started
+    logger.info("%s", report)
+    return report
+
+
+@dataclass
+class _Run:
+    """What every step of one `reconstruct` call shares."""
+
+    unet: nn.Module
+    data: CalibrationSet
+    rows: torch.Tensor
+    config: ReconstructionConfig
+    budget: Budget
+    checkpoint: ResumeCheckpoint | None
+    total: int
+    progress: bool
+
+    def step(self, phase: Phase, unit: Unit, index: int, weight: int) -> UnitReport:
+        """Resume, skip (budget spent) or train `unit` in `phase`; `weight` is its configured iterations."""
+        started = time.perf_counter()
+        report = self._step(phase, unit, index, weight)
+        overhead = None
+        if report.status == "trained":  # caching and evaluation: what later units will also spend
+            overhead = time.perf_counter() - started - report.train_seconds
+        self.budget.spend(weight, overhead)
+        return report
+
+    def _step(self, phase: Phase, unit: Unit, index: int, weight: int) -> UnitReport:
+        unet, config, budget, checkpoint = self.unet, self.config, self.budget, self.checkpoint
+        entry = checkpoint.entry(phase.name, unit.name) if checkpoint is not None else None
+        if entry is not None:
+            _restore(unet, unit, phase, checkpoint, entry)
+            return UnitReport.from_dict({**entry["report"], "status": "resumed"})
+        if budget.exhausted():
+            logger.warning(
+                "reconstruction: time budget spent; %s keeps its current rounding and scales", unit.name
+            )
+            return UnitReport(unit.name, unit.kind, phase.name, 0, status="skipped")
+        cache = build_cache(
+            unet,
+            unit,
+            self.data,
+            self.rows,
+            batch_size=config.cache_batch_size,
+            cache_dtype=config.cache_dtype,
+            quant_state=(True, phase.acts_on),
+            with_inner=config.layer_loss_weight > 0 and bool(unit.inner_layers),
+            progress=self.progress,
+        )
+        if budget.limited:
+
+            def iterations(seconds_per_step: float) -> int:
+                return budget.iterations(weight, weight, seconds_per_step)
+        else:
+            iterations = weight
+        result = train_unit(
+            unet,
+            cache,
+            phase,
+            config,
+            iterations,
+            desc=f"{phase.name} {index + 1}/{self.total} {unit.name}",
+            progress=self.progress,
+        )
+        del cache
+        unit_report = UnitReport(
+            unit=unit.name,
+            kind=unit.kind,
+            phase=phase.name,
+            iterations=result.iterations,
+            loss_before=result.loss_before,
+            loss_after=result.loss_after,
+            rounding_binary=result.rounding_binary,
+            seconds=result.seconds,
+            train_seconds=result.train_seconds,
+        )
+        logger.info(
+            "reconstruction: %s %d/%d %s: %d it, loss %.4g -> %.4g",
+            phase.name,
+            index + 1,
+            self.total,
+            unit.name,
+            result.iterations,
+            result.loss_before,
+            result.loss_after,
+        )
+        if checkpoint is not None:
+            tensors, shapes = _learned(unet, unit, phase)
+            checkpoint.save(phase.name, index, unit.name, tensors, shapes, unit_report.to_dict())
+        return unit_report
