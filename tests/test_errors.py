@@ -19,17 +19,18 @@ def _snapshot(unet):
         {n: type(m.processor) for n, m in unet.named_modules() if isinstance(m, Attention)},
         {k: v.clone() for k, v in unet.state_dict().items()},
         len(unet._forward_pre_hooks),
+        len(unet._forward_pre_hooks_with_kwargs),
     )
 
 
 def _assert_untouched(unet, snap):
-    modules, processors, state, hooks = _snapshot(unet)
+    modules, processors, state, hooks, kwarg_hooks = _snapshot(unet)
     assert modules == snap[0]
     assert processors == snap[1]
     assert state.keys() == snap[2].keys()
     for k in state:
         torch.testing.assert_close(state[k], snap[2][k], rtol=0, atol=0, equal_nan=True)
-    assert hooks == snap[3]
+    assert hooks == snap[3] and kwarg_hooks == snap[4]
     assert not hasattr(unet, "ptq_state")
 
 

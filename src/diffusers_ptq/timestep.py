@@ -86,10 +86,11 @@ class TimestepContext:
 
     def detach(self, unet: nn.Module) -> None:
         """Remove this context's pre-hook from `unet` (also on a deep copy, whose handle is not ours)."""
+        # Collect the keys first: the with-kwargs registry is keyed like the hook registry, and popping from
+        # the hook registry while reading it would leave the with-kwargs entry behind.
+        keys = [k for k, h in unet._forward_pre_hooks.items() if getattr(h, "__self__", None) is self]
         for hooks in (unet._forward_pre_hooks, unet._forward_pre_hooks_with_kwargs):
-            for key in [
-                k for k, h in unet._forward_pre_hooks.items() if getattr(h, "__self__", None) is self
-            ]:
+            for key in keys:
                 hooks.pop(key, None)
         self._handle = None
         self.timesteps = None
