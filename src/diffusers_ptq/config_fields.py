@@ -4,6 +4,7 @@ the field, the bad value and what is allowed."""
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import field
 from typing import Any
 
@@ -40,7 +41,7 @@ def _check_int(path: str, value: Any, lo: int, hi: int | None = None) -> None:
 
 
 def _check_float(path: str, value: Any, lo: float, hi: float, *, open_lo: bool = False) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value > lo if open_lo else value >= lo) and value <= hi
     if not ok:
         bracket = "(" if open_lo else "["

@@ -49,7 +49,7 @@ class BenchSettings:
             "seeds": [0],
             "batch_size": 48,
             "sqnr_samples": 8,
-            "calibration_samples": 256,
+            "calibration_samples": 128,
         }
         return cls(**{**base, **overrides})
 

@@ -78,7 +78,7 @@ def add_parser(sub: Any) -> None:
     b.add_argument(
         "--quick",
         action="store_true",
-        help="CI size: every row, 48 images, one seed, 256 calibration samples (explicit flags still win).",
+        help="CI size: every row, 48 images, one seed, 128 calibration samples (explicit flags still win).",
     )
     b.add_argument("--device", help="torch device. Default: cuda if available, else cpu.")
     b.add_argument("--output", required=True, metavar="DIR", help="output directory (required).")

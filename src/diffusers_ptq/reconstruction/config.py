@@ -8,51 +8,16 @@ published values (METHODS.md, "Common ground"); the method presets override them
 from __future__ import annotations
 
 import copy
-import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any
+
+from diffusers_ptq.config_fields import _check_bool, _check_choice, _check_float, _check_int, _field
 
 OPTIMIZATIONS = ("sequential", "joint")
 WEIGHT_ROUNDINGS = ("adaround", "nearest")
 LR_SCHEDULES = ("constant", "cosine")
 TRANSFORMER_UNITS = ("block", "model")
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
-
-
-def _field(default: Any, help: str, choices: tuple | None = None) -> Any:
-    metadata: dict[str, Any] = {"help": help}
-    if choices is not None:
-        metadata["choices"] = choices
-    return field(default=default, metadata=metadata)
-
-
-def _fail(path: str, value: Any, expected: str) -> None:
-    raise ValueError(f"{path}={value!r} is invalid; expected {expected}.")
-
-
-def _check_choice(path: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        _fail(path, value, "one of " + ", ".join(repr(c) for c in choices))
-
-
-def _check_bool(path: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        _fail(path, value, "True or False")
-
-
-def _check_int(path: str, value: Any, lo: int, hi: int | None = None) -> None:
-    ok = (
-        isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
-    )
-    if not ok:
-        _fail(path, value, f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}")
-
-
-def _check_float(path: str, value: Any, lo: float, hi: float, *, open_lo: bool = False) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > lo if open_lo else value >= lo) and value <= hi
-    if not ok:
-        _fail(path, value, f"a number in {'(' if open_lo else '['}{lo}, {hi}]")
 
 
 @dataclass
