@@ -128,7 +128,7 @@ def plot_activation_ranges(ranges: ActivationRanges, path: str | Path, max_layer
     for ax in list(axes.flat)[len(order) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=6)
-    fig.supxlabel("timestep (sampling runs right to left)", fontsize=8)
+    fig.supxlabel("timestep (sampling runs left to right)", fontsize=8)
     fig.supylabel("layer input value", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)

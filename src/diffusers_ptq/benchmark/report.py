@@ -96,7 +96,7 @@ def save_sqnr_plot(result: BenchResult, path: Path) -> None:
         if row.sqnr_per_step:
             style = "-" if row.preset == result.settings.presets[0] else "--"
             ax.plot(result.timesteps, row.sqnr_per_step, style, label=row.name, linewidth=1.3)
-    ax.set_xlabel("timestep t (sampling runs right to left)")
+    ax.set_xlabel("timestep t (sampling runs left to right)")
     ax.set_ylabel("noise-prediction SQNR vs float (dB)")
     ax.set_title("Per-step error of the quantized UNet on float DDIM trajectories")
     ax.invert_xaxis()
