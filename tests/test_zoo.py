@@ -89,11 +89,12 @@ def test_shipped_ddpm_loads_offline_as_ddim_and_ddpm() -> None:
 
 def test_shipped_ddpm_denoises() -> None:
     # A trained epsilon-predictor recovers the noise it is given far better than chance (MSE 1).
-    unet = fashion_ddpm_pipeline().unet
+    ddpm = fashion_ddpm_pipeline("ddpm")
+    unet = ddpm.unet
     g = torch.Generator().manual_seed(0)
     x0 = torch.where(torch.rand(8, 1, 32, 32, generator=g) > 0.5, 0.8, -1.0)  # crude garment-like masks
     noise = torch.randn(8, 1, 32, 32, generator=g)
-    alpha = fashion_ddpm_pipeline("ddpm").scheduler.alphas_cumprod[500]
+    alpha = ddpm.scheduler.alphas_cumprod[500]
     with torch.no_grad():
         pred = unet(alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise, 500).sample
     assert torch.mean((pred - noise) ** 2) < 0.5

@@ -16,6 +16,17 @@ TINY_PREFIX = "tiny:"
 FASHION_MODEL = "fashion"
 DEFAULT_MODEL = FASHION_MODEL
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Used for text-conditioned pipelines when the command line gives no prompt.
+DEFAULT_PROMPTS = [
+    "a photograph of a red fox in a snowy forest",
+    "a bowl of fresh fruit on a wooden table",
+    "a lighthouse on a rocky coast at sunset",
+    "a portrait of an old man with a grey beard",
+    "a city street at night with neon signs",
+    "a watercolor painting of mountains and a lake",
+    "a vintage car parked in front of a diner",
+    "a cozy living room with a fireplace and bookshelves",
+]
 MODEL_HELP = (
     "Hub model id or local directory (diffusers.DiffusionPipeline.from_pretrained); 'fashion' for the "
     "DDPM trained on Fashion-MNIST that ships with diffusers-ptq (offline, DDIM sampling); or one of "

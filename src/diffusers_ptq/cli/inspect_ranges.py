@@ -9,6 +9,7 @@ from typing import Any
 from diffusers_ptq.calibration import get_pipeline_spec
 from diffusers_ptq.cli.common import (
     DEFAULT_MODEL,
+    DEFAULT_PROMPTS,
     DTYPES,
     MODEL_HELP,
     atomic_directory,
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         device, dtype = resolve_device(args.device, args.dtype)
         pipe = load_pipeline(args.model, device, dtype)
         if get_pipeline_spec(pipe).text_conditioned and not args.prompt:
-            args.prompt = ["a photograph of a red fox in a snowy forest", "a bowl of fresh fruit on a table"]
+            args.prompt = DEFAULT_PROMPTS[:2]
         ranges = record_activation_ranges(
             pipe,
             prompts=args.prompt,

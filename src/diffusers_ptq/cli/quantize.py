@@ -16,6 +16,7 @@ from diffusers_ptq.api import quantize_pipeline
 from diffusers_ptq.calibration import get_pipeline_spec
 from diffusers_ptq.cli.common import (
     DEFAULT_MODEL,
+    DEFAULT_PROMPTS,
     DTYPES,
     MODEL_HELP,
     atomic_directory,
@@ -26,18 +27,6 @@ from diffusers_ptq.cli.common import (
 )
 from diffusers_ptq.config import PTQConfig, describe_fields
 from diffusers_ptq.primitives import sqnr_db
-
-# Used for text-conditioned pipelines when neither --prompt nor --prompts-file is given.
-DEFAULT_PROMPTS = [
-    "a photograph of a red fox in a snowy forest",
-    "a bowl of fresh fruit on a wooden table",
-    "a lighthouse on a rocky coast at sunset",
-    "a portrait of an old man with a grey beard",
-    "a city street at night with neon signs",
-    "a watercolor painting of mountains and a lake",
-    "a vintage car parked in front of a diner",
-    "a cozy living room with a fireplace and bookshelves",
-]
 
 
 def _act_bits(text: str) -> int | str:
