@@ -59,6 +59,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale (default 7.5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the compared images (default 0)")
     parser.add_argument("--output", default="sd15_comparison.png", help="PNG grid path")
+    parser.add_argument(
+        "--reconstruction-minutes",
+        type=float,
+        help="time budget of the preset's block reconstruction (default: none; the published iteration "
+        "counts take hours on Stable Diffusion)",
+    )
+    parser.add_argument("--no-reconstruction", action="store_true", help="calibration only")
     parser.add_argument("--tiny", action="store_true", help="offline tiny random-weight pipeline instead")
     return parser.parse_args(argv)
 
@@ -113,7 +120,14 @@ def main(argv: list[str] | None = None) -> int:
         overrides["weight_bits"] = args.weight_bits
     if args.act_bits is not None:
         overrides["act_bits"] = None if args.act_bits.lower() == "none" else int(args.act_bits)
-    config = PTQConfig.preset(args.preset, **overrides)
+    reconstruction: dict[str, object] = {}
+    if args.no_reconstruction:
+        reconstruction["enabled"] = False
+    if args.reconstruction_minutes is not None:
+        reconstruction["max_minutes"] = args.reconstruction_minutes
+    if args.tiny:  # a plumbing run: a few optimiser steps per block
+        reconstruction.update(iterations=4, act_iterations=2)
+    config = PTQConfig.preset(args.preset, **overrides, reconstruction=reconstruction)
 
     pipe, device = load_pipeline(args.tiny)
     pipe.set_progress_bar_config(disable=args.tiny)

@@ -82,6 +82,7 @@ def save_quantized_sdxl(tmp_path_factory):
         weights=SEARCH,
         activations={**SEARCH, "timestep_groups": "per_step"},
         calibration={"step_interval": 1},
+        reconstruction={"enabled": False},  # reconstructed checkpoints: test_reconstruction_pipeline
     )
     quantize_pipeline(pipe, config, prompts=PROMPTS, **FAST)
     return saved(tmp_path_factory, "sdxl", pipe)

@@ -84,10 +84,30 @@ def test_quantize_tiny_sd_with_preset_and_prompts(tmp_path: Path, capsys: pytest
     out = tmp_path / "sd"
     argv = ["quantize", "--model", "tiny:sd", "--preset", "q-diffusion", "--prompt", "a red cube"]
     argv += ["--prompt", "a blue sphere on grass", "--output", str(out), *FAST]
+    argv += ["--reconstruction-iterations", "3", "--reconstruction-act-iterations", "2"]
+    argv += ["--reconstruction-checkpoint", str(tmp_path / "ckpt")]
     assert cli.main(argv) == 0
     assert {p.name for p in out.iterdir()} == OUTPUT_FILES
-    assert json.loads((out / "report.json").read_text())["method"] == "q-diffusion"
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "q-diffusion"
+    units = report["reconstruction"]["units"]
+    assert {u["iterations"] for u in units if u["phase"] == "weights"} == {3}
+    assert {u["iterations"] for u in units if u["phase"] == "acts"} == {2}
+    assert "reconstruction:" in (out / "report.txt").read_text()
+    assert json.loads((out / "ptq_config.json").read_text())["reconstruction"]["iterations"] == 3
+    assert any((tmp_path / "ckpt").iterdir())  # finished blocks, for resuming
     assert "built-in prompts" not in capsys.readouterr().out
+
+
+def test_quantize_without_reconstruction(tmp_path: Path) -> None:
+    out = tmp_path / "ddim"
+    argv = ["quantize", "--model", "tiny:ddim", "--preset", "eda-dm", "--weight-bits", "4"]
+    argv += ["--no-reconstruction", "--output", str(out), *FAST]
+    assert cli.main(argv) == 0
+    assert json.loads((out / "report.json").read_text())["reconstruction"] is None
+    config = json.loads((out / "ptq_config.json").read_text())["reconstruction"]
+    assert config["enabled"] is False
+    assert config["weight_lr"] == 0.5  # the preset's W4A8 learning rate followed --weight-bits
 
 
 def test_text_pipeline_without_prompts_uses_builtin_list(
@@ -95,7 +115,7 @@ def test_text_pipeline_without_prompts_uses_builtin_list(
 ) -> None:
     seen = {}
 
-    def record(pipe: object, config: PTQConfig, *, prompts: list[str], progress: bool) -> None:
+    def record(pipe: object, config: PTQConfig, *, prompts: list[str], progress: bool, **_: object) -> None:
         seen["prompts"] = prompts
         raise ValueError("stop after recording the prompts")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import fields
@@ -25,6 +26,7 @@ from diffusers_ptq.config import (
 )
 from diffusers_ptq.config_search import ACTIVE_SCORES, SEARCH_INITS, SEARCH_TARGETS
 from diffusers_ptq.methods import available_presets, get_preset
+from diffusers_ptq.reconstruction import ReconstructionConfig
 
 SECTIONS = {
     "weights": WeightQuantConfig,
@@ -33,6 +35,7 @@ SECTIONS = {
     "layers": LayerSelectionConfig,
     "selection": SelectionConfig,
     "group_search": GroupSearchConfig,
+    "reconstruction": ReconstructionConfig,
 }
 
 
@@ -102,6 +105,34 @@ def _non_default_config() -> PTQConfig:
             lr_min=0.0,
             entropy_weight=1.0,
             refit_scales=True,
+        ),
+        reconstruction=ReconstructionConfig(
+            enabled=True,
+            optimization="joint",
+            weight_rounding="adaround",
+            learn_act_scales=False,
+            iterations=77,
+            act_iterations=33,
+            batch_size=5,
+            weight_lr=0.2,
+            act_lr=1e-3,
+            weight_lr_schedule="cosine",
+            act_lr_schedule="constant",
+            round_weight=0.1,
+            beta_start=10.0,
+            beta_end=3.0,
+            warmup=0.1,
+            loss_p=2.4,
+            act_loss_p=2.2,
+            layer_loss_weight=0.5,
+            qdrop_prob=0.25,
+            temporal_block=True,
+            transformer_unit="model",
+            num_samples=64,
+            cache_dtype="float32",
+            cache_batch_size=4,
+            max_minutes=1.5,
+            seed=9,
         ),
     )
 
@@ -407,10 +438,16 @@ def _all_configs() -> list[tuple[str, PTQConfig]]:
     return out
 
 
+# Fields that cannot all leave their defaults at once (the combination would leave nothing to do).
+_EXCLUSIVE = {("reconstruction", "weight_rounding")}
+
+
 def test_non_default_config_really_differs_everywhere():
     cfg, default = _non_default_config(), PTQConfig()
     for section in SECTIONS:
         for f in fields(SECTIONS[section]):
+            if (section, f.name) in _EXCLUSIVE:
+                continue
             assert getattr(getattr(cfg, section), f.name) != getattr(getattr(default, section), f.name), (
                 f"{section}.{f.name}"
             )
@@ -505,7 +542,7 @@ def test_section_value_of_wrong_type_in_dict_is_rejected():
 
 
 def test_available_presets_lists_every_method():
-    assert {"ptq4dm", "q-diffusion", "apq-dm", "eda-dm"} <= set(available_presets())
+    assert {"ptq4dm", "q-diffusion", "apq-dm", "eda-dm", "tfmq-dm"} <= set(available_presets())
 
 
 @pytest.mark.parametrize("name", ["apq-dm", "APQ_DM"])
@@ -560,6 +597,58 @@ def test_eda_dm_preset_values():
     with pytest.raises(ValueError, match=r"dataset='coco'.*cifar"):
         eda_dm_config("coco")
     assert set(EDA_DM_DATASETS) == {"cifar", "imagenet", "lsun", "sd"}
+    # FBR: joint rounding + step sizes, cosine decay, QDrop 0.5, gamma 0.8, 5,000 iterations, no regulariser.
+    recon = cfg.reconstruction
+    assert recon.enabled and recon.optimization == "joint"
+    assert (recon.iterations, recon.batch_size, recon.round_weight) == (5000, 32, 0.0)
+    assert (recon.weight_lr_schedule, recon.act_lr_schedule) == ("cosine", "cosine")
+    assert (recon.layer_loss_weight, recon.qdrop_prob) == (0.8, 0.5)
+    assert (recon.weight_lr, recon.act_lr) == (0.05, 1e-3)  # CIFAR W8A8
+    assert eda_dm_config("lsun").reconstruction.layer_loss_weight == 1.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({}, (0.05, 1e-3)),  # W8A8
+        ({"weight_bits": 4}, (0.5, 5e-4)),  # CIFAR W4A8
+        ({"weight_bits": 6, "act_bits": 6}, (0.5, 5e-4)),  # low-bit: the W4A8 pair
+        ({"weight_bits": 4, "reconstruction": {"weight_lr": 0.1}}, (0.1, 5e-4)),  # explicit wins
+        ({"weight_bits": 4, "reconstruction": {"act_lr": 2e-3}}, (0.5, 2e-3)),
+    ],
+)
+def test_eda_dm_learning_rates_follow_the_weight_bits(overrides, expected):
+    cfg = PTQConfig.preset("eda-dm", **overrides)
+    assert (cfg.reconstruction.weight_lr, cfg.reconstruction.act_lr) == expected
+    # A whole section is taken as given.
+    whole = PTQConfig.preset("eda-dm", weight_bits=4, reconstruction=ReconstructionConfig(weight_lr=0.3))
+    assert whole.reconstruction.weight_lr == 0.3
+
+
+def test_tfmq_dm_preset_values():
+    cfg = PTQConfig.preset("tfmq-dm")
+    base = PTQConfig.preset("q-diffusion")
+    assert cfg.method == "tfmq-dm"
+    assert cfg.activations.timestep_groups == "per_step"  # FSC
+    assert cfg.reconstruction.temporal_block is True  # TIAR
+    assert cfg.reconstruction.replace(temporal_block=False) == base.reconstruction
+    assert (cfg.weights, cfg.layers) == (base.weights, base.layers)
+    assert cfg.calibration.step_interval == 1  # every step has samples for its own scales
+    assert dataclasses.replace(cfg.calibration, step_interval=2) == base.calibration
+    assert not cfg.group_search.enabled
+
+
+def test_presets_without_reconstruction():
+    assert not PTQConfig.preset("ptq4dm").reconstruction.enabled
+    assert not PTQConfig.preset("apq-dm").reconstruction.enabled
+    assert PTQConfig().reconstruction == ReconstructionConfig()
+
+
+def test_weight_only_nearest_rounding_reconstruction_is_refused():
+    with pytest.raises(ValueError, match=r"reconstruction\.weight_rounding.*'nearest'.*adaround"):
+        PTQConfig(act_bits=None, reconstruction={"enabled": True, "weight_rounding": "nearest"})
+    # Off, the combination is harmless.
+    PTQConfig(act_bits=None, reconstruction={"weight_rounding": "nearest"})
 
 
 @pytest.mark.parametrize("name", ["q-diffusion", "Q-Diffusion", "q_diffusion", "Q_DIFFUSION"])
@@ -585,6 +674,13 @@ def test_q_diffusion_preset_values(name):
     # Everything quantized (conv_in/conv_out/time embedding at the same bits), shortcut-split on.
     assert cfg.layers.shortcut_split is True
     assert cfg.layers.special_layers == "same"
+    # BRECQ: AdaRound with activations float, then LSQ step sizes (METHODS.md, "Common ground").
+    recon = cfg.reconstruction
+    assert recon.enabled and recon.optimization == "sequential" and recon.weight_rounding == "adaround"
+    assert (recon.iterations, recon.act_iterations, recon.batch_size) == (20000, 5000, 32)
+    assert (recon.weight_lr, recon.act_lr, recon.round_weight) == (1e-3, 4e-4, 0.01)
+    assert (recon.beta_start, recon.beta_end, recon.warmup) == (20.0, 2.0, 0.2)
+    assert recon.layer_loss_weight == 0.0 and recon.qdrop_prob == 0.0 and not recon.temporal_block
     cfg.validate()
 
 

@@ -133,12 +133,12 @@ def test_nonfinite_activation_names_layer_and_timestep(ddim_pipe):
 
 
 def test_failure_half_way_restores_the_unet(ddim_pipe, monkeypatch):
-    import diffusers_ptq.api as api
+    import diffusers_ptq.job as job
 
     def boom(*args, **kwargs):
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(api, "initialise_activations", boom)
+    monkeypatch.setattr(job, "initialise_activations", boom)
     snap = _snapshot(ddim_pipe.unet)
     x, t = torch.randn(1, 3, 16, 16), torch.tensor([10])
     with torch.no_grad():

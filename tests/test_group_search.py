@@ -121,6 +121,7 @@ def test_searched_map_separates_regions_and_beats_fixed_groups():
     q = searched.proj.act_quantizers[0]
     assert q.group_mixer is None and "group_mixer" not in q.__dict__  # the soft assignment is gone
     assert searched.ptq_state.group_search["epoch_losses"]
+    assert searched.ptq_state.group_search["seconds"] > 0  # target sampling and search, timed by the job
 
     err_search = act_error(searched, data)
     err_g1 = act_error(quantized_toy(toy_config(1), data), data)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,39 +24,15 @@ from diffusers_ptq.calibration.active import candidate_steps
 from diffusers_ptq.calibration.features import feature_module
 from diffusers_ptq.calibration.pipelines import default_call_arg
 from diffusers_ptq.config import CalibrationConfig, PTQConfig
-from diffusers_ptq.initialise import initialise_activations, initialise_weights, set_quant_state
-from diffusers_ptq.prepare import QuantPlan, install, is_quantized, plan_quantization
+from diffusers_ptq.job import QuantizationJob
+from diffusers_ptq.prepare import is_quantized, plan_quantization
 from diffusers_ptq.quantizers import contiguous_group_map, nearest_step_group_map
 from diffusers_ptq.report import QuantizationReport
-from diffusers_ptq.search import FloatTargets, GroupSearch, NoiseTargets, resolve_target, sample_clean_images
+from diffusers_ptq.search import NoiseTargets, resolve_target, sample_clean_images
 from diffusers_ptq.serialization import attach_quantizer
 from diffusers_ptq.serialization.model_card import infer_base_model
-from diffusers_ptq.timestep import TimestepContext
 
 logger = logging.getLogger("diffusers_ptq")
-
-
-@dataclass
-class PTQState:
-    """What a quantized UNet carries: its recipe, timestep context, plan and report.
-
-    `metrics` (name -> number, e.g. measured FID or SQNR) and `base_model` (the float model's Hub id) are
-    saved with the checkpoint and shown on the model card by `push_to_hub`.
-    """
-
-    config: PTQConfig
-    context: TimestepContext
-    plan: QuantPlan
-    group_map: torch.Tensor
-    report: QuantizationReport | None = None
-    borrowed_groups: list[int] = field(default_factory=list)
-    metrics: dict[str, float] = field(default_factory=dict)
-    base_model: str | None = None
-    num_prompts: int | None = None  # calibration prompts (text-conditioned pipelines)
-    # What the sample selector chose (samples per step; TDAC scores; active picks), for reports and ablations.
-    selection: dict[str, Any] = field(default_factory=dict)
-    # Group search summary (learning rate, loss per epoch, final entropies); None when it did not run.
-    group_search: dict[str, Any] | None = None
 
 
 def build_group_map(
@@ -110,15 +86,18 @@ def quantize_pipeline(
     guidance_scale: float | None = None,
     generator: torch.Generator | int | None = None,
     batch_size: int | None = None,
+    reconstruction_checkpoint: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> Any:
     """Quantize `pipe.unet` in place with timestep-aware fake quantization and return `pipe`.
 
     Calibration runs `pipe(...)` itself (its scheduler, steps, guidance and conditioning) and records the
     UNet inputs `config.calibration.selector` chooses (by default: the steps `calibration.sampler` picks);
-    with `group_search.enabled` the timestep -> group maps are then searched (APQ-DM). Keyword arguments
-    override the matching `config.calibration` fields. Everything is validated before any model runs; if
-    anything fails later, the UNet is restored to exactly what it was.
+    with `group_search.enabled` the timestep -> group maps are then searched (APQ-DM), and with
+    `reconstruction.enabled` the blocks are reconstructed on the same samples (BRECQ / EDA-DM FBR / TFMQ-DM;
+    with `reconstruction_checkpoint` a directory where finished blocks are saved, so an interrupted run
+    resumes there). Keyword arguments override the matching `config.calibration` fields. Everything is
+    validated before any model runs; if anything fails later, the UNet is restored to exactly what it was.
     """
     config = PTQConfig() if config is None else config
     if not isinstance(config, PTQConfig):
@@ -159,11 +138,13 @@ def quantize_pipeline(
                 f"{_max_samples(calib, len(prompts), step_timesteps, num_train)}"
             )
     _check_selection(config, calib, unet, len(step_timesteps))
+    _check_checkpoint_dir(config, reconstruction_checkpoint)
     search = config.group_search
     target = resolve_target(search.target, spec, pipe.scheduler) if search.enabled else None
 
     start = time.perf_counter()
     targets = None
+    target_seconds = 0.0
     if target == "noise":
         # Sampled from the float UNet before anything is installed; a generator of its own, so the captured
         # calibration data are the same with the search on or off.
@@ -176,6 +157,7 @@ def quantize_pipeline(
             progress,
         )
         targets = NoiseTargets(unet, pipe.scheduler, images)
+        target_seconds = time.perf_counter() - start
     request = SelectionRequest(
         pipe=pipe,
         spec=spec,
@@ -188,9 +170,19 @@ def quantize_pipeline(
         generator=_seeded_generator(generator, calib.seed),
         progress=progress,
     )
-    job = _Quantization(
-        unet, config, plan, group_map, step_timesteps, calib.batch_size, calib.seed, progress, targets
+    job = QuantizationJob(
+        unet,
+        config,
+        plan,
+        group_map,
+        step_timesteps,
+        calib.batch_size,
+        calib.seed,
+        progress,
+        targets,
+        reconstruction_checkpoint,
     )
+    job.search_seconds = target_seconds  # the search's clean target images count as search time
     try:
         selection = select_calibration(request, job.feedback if search.enabled else None)
         data = selection.data
@@ -231,12 +223,14 @@ def quantize_unet(
     *,
     batch_size: int = 8,
     seed: int = 0,
+    reconstruction_checkpoint: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> nn.Module:
     """Install quantized modules in `unet` and initialise their scales from a recorded CalibrationSet.
 
     `data` is used as given (`calibration.selector` applies to capture through a pipeline). With
-    `group_search.enabled` the search regresses the float UNet's outputs on `data` (target 'float').
+    `group_search.enabled` the search regresses the float UNet's outputs on `data` (target 'float');
+    with `reconstruction.enabled` the blocks are then reconstructed on `data`.
     """
     if is_quantized(unet):
         raise ValueError("the UNet is already quantized; load the float model again to re-quantize it")
@@ -247,7 +241,19 @@ def quantize_unet(
     plan = plan_quantization(unet, config)
     if config.group_search.enabled:
         resolve_target(config.group_search.target, None, None)
-    job = _Quantization(unet, config, plan, group_map, data.step_timesteps, batch_size, seed, progress, None)
+    _check_checkpoint_dir(config, reconstruction_checkpoint)
+    job = QuantizationJob(
+        unet,
+        config,
+        plan,
+        group_map,
+        data.step_timesteps,
+        batch_size,
+        seed,
+        progress,
+        None,
+        reconstruction_checkpoint,
+    )
     try:
         job.finish(data)
     except BaseException:
@@ -258,102 +264,24 @@ def quantize_unet(
     return unet
 
 
+def _check_checkpoint_dir(config: PTQConfig, path: str | os.PathLike[str] | None) -> None:
+    if path is None:
+        return
+    if not config.reconstruction.enabled:
+        raise ValueError(
+            "reconstruction_checkpoint is given but reconstruction.enabled is False; enable reconstruction "
+            "or drop the checkpoint directory"
+        )
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"reconstruction_checkpoint={os.fspath(path)!r} exists and is not a directory")
+
+
 def _check_selection(config: PTQConfig, calib: CalibrationConfig, unet: nn.Module, num_steps: int) -> None:
     """Selector settings that need the UNet or the schedule, checked before any model runs."""
     if calib.selector == "density_diversity":
         feature_module(unet, config.selection.feature_module)
     if calib.selector == "active":
         candidate_steps(num_steps, config.selection.active_exclude_noisiest)
-
-
-class _Quantization:
-    """Install, initialise and optionally group-search one UNet; `restore()` undoes all of it exactly.
-
-    Installation waits for the first data: with active selection that is the first round, and the search's
-    entropies then steer the later rounds (`feedback`).
-    """
-
-    def __init__(
-        self,
-        unet: nn.Module,
-        config: PTQConfig,
-        plan: QuantPlan,
-        group_map: torch.Tensor,
-        step_timesteps: torch.Tensor,
-        batch_size: int,
-        seed: int,
-        progress: bool,
-        targets: NoiseTargets | None,
-    ) -> None:
-        self.unet, self.config, self.plan, self.group_map = unet, config, plan, group_map
-        self.step_timesteps, self.batch_size, self.seed, self.progress = (
-            step_timesteps,
-            batch_size,
-            seed,
-            progress,
-        )
-        self.targets: NoiseTargets | FloatTargets | None = targets
-        self.patch = None
-        self.search: GroupSearch | None = None
-        self.had_state = "ptq_state" in unet.__dict__
-
-    def install(self, data: CalibrationSet) -> None:
-        data.check_finite()
-        unet, config = self.unet, self.config
-        context = TimestepContext(data.num_train_timesteps)
-        device = next(unet.parameters()).device
-        self.patch = install(unet, self.plan, config, context, self.group_map.to(device))
-        initialise_weights(unet, self.progress)
-        borrowed: dict[int, int] = {}
-        if config.group_search.enabled:
-            self.search = GroupSearch(
-                unet,
-                config.group_search,
-                self.step_timesteps,
-                data.num_train_timesteps,
-                act_bits=config.activations.bits,
-                batch_size=self.batch_size,
-                seed=self.seed,
-                progress=self.progress,
-            )
-            self.search.start(data)
-            if self.targets is None:
-                self.targets = FloatTargets(unet, self.batch_size)
-        else:
-            borrowed = initialise_activations(unet, data, self.batch_size, self.seed, self.progress)
-        set_quant_state(unet, weights=True, acts=config.activations.enabled)
-        unet.ptq_state = PTQState(
-            config=copy.deepcopy(config),
-            context=context,
-            plan=self.plan,
-            group_map=self.group_map,
-            borrowed_groups=sorted(borrowed),
-        )
-
-    def feedback(self, data: CalibrationSet) -> torch.Tensor:
-        """Active selection: learn from the data so far; return H(sigma_t) per sampling step."""
-        if self.patch is None:
-            self.install(data)
-        else:
-            data.check_finite()
-        self.search.fit(data, self.targets, self.config.selection.active_search_epochs, decay=False)
-        return self.search.step_entropy()
-
-    def finish(self, data: CalibrationSet) -> None:
-        if self.patch is None:
-            self.install(data)
-        if self.search is not None:
-            self.search.fit(data, self.targets, self.config.group_search.epochs, decay=True)
-            self.unet.ptq_state.group_search = self.search.finish(data)
-            set_quant_state(self.unet, weights=True, acts=True)
-
-    def restore(self) -> None:
-        if self.search is not None:
-            self.search.abort()
-        if self.patch is not None:
-            self.patch.restore()
-        if not self.had_state:
-            self.unet.__dict__.pop("ptq_state", None)
 
 
 def _max_samples(

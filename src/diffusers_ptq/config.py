@@ -16,6 +16,7 @@ from diffusers_ptq.config_search import (
     GroupSearchConfig,
     SelectionConfig,
 )
+from diffusers_ptq.reconstruction.config import ReconstructionConfig
 
 SCALE_SEARCHES = ("minmax", "mse", "percentile")
 GRANULARITIES = ("per_channel", "per_tensor")
@@ -175,6 +176,7 @@ _SECTIONS = {
     "layers": LayerSelectionConfig,
     "selection": SelectionConfig,
     "group_search": GroupSearchConfig,
+    "reconstruction": ReconstructionConfig,
 }
 _UNSET: Any = object()
 
@@ -200,6 +202,9 @@ class PTQConfig:
     )
     group_search: GroupSearchConfig = field(
         default_factory=GroupSearchConfig, metadata={"help": "APQ-DM timestep-group search"}
+    )
+    reconstruction: ReconstructionConfig = field(
+        default_factory=ReconstructionConfig, metadata={"help": "block reconstruction after calibration"}
     )
     method: str = field(default="custom", metadata={"help": "the preset this recipe came from, for reports"})
     weight_bits: InitVar[int] = _UNSET
@@ -228,7 +233,13 @@ class PTQConfig:
 
     def _validate_combination(self) -> None:
         """Checks across sections: the active selector and the group search need each other's parts."""
-        search, acts = self.group_search, self.activations
+        search, acts, recon = self.group_search, self.activations, self.reconstruction
+        if recon.enabled and acts.bits is None and not recon.learns_rounding:
+            _fail(
+                "reconstruction.weight_rounding",
+                recon.weight_rounding,
+                "'adaround' for weight-only quantization (activations.bits=None: no step size to learn)",
+            )
         if self.calibration.selector == "active" and not search.enabled:
             _fail(
                 "calibration.selector",
@@ -294,10 +305,13 @@ class PTQConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> PTQConfig:
-        """A published method's recipe, e.g. `PTQConfig.preset("q-diffusion", weight_bits=4)`."""
-        from diffusers_ptq.methods import get_preset
+        """A published method's recipe, e.g. `PTQConfig.preset("q-diffusion", weight_bits=4)`.
 
-        return get_preset(name).replace(**overrides)
+        Values a paper publishes per bit width follow the overridden bits unless set explicitly.
+        """
+        from diffusers_ptq.methods.registry import build_preset
+
+        return build_preset(name, overrides)
 
 
 def apply_overrides(config: PTQConfig, overrides: dict[str, Any]) -> None:

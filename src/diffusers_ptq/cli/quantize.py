@@ -27,6 +27,7 @@ from diffusers_ptq.cli.common import (
 )
 from diffusers_ptq.config import PTQConfig, describe_fields
 from diffusers_ptq.primitives import sqnr_db
+from diffusers_ptq.reconstruction import ReconstructionReport
 
 
 def _act_bits(text: str) -> int | str:
@@ -109,6 +110,35 @@ def add_parser(sub: Any) -> None:
         metavar="FILE",
         help="text file with one calibration prompt per line (blank lines skipped); added to --prompt.",
     )
+    recon = q.add_argument_group("block reconstruction (presets q-diffusion, eda-dm and tfmq-dm enable it)")
+    recon.add_argument(
+        "--no-reconstruction",
+        action="store_true",
+        help="skip the recipe's reconstruction (calibration only).",
+    )
+    recon.add_argument(
+        "--reconstruction-iterations",
+        type=int,
+        metavar="N",
+        help=f"override reconstruction.iterations (optimiser steps per block). {_RECIPE}.",
+    )
+    recon.add_argument(
+        "--reconstruction-act-iterations",
+        type=int,
+        metavar="N",
+        help=f"override reconstruction.act_iterations (step-size pass of 'sequential'). {_RECIPE}.",
+    )
+    recon.add_argument(
+        "--reconstruction-minutes",
+        type=float,
+        metavar="M",
+        help="override reconstruction.max_minutes: a time budget divided across the blocks. Default: none.",
+    )
+    recon.add_argument(
+        "--reconstruction-checkpoint",
+        metavar="DIR",
+        help="save each finished block here; run the same command again to resume after an interruption.",
+    )
     q.add_argument("--device", help="torch device. Default: cuda if available, else cpu.")
     q.add_argument(
         "--dtype",
@@ -122,15 +152,20 @@ def add_parser(sub: Any) -> None:
 
 
 def _build_config(args: argparse.Namespace) -> PTQConfig:
-    if args.preset is not None:
-        config = PTQConfig.preset(args.preset)
-    elif args.config is not None:
+    overrides = _overrides(args)
+    if args.preset is not None:  # through preset(): values published per bit width follow the overrides
+        return PTQConfig.preset(args.preset, **overrides)
+    if args.config is not None:
         path = Path(args.config)
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} does not exist")
         config = PTQConfig.from_json(path.read_text(encoding="utf-8"))
     else:
         config = PTQConfig()
+    return config.replace(**overrides) if overrides else config
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     if args.weight_bits is not None:
         overrides["weight_bits"] = args.weight_bits
@@ -142,7 +177,18 @@ def _build_config(args: argparse.Namespace) -> PTQConfig:
     calib = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if calib:
         overrides["calibration"] = calib
-    return config.replace(**overrides) if overrides else config
+    recon: dict[str, Any] = {}
+    if args.no_reconstruction:
+        recon["enabled"] = False
+    if args.reconstruction_iterations is not None:
+        recon["iterations"] = args.reconstruction_iterations
+    if args.reconstruction_act_iterations is not None:
+        recon["act_iterations"] = args.reconstruction_act_iterations
+    if args.reconstruction_minutes is not None:
+        recon["max_minutes"] = args.reconstruction_minutes
+    if recon:
+        overrides["reconstruction"] = recon
+    return overrides
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -186,10 +232,14 @@ def quantizer_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _write_outputs(tmp: Path, config: PTQConfig, unet: Any, top: np.ndarray, bottom: np.ndarray) -> None:
     from safetensors.torch import save_file
 
-    report = unet.ptq_state.report
+    state = unet.ptq_state
+    report = {**state.report.to_dict(), "reconstruction": state.reconstruction}
+    text = str(state.report)
+    if state.reconstruction is not None:
+        text += "\n" + str(ReconstructionReport.from_dict(state.reconstruction))
     (tmp / "ptq_config.json").write_text(config.to_json() + "\n", encoding="utf-8")
-    (tmp / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
-    (tmp / "report.txt").write_text(str(report) + "\n", encoding="utf-8")
+    (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (tmp / "report.txt").write_text(text + "\n", encoding="utf-8")
     meta = {"format": "pt", "diffusers_ptq": __version__, "method": config.method, "tag": config.tag}
     save_file(quantizer_state(unet), str(tmp / "quantizer_state.safetensors"), metadata=meta)
     save_grid(top, bottom, tmp / "comparison.png")
@@ -231,7 +281,13 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         with atomic_directory(out) as tmp:
-            quantize_pipeline(pipe, config, prompts=calib_prompts, progress=not args.no_progress)
+            quantize_pipeline(
+                pipe,
+                config,
+                prompts=calib_prompts,
+                reconstruction_checkpoint=args.reconstruction_checkpoint,
+                progress=not args.no_progress,
+            )
             quant_images = _images(pipe, call, calib.seed + 1)
             _write_outputs(tmp, config, pipe.unet, float_images, quant_images)
     except (ValueError, TypeError) as err:  # quantize_pipeline's validation of the pipeline and prompts

@@ -45,6 +45,11 @@ class ReconstructionReport:
             "seconds": self.seconds,
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ReconstructionReport:
+        units = [UnitReport.from_dict(u) for u in data["units"]]
+        return cls(config=data["config"], rows=data["rows"], units=units, seconds=data["seconds"])
+
     def by_unit(self, phase: str | None = None) -> dict[str, UnitReport]:
         return {u.unit: u for u in self.units if phase is None or u.phase == phase}
 

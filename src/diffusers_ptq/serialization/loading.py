@@ -283,7 +283,7 @@ def finalize(
     group_map: torch.Tensor | None,
 ) -> None:
     """Switch quantization on and give the loaded model the `ptq_state` quantize_pipeline would have."""
-    from diffusers_ptq.api import PTQState  # api imports this package: import late to avoid a cycle
+    from diffusers_ptq.job import PTQState  # job imports this package: import late to avoid a cycle
 
     ptq = qconfig.ptq
     for module in model.modules():
