@@ -3,7 +3,7 @@
 Importing this package never initialises CUDA.
 """
 
-from diffusers_ptq.api import PTQState, quantize_pipeline, quantize_unet
+from diffusers_ptq.api import quantize_pipeline, quantize_unet
 from diffusers_ptq.calibration import (
     CalibrationSet,
     available_samplers,
@@ -21,6 +21,8 @@ from diffusers_ptq.config import (
     WeightQuantConfig,
 )
 from diffusers_ptq.initialise import set_quant_state
+from diffusers_ptq.integer import convert
+from diffusers_ptq.job import PTQState
 from diffusers_ptq.methods import available_presets
 from diffusers_ptq.nn import QuantAttnProcessor, QuantConv2d, QuantLinear
 from diffusers_ptq.quantizers import TimestepActQuantizer, WeightQuantizer
@@ -61,6 +63,7 @@ __all__ = [
     "quantize_unet",
     "reconstruct",
     "set_quant_state",
+    "convert",
     "PTQState",
     "QuantizationReport",
     "ReconstructionReport",

@@ -1,0 +1,123 @@
+"""One integer weight operand: int8 (or packed int4) codes, per-channel scale and zero point, and its GEMM.
+
+Codes are stored centred, w = q - shift in [-2^(b-1), 2^(b-1) - 1] (shift = 0 for a symmetric grid,
+2^(b-1) for an affine one), with the zero point moved by the same shift. With activation codes a and
+zero point z (per sample), the layer's dot product is
+
+    sum_k s_a (a_k - z) s_w (w_k - z_w) = s_a s_w (a.w - z c - z_w sum_k a_k),   c = sum_k w_k - K z_w,
+
+so the GEMM runs on the raw codes and the zero points cost one per-channel constant `c` and, only for an
+affine weight grid, the row sums of the activation codes. (oneDNN applies z itself, so `c` is only kept
+for `torch._int_mm`.)
+
+Storage: 5-8 bits one int8 per weight, <= 4 bits two per byte (`nbytes`). oneDNN needs its own prepacked
+int8 layout, built for the GEMM's row count: by default it is kept (`cache_nbytes`: resident on top of the
+codes) and rebuilt only when the row count changes; with `low_memory` it is rebuilt on every call from the
+stored codes (a reorder of the weight: small against a large GEMM, as costly as the GEMM itself for a tiny
+one). A weight whose products could saturate oneDNN's int16 pair sums (8-bit codes x 8-bit activations on a
+CPU without VNNI) is prepacked as two halves with |w| <= 64 side by side along K, [w_lo | w - w_lo], against
+the activation codes twice, [a | a]: one exact GEMM of twice the depth, still int8 storage.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from diffusers_ptq.integer import onednn
+from diffusers_ptq.integer.features import onednn_exact
+from diffusers_ptq.integer.gemm import int_mm
+from diffusers_ptq.integer.packing import pack_int4, unpack_int4
+
+PACKED_MAX_BITS = 4
+SAFE_HALF = 64  # |w| <= 64 keeps 2 * 255 * |w| within int16
+
+
+class IntegerWeight(nn.Module):
+    """Weight codes of one GEMM (N outputs x K inputs) and their dequantisation constants."""
+
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor,
+        bits: int,
+        kernel: str,
+        act_max_code: int,
+        low_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        if codes.ndim != 2:
+            raise ValueError(f"weight codes must be (N, K), got shape {tuple(codes.shape)}")
+        n, k = codes.shape
+        codes = codes.to(torch.int32)
+        self.bits, self.kernel, self.in_features, self.out_features = bits, kernel, k, n
+        self.low_memory = low_memory
+        self.asymmetric = bool(zero_point.ne(0).any())
+        self.register_buffer("scale", scale.float().reshape(n).clone())
+        self.register_buffer("zero_point", zero_point.float().reshape(n).clone())
+        correction = codes.sum(dim=1).float() - k * self.zero_point
+        self.register_buffer("correction", None if kernel == "onednn" else correction)
+        max_abs = int(codes.abs().max()) if codes.numel() else 0
+        self.split = kernel == "onednn" and not onednn_exact(act_max_code, max_abs)
+        int8_codes = codes.to(torch.int8)
+        packed = bits <= PACKED_MAX_BITS
+        self.register_buffer("packed", pack_int4(int8_codes) if packed else None)
+        self.register_buffer("codes", None if packed else int8_codes)
+        self._cache: tuple[int, torch.Tensor] | None = None  # (rows, prepacked) of the last oneDNN call
+        self._zero_long = torch.zeros(n, dtype=torch.long)  # oneDNN's weight zero points (always 0 here)
+        self.handle = onednn.register(self) if kernel == "onednn" else 0
+
+    def __getstate__(self) -> dict:
+        # oneDNN's opaque prepacked tensor is a cache: a copy (deepcopy, pickle) rebuilds its own.
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        return {**state, "_cache": None}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if self.kernel == "onednn":
+            self.handle = onednn.register(self)  # the copy's own handle: it must not reach the original
+
+    def int8_codes(self) -> torch.Tensor:
+        """The (N, K) int8 codes (unpacked if stored as nibbles)."""
+        return unpack_int4(self.packed, self.in_features) if self.packed is not None else self.codes
+
+    def onednn_weight(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """(prepacked weight for `rows` GEMM rows, weight scales, zero points, inputs doubled along K)."""
+        if self._cache is not None and self._cache[0] == rows:
+            return self._cache[1], self.scale, self._zero_long, self.split
+        codes = self.int8_codes()
+        if self.split:
+            low = codes.clamp(-SAFE_HALF, SAFE_HALF)
+            codes = torch.cat([low, codes - low], dim=1)
+        packed = onednn.prepack(codes, rows)
+        self._cache = None if self.low_memory else (rows, packed)
+        return packed, self.scale, self._zero_long, self.split
+
+    def int_matmul(self, a: torch.Tensor) -> torch.Tensor:
+        """Exact integer products a.w of the (M, K) int8 activation codes, as fp32 (M, N) (`int_mm`)."""
+        return int_mm(a, self.int8_codes()).float()
+
+    def nbytes(self) -> tuple[int, int]:
+        """(bytes of the stored codes, bytes of the per-channel scale/correction/zero point)."""
+        stored = self.packed if self.packed is not None else self.codes
+        constants = self.scale.numel() * 4
+        if self.correction is not None:
+            constants += self.correction.numel() * 4
+        if self.asymmetric:
+            constants += self.zero_point.numel() * 4
+        return stored.numel() * stored.element_size(), constants
+
+    def cache_nbytes(self) -> int:
+        """Bytes of the oneDNN prepacked weight kept between calls once it runs (0 with `low_memory`)."""
+        if self.kernel != "onednn" or self.low_memory:
+            return 0
+        return (2 if self.split else 1) * self.out_features * self.in_features
+
+    def extra_repr(self) -> str:
+        storage = "packed int4" if self.packed is not None else "int8"
+        split = ", split in two exact halves" if self.split else ""
+        return (
+            f"out={self.out_features}, in={self.in_features}, bits={self.bits}, {storage}, "
+            f"kernel={self.kernel}{split}"
+        )
