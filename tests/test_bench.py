@@ -22,7 +22,14 @@ from diffusers_ptq.benchmark.settings import BenchSettings, parse_bits
 from diffusers_ptq.prepare import is_quantized
 
 # The smallest run that still exercises every part: two rows per bit setting, a few images, a few steps.
-TINY = {"num_samples": 4, "seeds": [0, 1], "num_inference_steps": 4, "batch_size": 4, "sqnr_samples": 2}
+TINY = {
+    "num_samples": 4,
+    "seeds": [0, 1],
+    "num_inference_steps": 4,
+    "batch_size": 4,
+    "sqnr_samples": 2,
+    "reconstruction_minutes": 0.02,
+}
 
 
 class MeanBrightness:
@@ -160,6 +167,7 @@ def test_bench_on_the_shipped_model_reports_fd_against_references(tmp_path: Path
     out = tmp_path / "fashion"
     argv = ["bench", "--quick", "--presets", "q-diffusion", "--bits", "W8A8", "--num-samples", "16"]
     argv += ["--num-inference-steps", "5", "--calibration-samples", "16", "--sqnr-samples", "2"]
+    argv += ["--reconstruction-minutes", "0.05"]  # --quick's own cap is sized for the full quick run
     assert cli.main([*argv, "--output", str(out), "--no-progress"]) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [len(r["metrics"]["FD"]) for r in rows] == [1, 1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -12,6 +13,12 @@ from diffusers import DDIMPipeline
 from tqdm.auto import tqdm
 
 from diffusers_ptq.api import quantize_pipeline
+from diffusers_ptq.benchmark.quanto_row import (
+    QUANTO_METHOD,
+    QUANTO_ROW,
+    quanto_pipeline_quantizer,
+    quanto_unavailable_reason,
+)
 from diffusers_ptq.benchmark.sampling import (
     Trajectory,
     ddim_pipeline,
@@ -45,9 +52,13 @@ class RowResult:
     sqnr_db: float | None = None
     sqnr_per_step: list[float] = field(default_factory=list)
     mse_per_step: list[float] = field(default_factory=list)
-    calibration_s: float = 0.0
+    calibration_s: float = 0.0  # all of quantize_pipeline: capture, scales, group search, reconstruction
+    search_s: float | None = None  # the APQ-DM group search's share of calibration_s; None: no search ran
     sampling_s: float = 0.0
     config: dict[str, Any] | None = None
+    # What the selector chose (samples per step, TDAC scores, active picks); group search and reconstruction
+    # summaries (None when they did not run).
+    calibration_info: dict[str, Any] = field(default_factory=dict)
 
     def mean(self, metric: str) -> float | None:
         values = self.metrics.get(metric)
@@ -86,7 +97,16 @@ def _row_config(settings: BenchSettings, preset: str, w: int, a: int) -> PTQConf
     calibration: dict[str, Any] = {"num_inference_steps": settings.num_inference_steps}
     if settings.calibration_samples is not None:
         calibration["num_samples"] = settings.calibration_samples
-    return PTQConfig.preset(preset, weight_bits=w, act_bits=a, calibration=calibration)
+    config = PTQConfig.preset(preset, weight_bits=w, act_bits=a, calibration=calibration)
+    minutes = settings.reconstruction_minutes
+    if minutes is not None and config.reconstruction.enabled:
+        config = config.replace(reconstruction={"max_minutes": minutes})
+    return config
+
+
+def row_configs(settings: BenchSettings) -> dict[str, PTQConfig]:
+    """Row name -> the recipe it quantizes with (built, so validated, before any model runs)."""
+    return {name: _row_config(settings, p, w, a) for name, p, w, a in settings.rows() if p is not None}
 
 
 def _fresh_pipe(float_pipe: DDIMPipeline) -> DDIMPipeline:
@@ -100,16 +120,38 @@ def run_row(
     trajectory: Trajectory,
     fidelity: Fidelity | None,
     progress: bool,
+    config: PTQConfig | None = None,
+    quantize: Callable[[DDIMPipeline], dict[str, Any]] | None = None,
 ) -> tuple[RowResult, torch.Tensor]:
-    """Calibrate (unless float), sample every seed, score; returns the row and its grid images."""
+    """Calibrate (unless float), sample every seed, score; returns the row and its grid images.
+
+    The recipe is `config`, else the row's preset at its bit widths (`settings` applied); a row with
+    neither is the float row. `quantize(pipe) -> info`, when given, quantizes the row's fresh pipeline
+    instead (another library's method, e.g. optimum-quanto); its info is the row's calibration_info.
+    `settings` gives the sampling: images, seeds, steps, batch size.
+    """
     pipe = float_pipe
-    if row.preset is not None:
+    if config is None and quantize is None and row.preset is not None:
         config = _row_config(settings, row.preset, row.weight_bits, row.act_bits)
+    if quantize is not None:
+        pipe = _fresh_pipe(float_pipe)
+        start = time.perf_counter()
+        row.calibration_info = quantize(pipe)
+        row.calibration_s = round(time.perf_counter() - start, 2)
+    elif config is not None:
         row.config = config.to_dict()
         pipe = _fresh_pipe(float_pipe)
         start = time.perf_counter()
         quantize_pipeline(pipe, config, progress=False)
         row.calibration_s = round(time.perf_counter() - start, 2)
+        state = pipe.unet.ptq_state
+        row.search_s = None if state.group_search is None else round(state.group_search["seconds"], 2)
+        row.calibration_info = {
+            "selection": state.selection,
+            "group_search": state.group_search,
+            "reconstruction": getattr(state, "reconstruction", None),
+        }
+    if pipe is not float_pipe:
         row.mse_per_step, row.sqnr_per_step = noise_error_per_step(pipe.unet, trajectory)
         row.sqnr_db = pooled_sqnr_db(trajectory, row.mse_per_step)
     grid = torch.empty(0)
@@ -136,25 +178,39 @@ def run_row(
 def run_quality_benchmark(
     pipe: Any, settings: BenchSettings, fidelity: Fidelity | None = None, progress: bool = True
 ) -> BenchResult:
-    """Float row, then one row per (preset, bits): same noise seeds, DDIM `settings.num_inference_steps`.
+    """Float row, then one row per (preset, bits), then optimum-quanto's W8A8 with `compare_quanto`: same
+    noise seeds, DDIM `settings.num_inference_steps`.
 
     `pipe` is an unconditional pipeline (its UNet is never modified); `fidelity` None skips FD/IS and keeps
     the noise-prediction SQNR.
     """
     settings.validate()
+    configs = row_configs(settings)
     check_unconditional(pipe)
     float_pipe = ddim_pipeline(pipe)
     notes = []
     if fidelity is None:
         notes.append("no classifier matches this model: FD and IS are skipped; noise SQNR is still measured")
+    quanto = None
+    if settings.compare_quanto:
+        reason = quanto_unavailable_reason()
+        if reason is None:  # calibrated over the q-diffusion row's calibration trajectories
+            quanto = quanto_pipeline_quantizer(_row_config(settings, "q-diffusion", 8, 8).calibration)
+        else:
+            notes.append(f"{QUANTO_ROW} skipped: {reason}")
     trajectory = record_trajectory(
         float_pipe, settings.sqnr_samples, settings.seeds[0], settings.num_inference_steps
     )
     rows, grids = [], {}
     specs = settings.rows()
+    if quanto is not None:
+        specs.append((QUANTO_ROW, QUANTO_METHOD, 8, 8))
     for name, preset, w, a in tqdm(specs, desc="bench rows", disable=not progress):
         row = RowResult(name=name, preset=preset, weight_bits=w, act_bits=a)
-        row, grids[name] = run_row(row, float_pipe, settings, trajectory, fidelity, progress)
+        quantize = quanto if name == QUANTO_ROW else None
+        row, grids[name] = run_row(
+            row, float_pipe, settings, trajectory, fidelity, progress, configs.get(name), quantize
+        )
         rows.append(row)
     return BenchResult(
         settings=settings,

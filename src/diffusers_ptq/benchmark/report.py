@@ -40,7 +40,8 @@ def markdown_table(result: BenchResult) -> str:
     float_fd = result.rows[0].mean("FD")
     extra = sorted({name for row in result.rows for name in row.metrics} - {"FD", "IS"})
     head = ["row", "FD ↓", "FD vs float", "IS ↑", *extra, "noise MSE ↓", "noise SQNR (dB) ↑"]
-    head += ["calibration (s)", "sampling (s)"]
+    searched = any(row.search_s is not None for row in result.rows)
+    head += ["calibration (s)", *(["search (s, in calibration)"] if searched else []), "sampling (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in result.rows:
         fd = row.mean("FD")
@@ -53,6 +54,7 @@ def markdown_table(result: BenchResult) -> str:
             "–" if not row.mse_per_step else f"{np.mean(row.mse_per_step):.2e}",
             _fmt(row.sqnr_db),
             "–" if row.preset is None else f"{row.calibration_s:.1f}",
+            *([_fmt(row.search_s, 1)] if searched else []),
             f"{row.sampling_s:.1f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")

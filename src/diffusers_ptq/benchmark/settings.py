@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, fields
 
 from diffusers_ptq.methods import available_presets
 
+# --quick: block reconstruction per row that enables it (the default presets: q-diffusion's 3 rows).
+QUICK_RECONSTRUCTION_MINUTES = 0.5
 _BITS = re.compile(r"^W(\d+)A(\d+)$", re.IGNORECASE)
 
 
@@ -18,6 +21,15 @@ def parse_bits(text: str) -> tuple[int, int]:
             f"bit setting {text!r} is not valid; expected the form W<weight bits>A<act bits>, e.g. W4A8"
         )
     return int(match.group(1)), int(match.group(2))
+
+
+def check_minutes(name: str, value: object) -> None:
+    """None or a positive, finite number of minutes."""
+    ok = value is None or (
+        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    )
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid; expected None or a number of minutes > 0")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -40,16 +52,36 @@ class BenchSettings:
     calibration_samples: int | None = field(
         default=None, metadata=_help("override each preset's calibration.num_samples (None: the preset's)")
     )
+    reconstruction_minutes: float | None = field(
+        default=None,
+        metadata=_help(
+            "per-row time budget of block reconstruction, applied as reconstruction.max_minutes to rows "
+            "whose preset enables reconstruction (None: the preset's own)"
+        ),
+    )
+    compare_quanto: bool = field(
+        default=False,
+        metadata=_help(
+            "add a row with optimum-quanto's own W8A8 (quantize + Calibration over the q-diffusion row's "
+            "calibration trajectories, then freeze); skipped with a note when optimum-quanto is missing"
+        ),
+    )
 
     @classmethod
     def quick(cls, **overrides: object) -> BenchSettings:
-        """Every row, few samples: finishes in minutes on 2 CPU cores (for CI)."""
+        """CI size: every row, DDIM 100 as in the full run, but 32 images, one seed, 64 calibration
+        samples, 4 SQNR trajectories and 0.5 min of block reconstruction per reconstruction row.
+
+        About 7 minutes on 2 CPU cores (estimated) for the default presets and bits; it shows that every
+        row runs, not how good it is (FD on 32 images is mostly sampling noise).
+        """
         base = {
-            "num_samples": 48,
+            "num_samples": 32,
             "seeds": [0],
-            "batch_size": 48,
-            "sqnr_samples": 8,
-            "calibration_samples": 128,
+            "batch_size": 32,
+            "sqnr_samples": 4,
+            "calibration_samples": 64,
+            "reconstruction_minutes": QUICK_RECONSTRUCTION_MINUTES,
         }
         return cls(**{**base, **overrides})
 
@@ -73,6 +105,9 @@ class BenchSettings:
         calib = self.calibration_samples
         if calib is not None and (not isinstance(calib, int) or calib < 1):
             raise ValueError(f"calibration_samples={calib!r} is invalid; expected None or an integer >= 1")
+        check_minutes("reconstruction_minutes", self.reconstruction_minutes)
+        if not isinstance(self.compare_quanto, bool):
+            raise ValueError(f"compare_quanto={self.compare_quanto!r} is invalid; expected True or False")
 
     def rows(self) -> list[tuple[str, str | None, int | None, int | None]]:
         """(row name, preset, weight bits, act bits); the float row first."""

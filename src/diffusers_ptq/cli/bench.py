@@ -11,15 +11,18 @@ from typing import Any
 
 import torch
 
+from diffusers_ptq.benchmark.ablation import ablation_rows, run_ablation
+from diffusers_ptq.benchmark.ablation_report import ablation_table, write_ablation_outputs
+from diffusers_ptq.benchmark.ablation_settings import SELECTORS, STUDIES, AblationSettings, parse_groups
 from diffusers_ptq.benchmark.fashion import FashionFidelity, matches_fashion_model
 from diffusers_ptq.benchmark.inception import (
     CombinedFidelity,
     InceptionFidelity,
     inception_unavailable_reason,
 )
-from diffusers_ptq.benchmark.quality import check_unconditional, run_quality_benchmark
+from diffusers_ptq.benchmark.quality import check_unconditional, row_configs, run_quality_benchmark
 from diffusers_ptq.benchmark.report import markdown_table, reference_table, write_outputs
-from diffusers_ptq.benchmark.settings import BenchSettings
+from diffusers_ptq.benchmark.settings import QUICK_RECONSTRUCTION_MINUTES, BenchSettings
 from diffusers_ptq.cli.common import (
     DEFAULT_MODEL,
     FASHION_MODEL,
@@ -50,7 +53,8 @@ def add_parser(sub: Any) -> None:
         "write table.md, results.json, reference.md (what the metric says of real data and noise),\n"
         "grids/<row>.png and sqnr_per_step.png into --output, atomically. FD/IS need the shipped\n"
         "Fashion-MNIST classifier, so they are measured for --model fashion only; other unconditional\n"
-        "models get the noise SQNR alone.",
+        "models get the noise SQNR alone. --ablation groups|selectors runs the timestep-group or the\n"
+        "calibration-selector ablation instead (its own table.md, results.json, plot and grids).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     default = BenchSettings()
@@ -76,10 +80,30 @@ def add_parser(sub: Any) -> None:
         help="override each preset's calibration size. Default: the preset's.",
     )
     b.add_argument(
+        "--reconstruction-minutes",
+        type=float,
+        help="per-row time budget of block reconstruction, applied as reconstruction.max_minutes to rows "
+        "whose preset enables reconstruction. Default: the preset's own (--quick: "
+        f"{QUICK_RECONSTRUCTION_MINUTES}).",
+    )
+    b.add_argument(
+        "--compare-quanto",
+        action="store_true",
+        default=None,
+        help="add a row with optimum-quanto's own W8A8 (quantize + Calibration over the q-diffusion row's "
+        "calibration trajectories, then freeze); needs pip install 'diffusers-ptq[compare]', else the "
+        "row is skipped with a note.",
+    )
+    b.add_argument(
         "--quick",
         action="store_true",
-        help="CI size: every row, 48 images, one seed, 128 calibration samples (explicit flags still win).",
+        help="CI size: every row and DDIM 100 as in the full run, but 32 images, one seed, 64 calibration "
+        f"samples, 4 SQNR trajectories and {QUICK_RECONSTRUCTION_MINUTES} min of block reconstruction per "
+        "reconstruction row (about 7 min on 2 CPU cores; it shows every row runs, not how good it is). "
+        "With --ablation: every row of the study at toy sizes (DDIM 20, 16 images, calibration sizes "
+        "16/32, one search epoch), a smoke test. Explicit flags still win.",
     )
+    add_ablation_arguments(b)
     b.add_argument("--device", help="torch device. Default: cuda if available, else cpu.")
     b.add_argument("--output", required=True, metavar="DIR", help="output directory (required).")
     b.add_argument("--overwrite", action="store_true", help="replace a non-empty --output. Default: refuse.")
@@ -87,13 +111,17 @@ def add_parser(sub: Any) -> None:
 
 
 def _settings(args: argparse.Namespace) -> BenchSettings:
+    for option in ABLATION_ONLY:
+        if getattr(args, option.lstrip("-").replace("-", "_")) is not None:
+            raise ValueError(f"{option} applies to --ablation runs only; add --ablation groups or selectors")
     names = (
         "presets", "bits", "num_samples", "seeds", "num_inference_steps", "batch_size", "sqnr_samples",
-        "calibration_samples",
+        "calibration_samples", "reconstruction_minutes", "compare_quanto",
     )  # fmt: skip
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     settings = BenchSettings.quick(**overrides) if args.quick else BenchSettings(**overrides)
     settings.validate()
+    row_configs(settings)  # every recipe is built (and validated) before any model is loaded
     return settings
 
 
@@ -105,7 +133,9 @@ def machine_description(device: torch.device) -> str:
     return f"CPU ({cpu}, {os.cpu_count()} cores, {threads} torch threads), torch {torch.__version__}"
 
 
-def _header(args: argparse.Namespace, settings: BenchSettings, device: torch.device, seconds: float) -> str:
+def _header(
+    args: argparse.Namespace, settings: BenchSettings | AblationSettings, device: torch.device, seconds: float
+) -> str:
     command = "diffusers-ptq " + " ".join(shlex.quote(a) for a in args.argv)
     seeds = ", ".join(map(str, settings.seeds))
     return (
@@ -136,6 +166,8 @@ def _fidelity(model: str, pipe: Any) -> tuple[Any, FashionFidelity | None, list[
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.ablation is not None:
+        return run_ablation_command(args)
     try:
         settings = _settings(args)
         out = check_output(args.output, args.overwrite)
@@ -155,6 +187,131 @@ def run(args: argparse.Namespace) -> int:
             table = reference_table(fashion.reference_rows(settings.num_samples), result)
             (tmp / "reference.md").write_text(table, encoding="utf-8")
     print(header + markdown_table(result))
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"diffusers-ptq: wrote {out}")
+    return 0
+
+
+# --ablation: options, which study each applies to, and the run.
+ABLATION_ONLY = (
+    "--groups",
+    "--selectors",
+    "--sizes",
+    "--search-epochs",
+    "--search-images",
+    "--feature-samples",
+)
+_STUDY_OPTIONS = {
+    "--groups": "groups",
+    "--selectors": "selectors",
+    "--sizes": "selectors",
+    "--feature-samples": "selectors",
+}
+
+
+def add_ablation_arguments(b: argparse.ArgumentParser) -> None:
+    default = AblationSettings()
+    b.add_argument(
+        "--ablation",
+        metavar="{groups,selectors}",
+        help="run an ablation instead of the preset rows: 'groups' (timestep groups G at each bit setting; "
+        "--bits default W6A6,W8A8) or 'selectors' (calibration-sample selectors x calibration sizes; --bits "
+        "default W6A6). Writes table.md, results.json, a plot and grids/ into --output; "
+        "--calibration-samples sets the groups study's calibration size. Default sampling: "
+        f"{default.num_samples} images x seeds {','.join(map(str, default.seeds))}.",
+    )
+    b.add_argument(
+        "--groups",
+        type=_names,
+        help="--ablation groups: comma-separated G, integers or per_step. Default: 1,4,8,16,per_step.",
+    )
+    b.add_argument(
+        "--selectors",
+        type=_names,
+        help=f"--ablation selectors: comma-separated, of {','.join(SELECTORS)} ('active' adds its "
+        "'random+search' baseline). Default: all.",
+    )
+    b.add_argument(
+        "--sizes",
+        type=_names,
+        help="--ablation selectors: comma-separated calibration sizes. Default: "
+        f"{','.join(map(str, default.sizes))}.",
+    )
+    b.add_argument(
+        "--search-epochs",
+        type=int,
+        help="--ablation: group-search epochs after selection (bounds its CPU cost). Default: apq-dm's 10.",
+    )
+    b.add_argument(
+        "--search-images",
+        type=int,
+        help="--ablation: float samples the group search's noise target draws from. Default: apq-dm's 1024.",
+    )
+    b.add_argument(
+        "--feature-samples",
+        type=int,
+        help="--ablation selectors: trajectories of density_diversity's float feature pass. Default: "
+        "eda-dm's 1024.",
+    )
+
+
+def _sizes(texts: list[str]) -> list[int]:
+    sizes = []
+    for text in texts:
+        try:
+            sizes.append(int(text))
+        except ValueError:
+            raise ValueError(f"--sizes: {text!r} is not a calibration size; expected integers >= 1") from None
+    return sizes
+
+
+def _ablation_settings(args: argparse.Namespace) -> AblationSettings:
+    study = args.ablation
+    if study not in STUDIES:
+        raise ValueError(f"--ablation {study!r} is invalid; expected one of {', '.join(STUDIES)}")
+    for option in ("--presets", "--reconstruction-minutes", "--compare-quanto"):
+        if getattr(args, option.lstrip("-").replace("-", "_")) is not None:
+            raise ValueError(f"{option} does not apply to --ablation (its rows fix their own recipes)")
+    for option, owner in _STUDY_OPTIONS.items():
+        if owner != study and getattr(args, option.lstrip("-").replace("-", "_")) is not None:
+            raise ValueError(f"{option} applies to --ablation {owner}, not --ablation {study}")
+    if study == "selectors" and args.calibration_samples is not None:
+        raise ValueError("--calibration-samples does not apply to --ablation selectors; use --sizes")
+    overrides: dict[str, Any] = {}
+    if args.groups is not None:
+        overrides["groups"] = [parse_groups(g) for g in args.groups]
+    if args.sizes is not None:
+        overrides["sizes"] = _sizes(args.sizes)
+    names = (
+        "bits", "selectors", "search_epochs", "search_images", "feature_samples", "calibration_samples",
+        "num_samples", "seeds", "num_inference_steps", "batch_size", "sqnr_samples",
+    )  # fmt: skip
+    overrides.update({n: getattr(args, n) for n in names if getattr(args, n) is not None})
+    settings = (
+        AblationSettings.quick(study, **overrides) if args.quick else AblationSettings(study, **overrides)
+    )
+    ablation_rows(settings)  # validates the settings and builds every recipe before any model runs
+    return settings
+
+
+def run_ablation_command(args: argparse.Namespace) -> int:
+    try:
+        settings = _ablation_settings(args)
+        out = check_output(args.output, args.overwrite)
+        device, _ = resolve_device(args.device, "float32")
+        pipe = load_pipeline(args.model, device, torch.float32)
+        check_unconditional(pipe)
+    except (ValueError, TypeError, OSError) as err:
+        return error(err)
+    fidelity, _, notes = _fidelity(args.model, pipe)
+    start = time.perf_counter()
+    result = run_ablation(pipe, settings, fidelity, progress=not args.no_progress)
+    result.notes += notes
+    header = _header(args, settings, device, time.perf_counter() - start)
+    with atomic_directory(out) as tmp:
+        write_ablation_outputs(result, tmp, header)
+    print(header + ablation_table(result))
     for note in result.notes:
         print(f"note: {note}")
     print(f"diffusers-ptq: wrote {out}")

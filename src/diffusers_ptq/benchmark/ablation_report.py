@@ -1,0 +1,177 @@
+"""The ablation's outputs: a markdown table per study, results.json, grids and a PNG plot.
+
+- groups: `fd_vs_groups.png`, FD (and noise SQNR) against G, one line per bit setting.
+- selectors: `fd_vs_calibration_size.png`, FD (and noise SQNR) against the calibration size (log2 axis),
+  one line per selector (and bit setting).
+
+The float model's FD is drawn as a horizontal line. Without a fidelity metric only the SQNR panel is drawn.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from diffusers_ptq.benchmark.ablation import SEARCH_LABEL, AblationResult, AblationRow
+from diffusers_ptq.benchmark.ablation_settings import PER_STEP
+from diffusers_ptq.benchmark.plotting import pyplot
+from diffusers_ptq.benchmark.quality import RowResult
+from diffusers_ptq.benchmark.report import _fmt, _slug, _spread, save_image_grid
+from diffusers_ptq.benchmark.settings import parse_bits
+
+PLOT_FILES = {"groups": "fd_vs_groups.png", "selectors": "fd_vs_calibration_size.png"}
+
+
+def _at_bits(result: AblationResult, bits: str) -> list[tuple[AblationRow, RowResult]]:
+    """The quantized rows at the bit setting `bits` (e.g. 'W6A6')."""
+    w, a = parse_bits(bits)
+    return [
+        (s, r) for s, r in result.pairs() if s.config is not None and (s.weight_bits, s.act_bits) == (w, a)
+    ]
+
+
+def _groups_label(g: int | str | None) -> str:
+    return "–" if g is None else ("per-step" if g == PER_STEP else str(g))
+
+
+def ablation_table(result: AblationResult) -> str:
+    """One line per row: what the row varies, FD (mean ± sd over seeds), gap to float, IS, SQNR, times."""
+    float_fd = result.results[0].mean("FD")
+    if result.settings.study == "groups":
+        varied = ["G", "group search"]
+
+        def cells_of(spec: AblationRow) -> list[str]:
+            return [
+                _groups_label(spec.groups),
+                "–" if spec.weight_bits is None else ("yes" if spec.search else "no"),
+            ]
+    else:
+        varied = ["selector", "N", "G"]
+
+        def cells_of(spec: AblationRow) -> list[str]:
+            size = "–" if spec.size is None else str(spec.size)
+            return [spec.selector or "–", size, _groups_label(spec.groups)]
+
+    head = [
+        "row",
+        *varied,
+        "FD ↓",
+        "FD vs float",
+        "IS ↑",
+        "noise SQNR (dB) ↑",
+        "calibration (s)",
+        "search (s, in calibration)",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for spec, row in result.pairs():
+        fd = row.mean("FD")
+        gap = (
+            "–"
+            if fd is None or float_fd is None or spec.config is None
+            else f"{100 * (fd - float_fd) / float_fd:+.1f} %"
+        )
+        cells = [
+            row.name,
+            *cells_of(spec),
+            "–" if fd is None else f"{fd:.2f}{_spread(row.metrics['FD'])}",
+            gap,
+            _fmt(row.mean("IS")),
+            _fmt(row.sqnr_db),
+            "–" if spec.config is None else f"{row.calibration_s:.1f}",
+            "–" if row.search_s is None else f"{row.search_s:.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _metric(row: RowResult, name: str) -> tuple[float, float]:
+    """(mean, sd over seeds) of FD, or (SQNR, 0); NaN when missing."""
+    if name == "sqnr":
+        return (np.nan if row.sqnr_db is None else row.sqnr_db), 0.0
+    values = row.metrics.get(name) or []
+    if not values:
+        return np.nan, 0.0
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def _panels(result: AblationResult) -> list[tuple[str, str]]:
+    has_fd = any(row.metrics.get("FD") for row in result.results)
+    panels = [("FD", "FD ↓ (classifier features)")] if has_fd else []
+    return [*panels, ("sqnr", "noise SQNR vs float (dB) ↑")]
+
+
+def _plot(result: AblationResult, path: Path, draw: Callable, xlabel: str, title: str) -> None:
+    plt = pyplot()
+    panels = _panels(result)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), dpi=120, squeeze=False)
+    for ax, (metric, ylabel) in zip(axes[0], panels):
+        draw(ax, metric)
+        if metric == "FD":
+            float_fd = result.results[0].mean("FD")
+            if float_fd is not None:
+                ax.axhline(float_fd, color="0.4", linestyle=":", linewidth=1.2, label="float")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def save_groups_plot(result: AblationResult, path: Path) -> None:
+    """FD and SQNR against the number of timestep groups, one line per bit setting."""
+    groups = list(result.settings.groups)
+    labels = [_groups_label(g) for g in groups]
+
+    def draw(ax: object, metric: str) -> None:
+        for bits in result.settings.bit_settings:
+            stats = {spec.groups: _metric(row, metric) for spec, row in _at_bits(result, bits)}
+            mean = [stats.get(g, (np.nan, 0.0))[0] for g in groups]
+            sd = [stats.get(g, (np.nan, 0.0))[1] for g in groups]
+            ax.errorbar(range(len(groups)), mean, yerr=sd, marker="o", capsize=3, label=bits.upper())
+        ax.set_xticks(range(len(groups)), labels)
+
+    _plot(result, path, draw, "timestep groups G", "Timestep groups: G = 1 (no search), searched G, per-step")
+
+
+def save_selectors_plot(result: AblationResult, path: Path) -> None:
+    """FD and SQNR against the calibration size (log2 axis), one line per selector and bit setting."""
+    sizes = sorted(result.settings.sizes)
+    several_bits = len(result.settings.bit_settings) > 1
+    labels = list(dict.fromkeys(spec.selector for spec in result.rows if spec.selector is not None))
+
+    def draw(ax: object, metric: str) -> None:
+        for bits in result.settings.bit_settings:
+            for label in labels:
+                at_bits = _at_bits(result, bits)
+                stats = {spec.size: _metric(row, metric) for spec, row in at_bits if spec.selector == label}
+                mean = [stats.get(n, (np.nan, 0.0))[0] for n in sizes]
+                sd = [stats.get(n, (np.nan, 0.0))[1] for n in sizes]
+                name = f"{bits.upper()} {label}" if several_bits else label
+                style = "--" if label == SEARCH_LABEL else "-"
+                ax.errorbar(sizes, mean, yerr=sd, marker="o", linestyle=style, capsize=3, label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+
+    _plot(
+        result, path, draw, "calibration samples N (log2)", "Calibration-sample selectors by calibration size"
+    )
+
+
+def write_ablation_outputs(result: AblationResult, directory: Path, header: str = "") -> None:
+    """results.json, table.md, the study's plot and grids/<row>.png into `directory` (which exists)."""
+    (directory / "results.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n", encoding="utf-8")
+    notes = "".join(f"\n> {note}\n" for note in result.notes)
+    (directory / "table.md").write_text(f"{header}{ablation_table(result)}\n{notes}", encoding="utf-8")
+    grids = directory / "grids"
+    grids.mkdir(exist_ok=True)
+    for name, images in result.grids.items():
+        if images.numel():
+            save_image_grid(images, grids / f"{_slug(name)}.png")
+    plot = save_groups_plot if result.settings.study == "groups" else save_selectors_plot
+    plot(result, directory / PLOT_FILES[result.settings.study])
