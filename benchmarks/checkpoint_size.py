@@ -27,28 +27,9 @@ from diffusers import UNet2DConditionModel
 
 import diffusers_ptq  # noqa: F401  (registers the quantizer, so from_pretrained loads the checkpoints)
 from diffusers_ptq import CalibrationSet, PTQConfig, quantize_unet
+from diffusers_ptq.benchmark.speed_models import SD15_CONFIG  # for machines without the reference file
 
 DEFAULT_CONFIG = Path("/work/shared/reference/sd15_unet_config.json")
-# Stable Diffusion 1.5's UNet, for machines without the reference file.
-SD15_CONFIG = {
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-}
 
 
 def load_config(path: Path | None) -> dict:

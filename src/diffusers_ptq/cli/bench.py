@@ -165,15 +165,21 @@ def _fidelity(model: str, pipe: Any) -> tuple[Any, FashionFidelity | None, list[
     return fashion, fashion, [reason]
 
 
+def _prepare(args: argparse.Namespace, build_settings: Any) -> tuple[Any, Any, Any, Any]:
+    """Settings, output directory, device and pipeline, each checked before any model runs."""
+    settings = build_settings(args)
+    out = check_output(args.output, args.overwrite)
+    device, _ = resolve_device(args.device, "float32")
+    pipe = load_pipeline(args.model, device, torch.float32)
+    check_unconditional(pipe)
+    return settings, out, device, pipe
+
+
 def run(args: argparse.Namespace) -> int:
     if args.ablation is not None:
         return run_ablation_command(args)
     try:
-        settings = _settings(args)
-        out = check_output(args.output, args.overwrite)
-        device, _ = resolve_device(args.device, "float32")
-        pipe = load_pipeline(args.model, device, torch.float32)
-        check_unconditional(pipe)
+        settings, out, device, pipe = _prepare(args, _settings)
     except (ValueError, TypeError, OSError) as err:
         return error(err)
     fidelity, fashion, notes = _fidelity(args.model, pipe)
@@ -297,11 +303,7 @@ def _ablation_settings(args: argparse.Namespace) -> AblationSettings:
 
 def run_ablation_command(args: argparse.Namespace) -> int:
     try:
-        settings = _ablation_settings(args)
-        out = check_output(args.output, args.overwrite)
-        device, _ = resolve_device(args.device, "float32")
-        pipe = load_pipeline(args.model, device, torch.float32)
-        check_unconditional(pipe)
+        settings, out, device, pipe = _prepare(args, _ablation_settings)
     except (ValueError, TypeError, OSError) as err:
         return error(err)
     fidelity, _, notes = _fidelity(args.model, pipe)
