@@ -142,7 +142,8 @@ def _fake_quant(ctx: RowContext) -> PreparedRow:
 def _int8(ctx: RowContext) -> PreparedRow:
     module = ctx.int8_model()
     report = ctx.int8_report
-    assert report is not None
+    if report is None:  # int8_model() sets it; a missing report is a bug here, not bad input
+        raise RuntimeError("the int8 row has no conversion report")
     fp16 = max(report.fp16_bytes, 1)
     notes = [
         f"{len(report.integer)} layers on int8 ({report.kernel}), {len(report.fallback)} kept fake quant; "
