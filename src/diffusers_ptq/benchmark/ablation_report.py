@@ -9,7 +9,6 @@ The float model's FD is drawn as a horizontal line. Without a fidelity metric on
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from diffusers_ptq.benchmark.ablation import SEARCH_LABEL, AblationResult, Ablat
 from diffusers_ptq.benchmark.ablation_settings import PER_STEP
 from diffusers_ptq.benchmark.plotting import pyplot
 from diffusers_ptq.benchmark.quality import RowResult
-from diffusers_ptq.benchmark.report import _fmt, _slug, _spread, save_image_grid
+from diffusers_ptq.benchmark.report import _fmt, _spread, write_tables_and_grids
 from diffusers_ptq.benchmark.settings import parse_bits
 
 PLOT_FILES = {"groups": "fd_vs_groups.png", "selectors": "fd_vs_calibration_size.png"}
@@ -165,13 +164,7 @@ def save_selectors_plot(result: AblationResult, path: Path) -> None:
 
 def write_ablation_outputs(result: AblationResult, directory: Path, header: str = "") -> None:
     """results.json, table.md, the study's plot and grids/<row>.png into `directory` (which exists)."""
-    (directory / "results.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n", encoding="utf-8")
-    notes = "".join(f"\n> {note}\n" for note in result.notes)
-    (directory / "table.md").write_text(f"{header}{ablation_table(result)}\n{notes}", encoding="utf-8")
-    grids = directory / "grids"
-    grids.mkdir(exist_ok=True)
-    for name, images in result.grids.items():
-        if images.numel():
-            save_image_grid(images, grids / f"{_slug(name)}.png")
+    table = ablation_table(result)
+    write_tables_and_grids(directory, result.to_dict(), table, result.notes, result.grids, header)
     plot = save_groups_plot if result.settings.study == "groups" else save_selectors_plot
     plot(result, directory / PLOT_FILES[result.settings.study])

@@ -109,15 +109,23 @@ def save_sqnr_plot(result: BenchResult, path: Path) -> None:
     plt.close(fig)
 
 
+def write_tables_and_grids(
+    directory: Path, data: dict, table: str, notes: list[str], grids: dict[str, torch.Tensor], header: str
+) -> None:
+    """results.json, table.md (header, table, notes) and grids/<row>.png into `directory` (which exists)."""
+    (directory / "results.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    quoted = "".join(f"\n> {note}\n" for note in notes)
+    (directory / "table.md").write_text(f"{header}{table}\n{quoted}", encoding="utf-8")
+    folder = directory / "grids"
+    folder.mkdir(exist_ok=True)
+    for name, images in grids.items():
+        if images.numel():
+            save_image_grid(images, folder / f"{_slug(name)}.png")
+
+
 def write_outputs(result: BenchResult, directory: Path, header: str = "") -> None:
     """results.json, table.md, sqnr_per_step.png and grids/<row>.png into `directory` (which exists)."""
-    (directory / "results.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n", encoding="utf-8")
-    notes = "".join(f"\n> {note}\n" for note in result.notes)
-    (directory / "table.md").write_text(f"{header}{markdown_table(result)}\n{notes}", encoding="utf-8")
-    grids = directory / "grids"
-    grids.mkdir(exist_ok=True)
-    for name, images in result.grids.items():
-        if images.numel():
-            save_image_grid(images, grids / f"{_slug(name)}.png")
+    table = markdown_table(result)
+    write_tables_and_grids(directory, result.to_dict(), table, result.notes, result.grids, header)
     if any(row.sqnr_per_step for row in result.rows):
         save_sqnr_plot(result, directory / "sqnr_per_step.png")
