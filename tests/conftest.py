@@ -1,9 +1,17 @@
-"""Shared fixtures: tiny offline pipelines and a flush-denormal guard for CPU speed."""
+"""Shared fixtures: tiny offline pipelines, a flush-denormal guard for CPU speed, Triton's interpreter."""
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
+
+if not torch.cuda.is_available():
+    # Without a GPU, the Triton conv kernel's tests run in Triton's CPU interpreter. Triton reads the switch
+    # as it decorates its own functions, and importing diffusers already imports triton: set it first.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 
 from diffusers_ptq.tiny import tiny_ddim_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 

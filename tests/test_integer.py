@@ -6,12 +6,12 @@ import copy
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers import UNet2DModel
 from torch import nn
 
 import diffusers_ptq
-from diffusers_ptq import PTQConfig, QuantConv2d, QuantLinear, convert, quantize_pipeline, set_quant_state
-from diffusers_ptq.config import ActivationQuantConfig, WeightQuantConfig
+from diffusers_ptq import PTQConfig, QuantConv2d, QuantLinear, convert, quantize_pipeline
+from diffusers_ptq.config import WeightQuantConfig
 from diffusers_ptq.integer import (
     ConversionReport,
     Int8Conv2d,
@@ -22,107 +22,24 @@ from diffusers_ptq.integer import (
     onednn_available,
 )
 from diffusers_ptq.integer.packing import pack_int4, unpack_int4
-from diffusers_ptq.primitives import sqnr_db
-from diffusers_ptq.quantizers import TimestepActQuantizer, contiguous_group_map
-from diffusers_ptq.timestep import TimestepContext
 from diffusers_ptq.tiny import tiny_ddim_pipeline, tiny_sd_pipeline
-
-PROMPTS = ["a photo of a cat", "a red car", "a watercolor of a tree", "a city at night"]
-FAST = {"num_samples": 8, "num_inference_steps": 4, "batch_size": 8, "progress": False}
-SEARCH = {"num_candidates": 10}
-GROUPS = 3
-MIXED_T = torch.tensor([950, 600, 250, 10])  # spans all three groups; samples 2 and 3 share one
-KERNELS = [
-    "int_mm",
-    pytest.param("onednn", marks=pytest.mark.skipif(not onednn_available(), reason="no oneDNN")),
-]
-
-
-# -- layer-level helpers ------------------------------------------------------------------------------------
-
-
-def _context() -> tuple[TimestepContext, torch.Tensor]:
-    return TimestepContext(1000), contiguous_group_map(1000, GROUPS)
-
-
-def _act_factory(context, group_map, bits: int, symmetric: bool, seed: int):
-    """Activation quantizers with a different, deterministic range per timestep group."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def make(name: str) -> TimestepActQuantizer:
-        config = ActivationQuantConfig(bits=bits, symmetric=symmetric)
-        q = TimestepActQuantizer(config, context, group_map, bits=bits, name=name)
-        with torch.no_grad():
-            for g in range(GROUPS):
-                lo = -float(torch.rand(1, generator=gen)) * (1 + g)
-                hi = float(torch.rand(1, generator=gen)) * 2 + 0.5 * g + 0.1
-                if symmetric:
-                    q.scale[g] = max(-lo, hi) / (2 ** (bits - 1) - 1)
-                else:
-                    q.scale[g] = (hi - lo) / (2**bits - 1)
-                    q.zero_point[g] = round(-lo / float(q.scale[g]))
-        return q
-
-    return make
-
-
-LAYERS = {
-    # name: (builder(weight_config, act_factory), input shape)
-    "linear_2d": (lambda w, a: QuantLinear.from_float(nn.Linear(37, 29), w, a), (4, 37)),
-    "linear_3d": (lambda w, a: QuantLinear.from_float(nn.Linear(37, 29), w, a), (4, 6, 37)),
-    "conv1x1": (lambda w, a: QuantConv2d.from_float(nn.Conv2d(13, 11, 1), w, a), (4, 13, 5, 7)),
-    "conv3x3": (lambda w, a: QuantConv2d.from_float(nn.Conv2d(13, 11, 3, padding=1), w, a), (4, 13, 5, 7)),
-    "conv3x3_stride2": (
-        lambda w, a: QuantConv2d.from_float(nn.Conv2d(13, 11, 3, stride=2, padding=1), w, a),
-        (4, 13, 9, 7),
-    ),
-    "conv3x3_dilated_nobias": (
-        lambda w, a: QuantConv2d.from_float(nn.Conv2d(13, 11, 3, padding=2, dilation=2, bias=False), w, a),
-        (4, 13, 6, 6),
-    ),
-    "conv3x3_reflect": (
-        lambda w, a: QuantConv2d.from_float(nn.Conv2d(13, 11, 3, padding=1, padding_mode="reflect"), w, a),
-        (4, 13, 5, 7),
-    ),
-    "conv1x1_split": (
-        lambda w, a: QuantConv2d.from_float(nn.Conv2d(13, 11, 1), w, a, split=5),
-        (4, 13, 5, 7),
-    ),
-    "conv3x3_split": (
-        lambda w, a: QuantConv2d.from_float(nn.Conv2d(13, 11, 3, padding=1), w, a, split=8),
-        (4, 13, 5, 7),
-    ),
-}
-GRIDS = [  # (weights symmetric, activations symmetric)
-    (True, False),  # the default recipe
-    (False, False),  # Q-Diffusion: affine weights
-    (True, True),
-    (False, True),
-]
-
-
-def _quant_layer(name: str, w_bits: int, w_sym: bool, a_bits: int, a_sym: bool, seed: int = 0):
-    torch.manual_seed(seed)
-    context, group_map = _context()
-    build, shape = LAYERS[name]
-    weights = WeightQuantConfig(bits=w_bits, symmetric=w_sym, scale_search="minmax")
-    layer = build(weights, _act_factory(context, group_map, a_bits, a_sym, seed))
-    layer.calibrate_weights()
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1)) * 1.5
-    return layer, x, context
-
-
-def _integer(layer, kernel: str):
-    return (Int8Conv2d if isinstance(layer, nn.Conv2d) else Int8Linear)(layer, kernel)
-
-
-def _assert_agrees(out: torch.Tensor, ref: torch.Tensor) -> None:
-    """Equal up to float rounding: far below one output step of any 8-bit grid."""
-    assert out.shape == ref.shape and out.dtype == ref.dtype
-    tol = 1e-5 * max(1.0, float(ref.abs().max()))
-    err = float((out - ref).abs().max())
-    assert err <= tol, f"max |integer - fake quant| = {err:.3g} > {tol:.3g}"
-
+from integer_helpers import (
+    FAST,
+    GRIDS,
+    KERNELS,
+    LAYERS,
+    MIXED_T,
+    PROMPTS,
+    SEARCH,
+    act_factory,
+    assert_agrees,
+    assert_unet_agrees,
+    context_and_map,
+    float_output,
+    integer_layer,
+    quant_layer,
+    unet_inputs,
+)
 
 # -- agreement per layer type -------------------------------------------------------------------------------
 
@@ -133,20 +50,20 @@ def _assert_agrees(out: torch.Tensor, ref: torch.Tensor) -> None:
 @pytest.mark.parametrize("name", list(LAYERS))
 @torch.no_grad()
 def test_layer_matches_fake_quant(name, w_sym, a_sym, w_bits, kernel):
-    layer, x, context = _quant_layer(name, w_bits, w_sym, 8, a_sym)
+    layer, x, context = quant_layer(name, w_bits, w_sym, 8, a_sym)
     with context.use(MIXED_T):
         ref = layer(x)
-        out = _integer(layer, kernel)(x)
-    _assert_agrees(out, ref)
+        out = integer_layer(layer, kernel)(x)
+    assert_agrees(out, ref)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize(("w_bits", "a_bits"), [(6, 7), (8, 6), (3, 5), (2, 8)])
 @torch.no_grad()
 def test_other_bit_widths_match(w_bits, a_bits, kernel):
-    layer, x, context = _quant_layer("conv3x3", w_bits, False, a_bits, False, seed=3)
+    layer, x, context = quant_layer("conv3x3", w_bits, False, a_bits, False, seed=3)
     with context.use(MIXED_T):
-        _assert_agrees(_integer(layer, kernel)(x), layer(x))
+        assert_agrees(integer_layer(layer, kernel)(x), layer(x))
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -154,7 +71,7 @@ def test_other_bit_widths_match(w_bits, a_bits, kernel):
 def test_extreme_codes_do_not_saturate(kernel):
     """Every product at its largest (u = 255, |w| = 127, same sign): oneDNN's int16 pair sums would
     saturate without VNNI; the layer must split such weights and stay exact."""
-    context, group_map = _context()
+    context, group_map = context_and_map()
     linear = nn.Linear(64, 8)
     with torch.no_grad():
         linear.weight.fill_(0.5)
@@ -162,15 +79,15 @@ def test_extreme_codes_do_not_saturate(kernel):
     layer = QuantLinear.from_float(
         linear,
         WeightQuantConfig(bits=8, scale_search="minmax"),
-        _act_factory(context, group_map, 8, False, 0),
+        act_factory(context, group_map, 8, False, 0),
     )
     layer.calibrate_weights()
     x = torch.full((4, 64), 100.0)  # clamps to the top code in every group
     with context.use(MIXED_T):
         ref = layer(x)
-        new = _integer(layer, kernel)
+        new = integer_layer(layer, kernel)
         out = new(x)
-    _assert_agrees(out, ref)
+    assert_agrees(out, ref)
     if kernel == "onednn":
         assert new.split_for_saturation == (not features.cpu_has_vnni())
 
@@ -179,12 +96,12 @@ def test_extreme_codes_do_not_saturate(kernel):
 @torch.no_grad()
 def test_uniform_batch_and_fp16_input(kernel):
     """One timestep for the whole batch (ordinary sampling) and a half-precision input."""
-    layer, x, context = _quant_layer("conv3x3", 8, True, 8, False, seed=5)
+    layer, x, context = quant_layer("conv3x3", 8, True, 8, False, seed=5)
     with context.use(torch.tensor([500])):
-        _assert_agrees(_integer(layer, kernel)(x), layer(x))
-    linear, xl, context = _quant_layer("linear_3d", 8, True, 8, False, seed=6)
+        assert_agrees(integer_layer(layer, kernel)(x), layer(x))
+    linear, xl, context = quant_layer("linear_3d", 8, True, 8, False, seed=6)
     with context.use(torch.tensor([500])):
-        out, ref = _integer(linear, kernel)(xl.half()), linear(xl.half().float()).half()
+        out, ref = integer_layer(linear, kernel)(xl.half()), linear(xl.half().float()).half()
     assert out.dtype == torch.float16
     torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
 
@@ -235,8 +152,8 @@ def test_unknown_kernel_names_valid_choices():
 def test_weight_bytes_at_realistic_sizes(w_bits, target):
     """Stored codes are exactly 0.5x (W8) / 0.25x (W4) of float16; the per-channel constants (fp32 scale,
     and for `int_mm` the zero-point correction) add 8 bytes per output channel: at most 0.003x here."""
-    context, group_map = _context()
-    acts = _act_factory(context, group_map, 8, False, 0)
+    context, group_map = context_and_map()
+    acts = act_factory(context, group_map, 8, False, 0)
     weights = WeightQuantConfig(bits=w_bits, scale_search="minmax")
     layers = [
         QuantConv2d.from_float(nn.Conv2d(320, 320, 3, padding=1), weights, acts),  # SD-1.5 resnet conv
@@ -246,7 +163,7 @@ def test_weight_bytes_at_realistic_sizes(w_bits, target):
         layer.calibrate_weights()
         fp16 = layer.weight.numel() * 2
         for kernel in ("int_mm", "onednn") if onednn_available() else ("int_mm",):
-            codes, constants = _integer(layer, kernel).weight_nbytes()
+            codes, constants = integer_layer(layer, kernel).weight_nbytes()
             assert codes == target * fp16
             assert (codes + constants) / fp16 <= target + 0.0035, (kernel, constants / fp16)
 
@@ -279,42 +196,11 @@ def quantized_sd():
     return pipe
 
 
-def _unet_inputs(unet, seed: int = 0) -> dict:
-    gen = torch.Generator().manual_seed(seed)
-    cfg = unet.config
-    inputs = {
-        "sample": torch.randn(4, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=gen),
-        "timestep": MIXED_T,
-    }
-    if isinstance(unet, UNet2DConditionModel):
-        inputs["encoder_hidden_states"] = torch.randn(4, 6, cfg.cross_attention_dim, generator=gen)
-    return inputs
-
-
-def _float_output(unet, inputs: dict) -> torch.Tensor:
-    float_unet = copy.deepcopy(unet)
-    set_quant_state(float_unet, weights=False, acts=False)
-    return float_unet(**inputs).sample
-
-
-def _assert_unet_agrees(out: torch.Tensor, ref: torch.Tensor, float_ref: torch.Tensor) -> None:
-    """Integer vs fake-quant UNet: far closer than the quantization error itself.
-
-    Each layer agrees to float rounding, but a last-ulp difference can move a downstream activation across
-    a rounding boundary (one code), and the tiny random UNets (8-bit softmax included) carry that on. The
-    fake-quant UNet itself moves about as much when only its memory layout changes (channels_last input:
-    35 dB on the SD UNet), so the bound is relative to the quantization error: >= 12 dB below it, and
-    >= 25 dB SQNR (measured: 40 dB UNet2DModel W8A8, 30-32 dB SD W4A8; quantization error 9.5 / 12.5 dB).
-    """
-    agreement, quantization = sqnr_db(ref, out), sqnr_db(float_ref, ref)
-    assert agreement >= 25.0 and agreement >= quantization + 12.0, (agreement, quantization)
-
-
 @torch.no_grad()
 def test_unet2d_model_converts_and_matches(quantized_ddim):
     unet = copy.deepcopy(quantized_ddim.unet)
-    inputs = _unet_inputs(unet)
-    ref, float_ref = unet(**inputs).sample, _float_output(unet, inputs)
+    inputs = unet_inputs(unet)
+    ref, float_ref = unet(**inputs).sample, float_output(unet, inputs)
     report = convert(unet)
     assert isinstance(report, ConversionReport)
     assert report.integer and not report.fallback
@@ -322,7 +208,7 @@ def test_unet2d_model_converts_and_matches(quantized_ddim):
     assert {info.kind for info in report.integer} >= {"linear", "conv1x1", "conv3x3"}
     assert not any(isinstance(m, QuantConv2d | QuantLinear) for m in unet.modules())
     assert report.attention and "fake-quant" in report.attention[0][1]
-    _assert_unet_agrees(unet(**inputs).sample, ref, float_ref)
+    assert_unet_agrees(unet(**inputs).sample, ref, float_ref)
     assert "layers on int8 kernels" in str(report)
 
 
@@ -330,12 +216,12 @@ def test_unet2d_model_converts_and_matches(quantized_ddim):
 def test_unet2d_condition_model_and_pipeline_convert(quantized_sd):
     pipe = copy.copy(quantized_sd)
     pipe.unet = copy.deepcopy(quantized_sd.unet)
-    inputs = _unet_inputs(pipe.unet, seed=1)
-    ref, float_ref = pipe.unet(**inputs).sample, _float_output(pipe.unet, inputs)
+    inputs = unet_inputs(pipe.unet, seed=1)
+    ref, float_ref = pipe.unet(**inputs).sample, float_output(pipe.unet, inputs)
     report = diffusers_ptq.convert(pipe, backend="int8")
     packed = [info for info in report.integer if info.weight_bits == 4]  # special layers stay at 8 bits
     assert packed and all(info.code_bytes <= 0.26 * info.fp16_bytes for info in packed)
-    _assert_unet_agrees(pipe.unet(**inputs).sample, ref, float_ref)
+    assert_unet_agrees(pipe.unet(**inputs).sample, ref, float_ref)
     image = pipe("a cat", num_inference_steps=2, output_type="np").images
     assert image.shape[0] == 1 and float(abs(image).max()) <= 1.0
 
@@ -344,11 +230,11 @@ def test_unet2d_condition_model_and_pipeline_convert(quantized_sd):
 def test_convert_loaded_checkpoint(quantized_ddim, tmp_path):
     quantized_ddim.unet.save_pretrained(tmp_path / "unet")
     loaded = UNet2DModel.from_pretrained(tmp_path / "unet")
-    inputs = _unet_inputs(loaded, seed=2)
-    ref, float_ref = loaded(**inputs).sample, _float_output(loaded, inputs)
+    inputs = unet_inputs(loaded, seed=2)
+    ref, float_ref = loaded(**inputs).sample, float_output(loaded, inputs)
     report = convert(loaded)
     assert report.integer and not report.fallback
-    _assert_unet_agrees(loaded(**inputs).sample, ref, float_ref)
+    assert_unet_agrees(loaded(**inputs).sample, ref, float_ref)
 
 
 # -- what falls back, and bad input -------------------------------------------------------------------------
@@ -356,22 +242,22 @@ def test_convert_loaded_checkpoint(quantized_ddim, tmp_path):
 
 @torch.no_grad()
 def test_layers_that_cannot_run_int8_fall_back_with_a_reason():
-    context, group_map = _context()
+    context, group_map = context_and_map()
     weights = WeightQuantConfig(bits=8, scale_search="minmax")
     model = nn.ModuleDict(
         {
             "ok": QuantLinear.from_float(
-                nn.Linear(8, 8), weights, _act_factory(context, group_map, 8, False, 0)
+                nn.Linear(8, 8), weights, act_factory(context, group_map, 8, False, 0)
             ),
             "weight_only": QuantLinear.from_float(nn.Linear(8, 8), weights, None),
             "wide_acts": QuantLinear.from_float(
-                nn.Linear(8, 8), weights, _act_factory(context, group_map, 12, False, 0)
+                nn.Linear(8, 8), weights, act_factory(context, group_map, 12, False, 0)
             ),
             "off": QuantLinear.from_float(
-                nn.Linear(8, 8), weights, _act_factory(context, group_map, 8, False, 1)
+                nn.Linear(8, 8), weights, act_factory(context, group_map, 8, False, 1)
             ),
             "grouped": QuantConv2d.from_float(
-                nn.Conv2d(4, 4, 3, groups=2), weights, _act_factory(context, group_map, 8, False, 2)
+                nn.Conv2d(4, 4, 3, groups=2), weights, act_factory(context, group_map, 8, False, 2)
             ),
         }
     )
@@ -417,7 +303,7 @@ def test_copy_of_a_converted_unet_runs_without_the_original(quantized_ddim):
 
     unet = copy.deepcopy(quantized_ddim.unet)
     convert(unet)
-    inputs = _unet_inputs(unet, seed=3)
+    inputs = unet_inputs(unet, seed=3)
     expected = unet(**inputs).sample
     clone = copy.deepcopy(unet)
     del unet
@@ -442,11 +328,11 @@ def test_convert_is_exported():
 def test_low_memory_keeps_no_prepacked_copy():
     if not onednn_available():
         pytest.skip("no oneDNN")
-    layer, x, context = _quant_layer("conv3x3", 4, True, 8, False, seed=7)
+    layer, x, context = quant_layer("conv3x3", 4, True, 8, False, seed=7)
     lean, kept = Int8Conv2d(layer, "onednn", low_memory=True), Int8Conv2d(layer, "onednn")
     with context.use(MIXED_T):
-        _assert_agrees(lean(x), layer(x))
-        _assert_agrees(kept(x), layer(x))
+        assert_agrees(lean(x), layer(x))
+        assert_agrees(kept(x), layer(x))
     assert lean.cache_nbytes() == 0 and kept.cache_nbytes() > 0
     assert lean.weights[0]._cache is None and kept.weights[0]._cache is not None
 
@@ -459,16 +345,16 @@ class _Stack(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        context, group_map = _context()
+        context, group_map = context_and_map()
         w8, w4 = WeightQuantConfig(bits=8, scale_search="minmax"), WeightQuantConfig(bits=4, symmetric=False)
         self.conv = QuantConv2d.from_float(
-            nn.Conv2d(6, 8, 3, padding=1), w8, _act_factory(context, group_map, 8, False, 0)
+            nn.Conv2d(6, 8, 3, padding=1), w8, act_factory(context, group_map, 8, False, 0)
         )
         self.split = QuantConv2d.from_float(
-            nn.Conv2d(8, 8, 1), w8, _act_factory(context, group_map, 8, True, 1), split=3
+            nn.Conv2d(8, 8, 1), w8, act_factory(context, group_map, 8, True, 1), split=3
         )
         self.linear = QuantLinear.from_float(
-            nn.Linear(8, 5), w4, _act_factory(context, group_map, 8, False, 2)
+            nn.Linear(8, 5), w4, act_factory(context, group_map, 8, False, 2)
         )
         for m in (self.conv, self.split, self.linear):
             m.calibrate_weights()
@@ -506,8 +392,8 @@ def test_compiled_integer_layers_do_not_recompile_across_timesteps(kernel):
     pairs, _ = _compiled_calls(stack, "eager", lambda m, t: m(x, torch.tensor(t)))
     for compiled_out, eager_out in pairs:
         torch.testing.assert_close(compiled_out, eager_out)
-    _assert_agrees(stack(x, torch.tensor(900)), expected[900])
-    _assert_agrees(stack(x, torch.tensor(20)), expected[20])
+    assert_agrees(stack(x, torch.tensor(900)), expected[900])
+    assert_agrees(stack(x, torch.tensor(20)), expected[20])
 
 
 @pytest.mark.slow
@@ -541,9 +427,9 @@ def test_inductor_runs_the_integer_layers():
 @torch.no_grad()
 def test_cuda_int_mm_matches_fake_quant():
     for name in ("linear_3d", "conv3x3", "conv1x1_split"):
-        layer, x, context = _quant_layer(name, 8, True, 8, False)
+        layer, x, context = quant_layer(name, 8, True, 8, False)
         layer, x = layer.cuda(), x.cuda()
         context_t = MIXED_T.cuda()
         with context.use(context_t):
-            new = _integer(layer, features.resolve_kernel("auto", x.device))
-            _assert_agrees(new(x), layer(x))
+            new = integer_layer(layer, features.resolve_kernel("auto", x.device))
+            assert_agrees(new(x), layer(x))

@@ -3,7 +3,9 @@
 On CPU the GEMM is oneDNN's. im2col + oneDNN GEMM was measured against oneDNN's own int8 convolution
 (`torch.ops.onednn.qconv_pointwise`, one thread, AVX2): equal within noise on SD-1.5-sized 3x3 convs
 (2x320x64x64: 136 vs 128 ms; 2x640x32x32: 156 vs 138 ms) and 3x faster on a 2x128x32x32 one (3.7 vs
-11.4 ms), so the conv is im2col + GEMM everywhere: one code path for oneDNN and `torch._int_mm` (CUDA).
+11.4 ms), so on CPU the conv is im2col + GEMM. With kernel='triton' (CUDA) a kxk conv (k > 1) runs as a Triton
+implicit GEMM with the dequantisation fused (`triton_conv`); a 1x1 conv needs no im2col, so it stays on
+`torch._int_mm` (cuBLASLt).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import torch
 
 from diffusers_ptq.integer.activation import quantize_nhwc
 from diffusers_ptq.integer.base import IntegerLayer
-from diffusers_ptq.integer.gemm import im2col_nhwc
+from diffusers_ptq.integer.gemm import conv_output_size, im2col_nhwc
+from diffusers_ptq.integer.triton_conv import conv2d_int8
 from diffusers_ptq.nn.layers import QuantConv2d
 
 
@@ -26,6 +29,7 @@ class Int8Conv2d(IntegerLayer):
         self.kernel_size, self.stride = tuple(layer.kernel_size), tuple(layer.stride)
         self.padding, self.dilation = tuple(layer.padding), tuple(layer.dilation)
         self.padding_mode = layer.padding_mode
+        self.implicit_gemm = kernel == "triton" and self.kernel_size != (1, 1)
         ph, pw = self.padding
         self._pad = (pw, pw, ph, ph)
         # (O, C, kh, kw) -> (O, kh * kw * C): the K order of the NHWC im2col columns.
@@ -41,11 +45,25 @@ class Int8Conv2d(IntegerLayer):
             scale, zero_point = self.part_qparams(i, xi)
             bounds = (self.code_lo, self.code_hi, self.code_dtype)
             codes = quantize_nhwc(xi, scale, zero_point, *bounds, self._pad, self.padding_mode)
+            if self.implicit_gemm:
+                out = self._implicit_gemm(i, codes, scale, zero_point, out, x.dtype)
+                continue
             cols, oh, ow = im2col_nhwc(codes, self.kernel_size, self.stride, self.dilation)
             y = self.part_output(i, cols, scale, zero_point)
             out = y if out is None else out.add_(y)
+        oh, ow = (
+            conv_output_size(s + 2 * p, k, st, d)
+            for s, p, k, st, d in zip(x.shape[2:], self.padding, self.kernel_size, self.stride, self.dilation)
+        )
         # The GEMM's rows are NHWC: returned as an NCHW tensor in channels_last memory format, no copy.
         return out.view(b, oh, ow, self.out_channels).permute(0, 3, 1, 2).to(x.dtype)
+
+    def _implicit_gemm(self, i, codes, scale, zero_point, out, dtype) -> torch.Tensor:
+        # One part writes the output dtype directly; a split conv sums its parts in fp32 first.
+        out_dtype = dtype if len(self.in_slices) == 1 else torch.float32
+        args = (self.kernel_size, self.stride, self.dilation, scale, zero_point)
+        bias = self.bias if i == 0 else None
+        return conv2d_int8(codes, self.weights[i], *args, bias, out=out, out_dtype=out_dtype)
 
     def extra_repr(self) -> str:
         split = "" if len(self.in_slices) == 1 else f", split at {self.in_slices[0].stop}"

@@ -13,12 +13,14 @@ Measured on a 2-core AVX2 CPU without VNNI (torch 2.13, one thread):
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
 
 import torch
 
 INT16_MAX = 32767
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
-KERNELS = ("auto", "onednn", "int_mm")
+KERNELS = ("auto", "onednn", "int_mm", "triton")
 
 
 def onednn_available() -> bool:
@@ -50,12 +52,37 @@ def onednn_exact(act_max_code: int, weight_max_abs: int) -> bool:
     return cpu_has_vnni() or 2 * act_max_code * weight_max_abs <= INT16_MAX
 
 
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+@functools.cache
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_available(device: torch.device) -> bool:
+    """True when the Triton conv kernel runs on `device`: CUDA with triton installed, or any device under
+    Triton's CPU interpreter (TRITON_INTERPRET=1; slow, for tests)."""
+    return triton_installed() and (device.type == "cuda" or interpreting())
+
+
 def resolve_kernel(kernel: str, device: torch.device) -> str:
-    """The GEMM kernel for `device`: 'onednn' on CPU when available, 'int_mm' otherwise."""
+    """The GEMM kernel for `device`: on CPU 'onednn' when available; on CUDA 'triton' (3x3 convs as a
+    Triton implicit GEMM, the rest on `torch._int_mm`) when triton is installed; 'int_mm' otherwise."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; valid: {', '.join(repr(k) for k in KERNELS)}")
     if kernel == "auto":
-        return "onednn" if device.type == "cpu" and onednn_available() else "int_mm"
+        if device.type == "cpu":
+            return "onednn" if onednn_available() else "int_mm"
+        return "triton" if device.type == "cuda" and triton_available(device) else "int_mm"
+    if kernel == "triton" and not triton_available(device):
+        why = "triton is not installed" if not triton_installed() else f"the model is on {device}"
+        raise ValueError(
+            f"kernel='triton' needs a CUDA model with triton installed ({why}); use kernel='auto' or "
+            "'int_mm' (set TRITON_INTERPRET=1 to run it in Triton's slow CPU interpreter)"
+        )
     if kernel == "onednn" and (device.type != "cpu" or not onednn_available()):
         raise ValueError(
             f"kernel='onednn' needs a CPU model and a torch build with oneDNN int8 ops (device {device}); "
