@@ -92,8 +92,9 @@ def convert(
     (oneDNN on CPU when this torch has it; on CUDA 'triton' when triton is installed; else `torch._int_mm`),
     'onednn', 'int_mm' (exact everywhere; fast on CUDA, a slow reference loop on CPU), or 'triton' (kxk
     convs as a Triton implicit GEMM with the dequantisation fused, the other layers on `torch._int_mm`;
-    CUDA, or Triton's CPU interpreter under TRITON_INTERPRET=1). `low_memory`: rebuild oneDNN's prepacked weight on every
-    call instead of keeping it (resident weights stay at the stored codes' size, slower on small layers).
+    CUDA, or Triton's CPU interpreter under TRITON_INTERPRET=1). `low_memory`: rebuild oneDNN's prepacked
+    weight on every call instead of keeping it (resident weights stay at the stored codes' size, slower on
+    small layers).
 
     Works on a freshly quantized UNet and on one loaded with `from_pretrained`; convert on the device you
     run on. Each layer's output matches its fake-quant forward up to float rounding. Returns a
