@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from diffusers_ptq.benchmark.fidelity import (
     FeatureStats,
@@ -89,3 +92,84 @@ def test_real_inception_metrics_are_skipped_without_local_weights(tmp_path: Path
     assert reason is not None and ("torchmetrics" in reason or str(tmp_path) in reason)
     with pytest.raises(RuntimeError, match=r"skipped|torchmetrics"):
         InceptionFidelity(torch.zeros(2, 1, 32, 32))
+
+
+class _StandInInception(nn.Module):
+    """Shaped like the part of torchmetrics' Inception that sFID reads: Mixed_6d.branch1x1 at 17x17."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.Mixed_6d = nn.Module()
+        self.Mixed_6d.branch1x1 = nn.Sequential(nn.Conv2d(3, 12, 1), nn.ReLU())
+
+    def forward(self, rgb: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.interpolate(rgb.float() / 255, size=(17, 17), mode="bilinear")
+        return self.Mixed_6d.branch1x1(x)
+
+
+def test_spatial_features_collect_the_first_seven_channels() -> None:
+    from diffusers_ptq.benchmark.inception import SpatialFeatures
+
+    net = _StandInInception()
+    spatial = SpatialFeatures(net)
+    with torch.no_grad():
+        outs = [net(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)) for n in (5, 4)]
+    stats = spatial.take()
+    assert stats.count == 9 and stats.mean.shape == (7 * 17 * 17,)
+    expected = torch.cat(outs)[:, :7].flatten(1).double().mean(0)
+    assert torch.allclose(stats.mean, expected)
+    with pytest.raises(RuntimeError, match=r"no Mixed_6d.branch1x1 output was collected"):
+        spatial.take()
+    spatial.remove()
+    net(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="did not run"):
+        spatial.take()
+
+
+def test_sfid_is_reported_with_fid_from_one_inception_pass(monkeypatch) -> None:
+    """The real metric needs Inception weights (absent here): torchmetrics is replaced by stand-ins."""
+    from diffusers_ptq.benchmark import inception
+
+    class FakeFID:
+        def __init__(self, feature: int, reset_real_features: bool) -> None:
+            self.inception, self.calls = _StandInInception(), 0
+
+        def update(self, rgb: torch.Tensor, real: bool) -> None:
+            assert rgb.dtype == torch.uint8 and rgb.shape[1] == 3
+            self.calls += 1
+            self.inception(rgb)
+
+        def reset(self) -> None:
+            pass
+
+        def compute(self) -> torch.Tensor:
+            return torch.tensor(1.5)
+
+    class FakeIS:
+        def update(self, rgb: torch.Tensor) -> None:
+            pass
+
+        def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.tensor(2.0), torch.tensor(0.0)
+
+    fid_module, is_module = types.ModuleType("fid"), types.ModuleType("inception")
+    fid_module.FrechetInceptionDistance, is_module.InceptionScore = FakeFID, FakeIS
+    for name, module in [
+        ("torchmetrics", types.ModuleType("torchmetrics")),
+        ("torchmetrics.image", types.ModuleType("torchmetrics.image")),
+        ("torchmetrics.image.fid", fid_module),
+        ("torchmetrics.image.inception", is_module),
+    ]:
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(inception, "inception_unavailable_reason", lambda: None)
+
+    gen = torch.Generator().manual_seed(0)
+    real = torch.rand(64, 1, 32, 32, generator=gen) * 2 - 1
+    metric = inception.InceptionFidelity(real, batch_size=32)
+    same = metric.compute(real)
+    assert set(same) == {"FID", "sFID", "IS (Inception)"}
+    assert abs(same["sFID"]) < 1e-6 * max(1.0, metric.real_spatial.cov.trace().item())
+    other = metric.compute(torch.rand(64, 1, 32, 32, generator=gen).pow(3) * 2 - 1)  # darker images
+    assert other["sFID"] > 1.0 and other["FID"] == 1.5 and other["IS (Inception)"] == 2.0
+    assert metric.fid.calls == 6  # real set once, each generated set once: one pass serves FID and sFID
