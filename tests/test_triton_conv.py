@@ -147,6 +147,7 @@ def test_compiled_conv_runs_the_kernel_as_one_op_without_recompiles():
     layer, x, _ = _to(layer, x)
     new = Int8Conv2d(layer, "triton")
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     compiled = torch.compile(new, fullgraph=True, dynamic=False)
     for t in (950, 600, 10):
         with context.use(torch.full((x.shape[0],), t, device=DEVICE)):

@@ -92,8 +92,12 @@ def quantize_nhwc(
     quantization). Other padding modes pad the float input (they commute with elementwise quantization).
     The input is read in its memory order: a channels_last input needs no transpose.
     """
-    if any(pad) and padding_mode != "zeros":
-        x, pad = F.pad(x, pad, mode=padding_mode), (0, 0, 0, 0)
+    if any(pad) and (padding_mode != "zeros" or torch.compiler.is_compiling()):
+        # Compiled, padding the float input (0.0 quantizes to the zero point) fuses into one loop with the
+        # quantization; the eager form below, a zero-point canvas with the codes copied in, becomes a
+        # slow scatter under inductor.
+        mode = "constant" if padding_mode == "zeros" else padding_mode
+        x, pad = F.pad(x, pad, mode=mode), (0, 0, 0, 0)
     b, c, h, w = x.shape
     nhwc = x.permute(0, 2, 3, 1)
     if nhwc.is_contiguous():

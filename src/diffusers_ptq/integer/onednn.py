@@ -19,8 +19,8 @@ import torch
 
 
 class OneDNNOperand(Protocol):
-    def onednn_weight(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-        """(prepacked weight, per-channel weight scales, zero weight zero points, inputs doubled along K)."""
+    def onednn_weight(self, rows: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+        """(prepacked weights whose GEMMs add up, per-channel weight scales, zero weight zero points)."""
         ...
 
 
@@ -80,28 +80,32 @@ def _int8_linear_impl(
     weight = _LIVE.get(handle)
     if weight is None:
         raise RuntimeError(f"integer weight {handle} no longer exists (its layer was freed)")
-    packed, w_scale, w_zero, doubled = weight.onednn_weight(a.shape[0])
-    a = torch.cat([a, a], dim=1) if doubled else a.contiguous()
+    packed, w_scale, w_zero = weight.onednn_weight(a.shape[0])
+    a = a.contiguous()
     rows = a.shape[0] // max(scale.shape[0], 1)
-    outs = [
-        torch.ops.onednn.qlinear_pointwise(
-            a[start * rows : end * rows],
-            s,
-            z,
-            packed,
-            w_scale,
-            w_zero,
-            bias,
-            1.0,
-            0,
-            torch.float32,
-            "none",
-            [None],
-            "",
-        )
-        for start, end, s, z in _runs(scale, zero_point)
-    ]
+    outs = []
+    for start, end, s, z in _runs(scale, zero_point):
+        run = a[start * rows : end * rows]
+        y = _gemm(run, s, z, packed[0], w_scale, w_zero, bias)
+        for half in packed[1:]:  # the second half of a split weight (exact: no int16 saturation)
+            y.add_(_gemm(run, s, z, half, w_scale, w_zero, None))
+        outs.append(y)
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _gemm(
+    a: torch.Tensor,
+    scale: float,
+    zero_point: int,
+    packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_zero: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """fp32 s_a s_w (a - z).w [+ bias] from oneDNN."""
+    return torch.ops.onednn.qlinear_pointwise(
+        a, scale, zero_point, packed, w_scale, w_zero, bias, 1.0, 0, torch.float32, "none", [None], ""
+    )
 
 
 @torch.library.custom_op("diffusers_ptq::onednn_int8_linear", mutates_args=())
