@@ -42,6 +42,12 @@ def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
     return float(diff @ diff + a.cov.trace() + b.cov.trace() - 2 * trace_root)
 
 
+def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images (N, C, H, W) -> uint8 RGB in [0, 255], as Inception and CLIP preprocessors expect."""
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels
+
+
 def inception_score(logits: torch.Tensor, splits: int = 1) -> float:
     """exp(E_x KL(p(y|x) || p(y))), averaged over `splits` equal chunks (1 = the whole set)."""
     if logits.ndim != 2 or len(logits) < splits:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from diffusers_ptq.benchmark.fidelity import FeatureStats, frechet_distance
+from diffusers_ptq.benchmark.fidelity import FeatureStats, frechet_distance, to_uint8_rgb
 
 SFID_MODULE = "Mixed_6d.branch1x1"
 SFID_CHANNELS = 7
@@ -44,12 +44,6 @@ def inception_unavailable_reason() -> str | None:
     if not path.is_file():
         return f"real FID/sFID/IS skipped: no Inception weights at {path} (this benchmark never downloads)"
     return None
-
-
-def _uint8_rgb(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] images (N, C, H, W) -> uint8 RGB, as torchmetrics' Inception expects."""
-    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels
 
 
 class SpatialFeatures:
@@ -88,7 +82,7 @@ class InceptionFidelity:
         self.fid = FrechetInceptionDistance(feature=2048, reset_real_features=False)
         self.spatial = SpatialFeatures(self.fid.inception)
         for chunk in real_images.split(batch_size):
-            self.fid.update(_uint8_rgb(chunk), real=True)
+            self.fid.update(to_uint8_rgb(chunk), real=True)
         self.real_spatial = self.spatial.take()
 
     def compute(self, images: torch.Tensor) -> dict[str, float]:
@@ -97,7 +91,7 @@ class InceptionFidelity:
         score = InceptionScore()
         self.fid.reset()  # keeps the real features (reset_real_features=False)
         for chunk in images.split(self.batch_size):
-            rgb = _uint8_rgb(chunk)
+            rgb = to_uint8_rgb(chunk)
             self.fid.update(rgb, real=False)
             score.update(rgb)
         return {

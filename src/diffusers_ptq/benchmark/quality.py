@@ -1,18 +1,22 @@
-"""The quality benchmark: float vs each preset at each bit setting, on identical noise (paired rows)."""
+"""The quality benchmark: float vs each preset at each bit setting, on identical noise (paired rows).
+
+Unconditional DDPM/DDIM pipelines, and text-to-image pipelines (Stable Diffusion 1.x/2.x, SDXL) when
+`settings.prompts` is set: then every row generates image i from prompt i mod len(prompts) with
+classifier-free guidance, and the prompt list (cycled) also calibrates the quantized rows.
+"""
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import torch
-from diffusers import DDIMPipeline
 from tqdm.auto import tqdm
 
 from diffusers_ptq.api import quantize_pipeline
+from diffusers_ptq.benchmark.clip_score import clip_fidelity
 from diffusers_ptq.benchmark.quanto_row import (
     QUANTO_METHOD,
     QUANTO_ROW,
@@ -22,6 +26,9 @@ from diffusers_ptq.benchmark.quanto_row import (
 from diffusers_ptq.benchmark.sampling import (
     Trajectory,
     ddim_pipeline,
+    ddim_text_pipeline,
+    fresh_pipeline,
+    image_prompts,
     noise_error_per_step,
     pooled_sqnr_db,
     record_trajectory,
@@ -40,6 +47,14 @@ class Fidelity(Protocol):
     name: str
 
     def compute(self, images: torch.Tensor) -> dict[str, float]: ...
+
+
+class PromptFidelity(Protocol):
+    """Text-to-image rows: scores images against the prompt each was generated from (e.g. CLIP score)."""
+
+    name: str
+
+    def compute(self, images: torch.Tensor, prompts: list[str]) -> dict[str, float]: ...
 
 
 @dataclass
@@ -93,10 +108,35 @@ def check_unconditional(pipe: Any) -> None:
         )
 
 
+def check_pipeline_prompts(pipe: Any, prompts: list[str] | None) -> None:
+    """Text-to-image pipelines need prompts and unconditional ones take none (ValueError naming both)."""
+    spec = get_pipeline_spec(pipe)
+    if spec.text_conditioned and prompts is None:
+        raise ValueError(
+            f"{spec.name} is text-conditioned: set prompts (BenchSettings.prompts, --prompts FILE) to "
+            "benchmark it"
+        )
+    if not spec.text_conditioned and prompts is not None:
+        raise ValueError(
+            f"prompts are for text-to-image pipelines; {spec.name} is unconditional: leave prompts None"
+        )
+
+
+def calibration_prompts(settings: BenchSettings, config: PTQConfig) -> list[str] | None:
+    """The evaluation prompts, cycled to one per calibration trajectory (the random selector records one
+    trajectory per prompt and needs at most `num_samples` of them); None for unconditional runs."""
+    if settings.prompts is None:
+        return None
+    count = max(len(settings.prompts), config.calibration.num_samples)
+    return image_prompts(settings.prompts, 0, count)
+
+
 def _row_config(settings: BenchSettings, preset: str, w: int, a: int) -> PTQConfig:
     calibration: dict[str, Any] = {"num_inference_steps": settings.num_inference_steps}
     if settings.calibration_samples is not None:
         calibration["num_samples"] = settings.calibration_samples
+    if settings.prompts is not None:  # calibration sees the guidance the rows sample with
+        calibration["guidance_scale"] = settings.guidance_scale
     config = PTQConfig.preset(preset, weight_bits=w, act_bits=a, calibration=calibration)
     minutes = settings.reconstruction_minutes
     if minutes is not None and config.reconstruction.enabled:
@@ -109,40 +149,37 @@ def row_configs(settings: BenchSettings) -> dict[str, PTQConfig]:
     return {name: _row_config(settings, p, w, a) for name, p, w, a in settings.rows() if p is not None}
 
 
-def _fresh_pipe(float_pipe: DDIMPipeline) -> DDIMPipeline:
-    return DDIMPipeline(unet=copy.deepcopy(float_pipe.unet), scheduler=copy.deepcopy(float_pipe.scheduler))
-
-
 def run_row(
     row: RowResult,
-    float_pipe: DDIMPipeline,
+    float_pipe: Any,
     settings: BenchSettings,
     trajectory: Trajectory,
-    fidelity: Fidelity | None,
+    fidelity: Fidelity | PromptFidelity | None,
     progress: bool,
     config: PTQConfig | None = None,
-    quantize: Callable[[DDIMPipeline], dict[str, Any]] | None = None,
+    quantize: Callable[[Any], dict[str, Any]] | None = None,
 ) -> tuple[RowResult, torch.Tensor]:
     """Calibrate (unless float), sample every seed, score; returns the row and its grid images.
 
     The recipe is `config`, else the row's preset at its bit widths (`settings` applied); a row with
     neither is the float row. `quantize(pipe) -> info`, when given, quantizes the row's fresh pipeline
     instead (another library's method, e.g. optimum-quanto); its info is the row's calibration_info.
-    `settings` gives the sampling: images, seeds, steps, batch size.
+    `settings` gives the sampling: images, seeds, steps, batch size, and for text-to-image pipelines the
+    prompts and guidance scale (`fidelity` is then a PromptFidelity, given each image's prompt).
     """
     pipe = float_pipe
     if config is None and quantize is None and row.preset is not None:
         config = _row_config(settings, row.preset, row.weight_bits, row.act_bits)
     if quantize is not None:
-        pipe = _fresh_pipe(float_pipe)
+        pipe = fresh_pipeline(float_pipe)
         start = time.perf_counter()
         row.calibration_info = quantize(pipe)
         row.calibration_s = round(time.perf_counter() - start, 2)
     elif config is not None:
         row.config = config.to_dict()
-        pipe = _fresh_pipe(float_pipe)
+        pipe = fresh_pipeline(float_pipe)
         start = time.perf_counter()
-        quantize_pipeline(pipe, config, progress=False)
+        quantize_pipeline(pipe, config, prompts=calibration_prompts(settings, config), progress=False)
         row.calibration_s = round(time.perf_counter() - start, 2)
         state = pipe.unet.ptq_state
         row.search_s = None if state.group_search is None else round(state.group_search["seconds"], 2)
@@ -155,6 +192,8 @@ def run_row(
         row.mse_per_step, row.sqnr_per_step = noise_error_per_step(pipe.unet, trajectory)
         row.sqnr_db = pooled_sqnr_db(trajectory, row.mse_per_step)
     grid = torch.empty(0)
+    prompts = settings.prompts
+    guidance = None if prompts is None else settings.guidance_scale
     start = time.perf_counter()
     for seed in settings.seeds:
         images = sample_images(
@@ -165,31 +204,58 @@ def run_row(
             settings.batch_size,
             desc=f"{row.name} seed {seed}",
             progress=progress,
+            prompts=prompts,
+            guidance_scale=guidance,
         )
         if grid.numel() == 0:
             grid = images[:GRID_IMAGES].clone()
         if fidelity is not None:
-            for name, value in fidelity.compute(images).items():
+            if prompts is None:
+                scores = fidelity.compute(images)
+            else:
+                scores = fidelity.compute(images, image_prompts(prompts, 0, len(images)))
+            for name, value in scores.items():
                 row.metrics.setdefault(name, []).append(round(value, 4))
     row.sampling_s = round(time.perf_counter() - start, 2)
     return row, grid
 
 
+def _text_fidelity(
+    settings: BenchSettings, fidelity: Fidelity | PromptFidelity | None, pipe: Any, notes: list[str]
+) -> Fidelity | PromptFidelity | None:
+    """The given metric, else the CLIP score when its weights are on disk (else a note saying why not)."""
+    if fidelity is not None:
+        return fidelity
+    device = getattr(pipe, "device", None) or torch.device("cpu")
+    metric, reason = clip_fidelity(settings.clip_model, device)
+    if reason is not None:
+        notes.append(f"{reason}; noise SQNR is still measured")
+    return metric
+
+
 def run_quality_benchmark(
-    pipe: Any, settings: BenchSettings, fidelity: Fidelity | None = None, progress: bool = True
+    pipe: Any,
+    settings: BenchSettings,
+    fidelity: Fidelity | PromptFidelity | None = None,
+    progress: bool = True,
 ) -> BenchResult:
     """Float row, then one row per (preset, bits), then optimum-quanto's W8A8 with `compare_quanto`: same
     noise seeds, DDIM `settings.num_inference_steps`.
 
-    `pipe` is an unconditional pipeline (its UNet is never modified); `fidelity` None skips FD/IS and keeps
-    the noise-prediction SQNR.
+    `pipe` is an unconditional pipeline, or a text-to-image one with `settings.prompts` (its UNet is never
+    modified). Unconditional: `fidelity` None skips FD/IS. Text-to-image: `fidelity` (a PromptFidelity) None
+    means the CLIP score of `settings.clip_model`, skipped with a note when torchmetrics or the cached
+    weights are missing. The noise-prediction SQNR is measured either way.
     """
     settings.validate()
     configs = row_configs(settings)
-    check_unconditional(pipe)
-    float_pipe = ddim_pipeline(pipe)
-    notes = []
-    if fidelity is None:
+    check_pipeline_prompts(pipe, settings.prompts)
+    text = settings.prompts is not None
+    float_pipe = ddim_text_pipeline(pipe) if text else ddim_pipeline(pipe)
+    notes: list[str] = []
+    if text:
+        fidelity = _text_fidelity(settings, fidelity, pipe, notes)
+    elif fidelity is None:
         notes.append("no classifier matches this model: FD and IS are skipped; noise SQNR is still measured")
     quanto = None
     if settings.compare_quanto:
@@ -199,7 +265,12 @@ def run_quality_benchmark(
         else:
             notes.append(f"{QUANTO_ROW} skipped: {reason}")
     trajectory = record_trajectory(
-        float_pipe, settings.sqnr_samples, settings.seeds[0], settings.num_inference_steps
+        float_pipe,
+        settings.sqnr_samples,
+        settings.seeds[0],
+        settings.num_inference_steps,
+        prompts=settings.prompts,
+        guidance_scale=settings.guidance_scale if text else None,
     )
     rows, grids = [], {}
     specs = settings.rows()

@@ -6,11 +6,15 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 
+from diffusers_ptq.benchmark.clip_score import DEFAULT_CLIP_MODEL
 from diffusers_ptq.methods import available_presets
 
 # --quick: block reconstruction per row that enables it (the default presets: q-diffusion's 3 rows).
 QUICK_RECONSTRUCTION_MINUTES = 0.5
 _BITS = re.compile(r"^W(\d+)A(\d+)$", re.IGNORECASE)
+# Settings of text-to-image runs only; left out of to_dict() without prompts, so unconditional runs record
+# exactly what they recorded before text-to-image rows existed.
+TEXT_FIELDS = ("prompts", "guidance_scale", "clip_model")
 
 
 def parse_bits(text: str) -> tuple[int, int]:
@@ -66,6 +70,24 @@ class BenchSettings:
             "calibration trajectories, then freeze); skipped with a note when optimum-quanto is missing"
         ),
     )
+    prompts: list[str] | None = field(
+        default=None,
+        metadata=_help(
+            "text-to-image models: image i of every seed and row is generated from prompt i mod "
+            "len(prompts); the same list, cycled, is the calibration prompts. None: unconditional models"
+        ),
+    )
+    guidance_scale: float = field(
+        default=7.5,
+        metadata=_help("text-to-image: classifier-free guidance scale for sampling and calibration"),
+    )
+    clip_model: str = field(
+        default=DEFAULT_CLIP_MODEL,
+        metadata=_help(
+            "text-to-image: CLIP model of the CLIP score (Hub id already in the local cache, or a local "
+            "directory; never downloaded)"
+        ),
+    )
 
     @classmethod
     def quick(cls, **overrides: object) -> BenchSettings:
@@ -108,6 +130,37 @@ class BenchSettings:
         check_minutes("reconstruction_minutes", self.reconstruction_minutes)
         if not isinstance(self.compare_quanto, bool):
             raise ValueError(f"compare_quanto={self.compare_quanto!r} is invalid; expected True or False")
+        self._validate_text()
+
+    def _validate_text(self) -> None:
+        prompts = self.prompts
+        if prompts is not None and (
+            not isinstance(prompts, list)
+            or not prompts
+            or not all(isinstance(p, str) and p.strip() for p in prompts)
+        ):
+            shown = prompts if not isinstance(prompts, list) or len(prompts) <= 3 else [*prompts[:3], "..."]
+            raise ValueError(
+                f"prompts={shown!r} is invalid; expected None (unconditional models) or a non-empty list of "
+                "non-empty strings"
+            )
+        scale = self.guidance_scale
+        if not (
+            isinstance(scale, int | float)
+            and not isinstance(scale, bool)
+            and math.isfinite(scale)
+            and scale >= 0
+        ):
+            raise ValueError(f"guidance_scale={scale!r} is invalid; expected a finite number >= 0")
+        if not isinstance(self.clip_model, str) or not self.clip_model.strip():
+            raise ValueError(
+                f"clip_model={self.clip_model!r} is invalid; expected a Hub model id or a local directory"
+            )
+        if prompts is not None and self.compare_quanto:
+            raise ValueError(
+                "compare_quanto=True is invalid with prompts: the optimum-quanto row calibrates "
+                "unconditional pipelines only; drop compare_quanto (--compare-quanto) for text-to-image"
+            )
 
     def rows(self) -> list[tuple[str, str | None, int | None, int | None]]:
         """(row name, preset, weight bits, act bits); the float row first."""
@@ -118,4 +171,5 @@ class BenchSettings:
         return out
 
     def to_dict(self) -> dict[str, object]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        skip = TEXT_FIELDS if self.prompts is None else ()
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}

@@ -65,6 +65,11 @@ def supported_pipelines() -> list[str]:
     return [spec.name for spec in _SPECS.values()]
 
 
+def spec_for_class_name(name: str) -> PipelineSpec | None:
+    """The spec of the supported pipeline class called `name` (as in a model_index.json), else None."""
+    return next((spec for spec in _SPECS.values() if spec.name == name), None)
+
+
 def get_pipeline_spec(pipe: Any) -> PipelineSpec:
     """The spec of `pipe`'s class; TypeError naming the supported pipelines and UNets otherwise."""
     spec = _SPECS.get(type(pipe))

@@ -20,9 +20,21 @@ from diffusers_ptq.benchmark.inception import (
     InceptionFidelity,
     inception_unavailable_reason,
 )
-from diffusers_ptq.benchmark.quality import check_unconditional, row_configs, run_quality_benchmark
+from diffusers_ptq.benchmark.quality import (
+    check_pipeline_prompts,
+    check_unconditional,
+    row_configs,
+    run_quality_benchmark,
+)
 from diffusers_ptq.benchmark.report import markdown_table, reference_table, write_outputs
 from diffusers_ptq.benchmark.settings import QUICK_RECONSTRUCTION_MINUTES, BenchSettings
+from diffusers_ptq.calibration import get_pipeline_spec
+from diffusers_ptq.cli.bench_text import (
+    add_text_arguments,
+    check_model_prompts,
+    model_text_conditioned,
+    text_overrides,
+)
 from diffusers_ptq.cli.common import (
     DEFAULT_MODEL,
     FASHION_MODEL,
@@ -53,8 +65,10 @@ def add_parser(sub: Any) -> None:
         "write table.md, results.json, reference.md (what the metric says of real data and noise),\n"
         "grids/<row>.png and sqnr_per_step.png into --output, atomically. FD/IS need the shipped\n"
         "Fashion-MNIST classifier, so they are measured for --model fashion only; other unconditional\n"
-        "models get the noise SQNR alone. --ablation groups|selectors runs the timestep-group or the\n"
-        "calibration-selector ablation instead (its own table.md, results.json, plot and grids).",
+        "models get the noise SQNR alone. Text-to-image models (Stable Diffusion 1.x/2.x, SDXL) take\n"
+        "--prompts FILE and get the CLIP score when torchmetrics and cached CLIP weights are present.\n"
+        "--ablation groups|selectors runs the timestep-group or the calibration-selector ablation\n"
+        "instead (its own table.md, results.json, plot and grids).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     default = BenchSettings()
@@ -103,6 +117,7 @@ def add_parser(sub: Any) -> None:
         "With --ablation: every row of the study at toy sizes (DDIM 20, 16 images, calibration sizes "
         "16/32, one search epoch), a smoke test. Explicit flags still win.",
     )
+    add_text_arguments(b, default)
     add_ablation_arguments(b)
     b.add_argument("--device", help="torch device. Default: cuda if available, else cpu.")
     b.add_argument("--output", required=True, metavar="DIR", help="output directory (required).")
@@ -119,6 +134,7 @@ def _settings(args: argparse.Namespace) -> BenchSettings:
         "calibration_samples", "reconstruction_minutes", "compare_quanto",
     )  # fmt: skip
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    overrides.update(text_overrides(args))
     settings = BenchSettings.quick(**overrides) if args.quick else BenchSettings(**overrides)
     settings.validate()
     row_configs(settings)  # every recipe is built (and validated) before any model is loaded
@@ -138,9 +154,11 @@ def _header(
 ) -> str:
     command = "diffusers-ptq " + " ".join(shlex.quote(a) for a in args.argv)
     seeds = ", ".join(map(str, settings.seeds))
+    prompts = getattr(settings, "prompts", None)
+    text = "" if prompts is None else f"{len(prompts)} prompts, guidance scale {settings.guidance_scale}; "
     return (
         f"Command: `{command}`  \n"
-        f"Model: {args.model}; DDIM {settings.num_inference_steps} steps, eta 0; "
+        f"Model: {args.model}; DDIM {settings.num_inference_steps} steps, eta 0; {text}"
         f"{settings.num_samples} images x {len(settings.seeds)} seeds ({seeds}) "
         f"per row, same noise in every row; noise SQNR on {settings.sqnr_samples} float trajectories.  \n"
         f"Machine: {machine_description(device)}; total {seconds / 60:.1f} min.\n\n"
@@ -170,8 +188,15 @@ def _prepare(args: argparse.Namespace, build_settings: Any) -> tuple[Any, Any, A
     settings = build_settings(args)
     out = check_output(args.output, args.overwrite)
     device, _ = resolve_device(args.device, "float32")
+    if not isinstance(settings, BenchSettings):  # the ablations: unconditional models only
+        pipe = load_pipeline(args.model, device, torch.float32)
+        check_unconditional(pipe)
+        return settings, out, device, pipe
+    check_model_prompts(args.model, model_text_conditioned(args.model), settings.prompts)
     pipe = load_pipeline(args.model, device, torch.float32)
-    check_unconditional(pipe)
+    # Again on the loaded pipeline: a Hub model's class may not have been known before loading.
+    check_model_prompts(args.model, get_pipeline_spec(pipe).text_conditioned, settings.prompts)
+    check_pipeline_prompts(pipe, settings.prompts)
     return settings, out, device, pipe
 
 
@@ -182,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
         settings, out, device, pipe = _prepare(args, _settings)
     except (ValueError, TypeError, OSError) as err:
         return error(err)
-    fidelity, fashion, notes = _fidelity(args.model, pipe)
+    fidelity, fashion, notes = (None, None, []) if settings.prompts else _fidelity(args.model, pipe)
     start = time.perf_counter()
     result = run_quality_benchmark(pipe, settings, fidelity, progress=not args.no_progress)
     result.notes += notes
@@ -279,6 +304,9 @@ def _ablation_settings(args: argparse.Namespace) -> AblationSettings:
     for option in ("--presets", "--reconstruction-minutes", "--compare-quanto"):
         if getattr(args, option.lstrip("-").replace("-", "_")) is not None:
             raise ValueError(f"{option} does not apply to --ablation (its rows fix their own recipes)")
+    for option in ("--prompts", "--guidance-scale", "--clip-model"):
+        if getattr(args, option.lstrip("-").replace("-", "_")) is not None:
+            raise ValueError(f"{option} does not apply to --ablation (it samples unconditional models only)")
     for option, owner in _STUDY_OPTIONS.items():
         if owner != study and getattr(args, option.lstrip("-").replace("-", "_")) is not None:
             raise ValueError(f"{option} applies to --ablation {owner}, not --ablation {study}")
