@@ -217,11 +217,7 @@ def run(args: argparse.Namespace) -> int:
         if fashion is not None:
             table = reference_table(fashion.reference_rows(settings.num_samples), result)
             (tmp / "reference.md").write_text(table, encoding="utf-8")
-    print(header + markdown_table(result))
-    for note in result.notes:
-        print(f"note: {note}")
-    print(f"diffusers-ptq: wrote {out}")
-    return 0
+    return _report(header + markdown_table(result), result.notes, out)
 
 
 # --ablation: options, which study each applies to, and the run.
@@ -341,8 +337,13 @@ def run_ablation_command(args: argparse.Namespace) -> int:
     header = _header(args, settings, device, time.perf_counter() - start)
     with atomic_directory(out) as tmp:
         write_ablation_outputs(result, tmp, header)
-    print(header + ablation_table(result))
-    for note in result.notes:
+    return _report(header + ablation_table(result), result.notes, out)
+
+
+def _report(table: str, notes: list[str], out: Any) -> int:
+    """Print the table and the notes, say where the results went; the command's exit status."""
+    print(table)
+    for note in notes:
         print(f"note: {note}")
     print(f"diffusers-ptq: wrote {out}")
     return 0

@@ -286,6 +286,7 @@ class _Run:
     checkpoint: ResumeCheckpoint | None
     total: int
     progress: bool
+    skipped_any: bool = False
 
     def step(self, phase: Phase, unit: Unit, index: int, weight: int) -> UnitReport:
         """Resume, skip (budget spent) or train `unit` in `phase`; `weight` is its configured iterations."""
@@ -304,9 +305,13 @@ class _Run:
             _restore(unet, unit, phase, checkpoint, entry)
             return UnitReport.from_dict({**entry["report"], "status": "resumed"})
         if budget.exhausted():
-            logger.warning(
-                "reconstruction: time budget spent; %s keeps its current rounding and scales", unit.name
-            )
+            if not self.skipped_any:  # once: every later unit is skipped too, and the report lists them
+                logger.warning(
+                    "reconstruction: time budget spent at %s; it and the units after it keep their current "
+                    "rounding and scales (status 'skipped' in the report)",
+                    unit.name,
+                )
+            self.skipped_any = True
             return UnitReport(unit.name, unit.kind, phase.name, 0, status="skipped")
         cache = build_cache(
             unet,
