@@ -70,6 +70,18 @@ def test_speed_benchmark_end_to_end_on_tiny_models(tmp_path: Path, capsys) -> No
     assert Image.open(out / "speed.png").size[0] > 100
 
 
+def test_w4a8_rows_run_packed_weights() -> None:
+    settings = SpeedSettings(models=["tiny"], rows=["fake-quant", "int8"], weight_bits=4)
+    settings.repeats, settings.warmup = 1, 0
+    tiny_unet2d = speed_models(["tiny"], batch_size=2)[1:]
+    result = run_speed_benchmark(settings, models=tiny_unet2d, log=lambda _: None)
+    rows = {row.id: row for row in result.models[0].rows}
+    assert rows["int8"].ok and rows["int8"].label == "int8 W4A8 eager (diffusers-ptq)"
+    assert "simulated W4A8" in rows["fake-quant"].notes[0]
+    # Packed nibbles: the codes take a quarter of the fp16 bytes (plus per-channel constants).
+    assert any("weights 0.2" in note for note in rows["int8"].notes)
+
+
 def test_missing_libraries_and_failures_skip_their_row_only(monkeypatch) -> None:
     for name in ("torchao", "torchao.quantization", "optimum.quanto"):
         monkeypatch.setitem(sys.modules, name, None)  # importing them now raises ImportError
@@ -101,6 +113,7 @@ def test_missing_libraries_and_failures_skip_their_row_only(monkeypatch) -> None
         (["--warmup", "-1"], "warmup=-1"),
         (["--batch-size", "0"], "batch_size=0"),
         (["--calibration-rows", "0"], "calibration_rows=0"),
+        (["--weight-bits", "6"], "weight_bits=6 is invalid; choose from 8, 4"),
         (["--compile-mode", "fast"], "compile_mode='fast'"),
         (["--device", "meta"], "is not supported; use cpu or cuda"),
         (["--device", "nonsense"], "is not a torch device"),

@@ -156,7 +156,8 @@ def run_model(
     """Every selected row on one model; never raises for a row that fails (it is skipped with the reason)."""
     order = settings.ordered_rows()
     dtype_name = str(dtype).removeprefix("torch.")
-    rows = [SpeedRow(r, LABELS[r].format(dtype=dtype_name)) for r in order]
+    bits = f"W{settings.weight_bits}A8"
+    rows = [SpeedRow(r, LABELS[r].format(dtype=dtype_name, bits=bits)) for r in order]
     try:
         float_unet = model.build()
     except Exception as err:  # e.g. the shipped weights missing: every row of this model is skipped

@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="synthetic calibration inputs, one per timestep group of the W8A8 recipe (scale values do not "
         f"change the speed). Default: {d.calibration_rows}.",
     )
+    p.add_argument(
+        "--weight-bits",
+        type=int,
+        default=d.weight_bits,
+        help="weight bits of the diffusers-ptq rows (activations 8): 8, or 4 (packed; on a CPU without VNNI "
+        f"no split GEMMs). torchao and quanto stay W8A8. Default: {d.weight_bits}.",
+    )
     p.add_argument("--output", required=True, metavar="DIR", help="output directory (required).")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output. Default: refuse.")
     p.add_argument("--traceback", action="store_true", help="print the traceback of a row that fails.")
@@ -96,6 +103,7 @@ def settings_from_args(args: argparse.Namespace) -> SpeedSettings:
         kernel=args.kernel,
         compile_mode=args.compile_mode,
         calibration_rows=args.calibration_rows,
+        weight_bits=args.weight_bits,
         verbose_errors=args.traceback,
     )
     settings.validate()

@@ -24,12 +24,12 @@ from diffusers_ptq.benchmark.speed_settings import SpeedSettings
 from diffusers_ptq.config import PTQConfig
 from diffusers_ptq.integer import ConversionReport, convert
 
-LABELS = {  # {dtype} is the run's float dtype
+LABELS = {  # {dtype} is the run's float dtype, {bits} the diffusers-ptq rows' W?A8
     "float": "float ({dtype})",
     "float-compiled": "float ({dtype}), compiled",
-    "fake-quant": "fake-quant W8A8 (diffusers-ptq)",
-    "int8": "int8 W8A8 eager (diffusers-ptq)",
-    "int8-compiled": "int8 W8A8 compiled (diffusers-ptq)",
+    "fake-quant": "fake-quant {bits} (diffusers-ptq)",
+    "int8": "int8 {bits} eager (diffusers-ptq)",
+    "int8-compiled": "int8 {bits} compiled (diffusers-ptq)",
     "torchao": "torchao int8 dynamic W8A8, compiled",
     "quanto": "optimum-quanto W8A8",
 }
@@ -51,10 +51,11 @@ class PreparedRow:
 
 
 def benchmark_recipe(settings: SpeedSettings) -> PTQConfig:
-    """W8A8 with min/max ranges and one timestep group per calibration input (scales do not change speed)."""
+    """W8A8 (or W4A8) with min/max ranges and one timestep group per calibration input (scales do not
+    change the speed)."""
     minmax = {"scale_search": "minmax"}
     acts = {**minmax, "timestep_groups": settings.calibration_rows}
-    return PTQConfig(weight_bits=8, act_bits=8, weights=minmax, activations=acts)
+    return PTQConfig(weight_bits=settings.weight_bits, act_bits=8, weights=minmax, activations=acts)
 
 
 class RowContext:
@@ -135,7 +136,8 @@ def _float_compiled(ctx: RowContext) -> PreparedRow:
 def _fake_quant(ctx: RowContext) -> PreparedRow:
     module = ctx.quantized_model()
     groups = ctx.settings.calibration_rows
-    notes = [f"simulated W8A8 ({groups} timestep groups): float weights plus scale tables"]
+    bits = f"W{ctx.settings.weight_bits}A8"
+    notes = [f"simulated {bits} ({groups} timestep groups): float weights plus scale tables"]
     return PreparedRow(module, model_bytes(module), notes)
 
 

@@ -14,8 +14,8 @@ DEFAULT_ROWS = ROWS
 ROW_HELP = {
     "float": "the float UNet, eager (fp32 on CPU, fp16 on GPU unless --dtype says otherwise)",
     "float-compiled": "the float UNet under torch.compile",
-    "fake-quant": "diffusers-ptq W8A8 fake quantization (simulated; what calibration produces)",
-    "int8": "diffusers-ptq W8A8 on integer kernels (diffusers_ptq.convert), eager",
+    "fake-quant": "diffusers-ptq fake quantization, W8A8 or --weight-bits 4 (simulated)",
+    "int8": "diffusers-ptq on integer kernels (diffusers_ptq.convert), eager",
     "int8-compiled": "the same integer UNet under torch.compile",
     "torchao": "torchao Int8DynamicActivationInt8WeightConfig (its default filter: Linear layers) + compile",
     "quanto": "optimum-quanto W8A8: qint8 weights and activations, calibrated, frozen; eager",
@@ -23,6 +23,7 @@ ROW_HELP = {
 # 'tiny' is two random-weight toy UNets for plumbing tests, not a measurement.
 MODELS = ("sd15", "fashion", "tiny")
 MODEL_CHOICES = (*MODELS, "both")
+WEIGHT_BITS = (8, 4)  # W8A8 (the target) or W4A8 (packed weights; no oneDNN split on any CPU)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -60,6 +61,7 @@ class SpeedSettings:
     kernel: str = "auto"  # diffusers_ptq.convert's GEMM kernel
     compile_mode: str = "default"  # torch.compile mode of the compiled rows
     calibration_rows: int = 4  # synthetic calibration inputs (one per timestep group) for fake-quant/quanto
+    weight_bits: int = 8  # of the diffusers-ptq rows (activations 8-bit); torchao and quanto stay W8A8
     verbose_errors: bool = False  # print the traceback of a row that fails (it is skipped either way)
 
     def validate(self) -> None:
@@ -74,6 +76,10 @@ class SpeedSettings:
         _check_int("warmup", self.warmup, 0)
         _check_int("batch_size", self.batch_size, 1)
         _check_int("calibration_rows", self.calibration_rows, 1)
+        if self.weight_bits not in WEIGHT_BITS:
+            raise ValueError(
+                f"weight_bits={self.weight_bits!r} is invalid; choose from {', '.join(map(str, WEIGHT_BITS))}"
+            )
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel={self.kernel!r} is invalid; choose from {', '.join(KERNELS)}")
         modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
