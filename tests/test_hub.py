@@ -159,7 +159,9 @@ unet = UNet2DConditionModel.from_pretrained("alice/tiny-sd-unet")
 with torch.no_grad():
     results["unet_identical"] = bool(torch.equal(unet(**inputs).sample, reference_unet))
 
-# 3. A pull request instead of a commit to main, on both upload paths.
+# 3. A pull request instead of a commit to main, on both upload paths. Each pushes new content: the client
+# skips an upload whose files all match the repo's (no commit, so no pull request and pr_url None).
+pipe.unet.ptq_state.metrics["psnr_db"] = 30.0
 results["pr_single_commit"] = push_to_hub(pipe.unet, "alice/tiny-sd-unet", token=token, create_pr=True).pr_url
 constants.HF_HUB_DISABLE_XET = False
 # New content, so the client cannot skip this upload as identical to what the repo already holds.
