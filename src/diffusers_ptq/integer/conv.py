@@ -48,12 +48,13 @@ class Int8Conv2d(IntegerLayer):
             if self.implicit_gemm:
                 out = self._implicit_gemm(i, codes, scale, zero_point, out, x.dtype)
                 continue
-            cols, oh, ow = im2col_nhwc(codes, self.kernel_size, self.stride, self.dilation)
+            cols, _, _ = im2col_nhwc(codes, self.kernel_size, self.stride, self.dilation)
             y = self.part_output(i, cols, scale, zero_point)
             out = y if out is None else out.add_(y)
+        # Output size from the padded codes (B, H', W', C), whichever kernel ran.
         oh, ow = (
-            conv_output_size(s + 2 * p, k, st, d)
-            for s, p, k, st, d in zip(x.shape[2:], self.padding, self.kernel_size, self.stride, self.dilation)
+            conv_output_size(size, k, st, d)
+            for size, k, st, d in zip(codes.shape[1:3], self.kernel_size, self.stride, self.dilation)
         )
         # The GEMM's rows are NHWC: returned as an NCHW tensor in channels_last memory format, no copy.
         return out.view(b, oh, ow, self.out_channels).permute(0, 3, 1, 2).to(x.dtype)
