@@ -27,11 +27,10 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from diffusers_ptq import PTQConfig
 from diffusers_ptq.benchmark.fashion import FashionFidelity
-from diffusers_ptq.benchmark.quality import BenchResult, RowResult, run_row
+from diffusers_ptq.benchmark.quality import BenchResult, RowResult, RowSpec, run_rows
 from diffusers_ptq.benchmark.report import markdown_table, write_outputs
 from diffusers_ptq.benchmark.sampling import ddim_pipeline, record_trajectory
 from diffusers_ptq.benchmark.settings import BenchSettings
@@ -97,20 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     float_pipe = ddim_pipeline(fashion_ddpm_pipeline("ddim"))
     fidelity = FashionFidelity()
     trajectory = record_trajectory(float_pipe, settings.sqnr_samples, args.seeds[0], args.steps)
-    rows, grids, recon = [], {}, {}
-    specs = [("float", None), *configs.items()]
-    for name, config in tqdm(specs, desc="rows"):
-        row = RowResult(
-            name=name, preset=None if config is None else config.method, weight_bits=4, act_bits=8
-        )
-        if config is None:
-            row.weight_bits = row.act_bits = None
-        row, grids[name] = run_row(row, float_pipe, settings, trajectory, fidelity, True, config)
-        rows.append(row)
-        recon[name] = (row.calibration_info or {}).get("reconstruction")
-        print(
-            f"{name}: FD {row.mean('FD')}, SQNR {row.sqnr_db}, calibration {row.calibration_s} s", flush=True
-        )
+    specs = [RowSpec(RowResult("float", None, None, None))]
+    specs += [RowSpec(RowResult(name, cfg.method, 4, 8), cfg) for name, cfg in configs.items()]
+
+    def log(row: RowResult) -> None:
+        summary = f"FD {row.mean('FD')}, SQNR {row.sqnr_db}, calibration {row.calibration_s} s"
+        print(f"{row.name}: {summary}", flush=True)
+
+    rows, grids = run_rows(
+        specs, float_pipe, settings, trajectory, fidelity, progress=True, desc="rows", on_row=log
+    )
+    recon = {row.name: row.calibration_info.get("reconstruction") for row in rows}
     result = BenchResult(
         settings=settings,
         rows=rows,

@@ -1,7 +1,7 @@
 """`diffusers-ptq bench --ablation`: the papers' ablations in miniature, as rows of the quality benchmark.
 
 Every row is one PTQConfig over a shared base recipe, so only what the study varies differs between rows.
-Rows run through `quality.run_row`: the same per-image noise in every row (and in the float row), the
+Rows run through `quality.run_rows`: the same per-image noise in every row (and in the float row), the
 same float trajectories for the noise SQNR, the same fidelity metric.
 
 Base recipe of both studies: the apq-dm preset's quantizers (asymmetric per-channel weights and asymmetric
@@ -32,10 +32,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from diffusers_ptq.benchmark.ablation_settings import PER_STEP, AblationSettings
-from diffusers_ptq.benchmark.quality import Fidelity, RowResult, check_unconditional, run_row
+from diffusers_ptq.benchmark.quality import Fidelity, RowResult, RowSpec, check_unconditional, run_rows
 from diffusers_ptq.benchmark.sampling import ddim_pipeline, record_trajectory
 from diffusers_ptq.benchmark.settings import parse_bits
 from diffusers_ptq.config import PTQConfig
@@ -245,13 +244,11 @@ def run_ablation(
     trajectory = record_trajectory(
         float_pipe, sampling.sqnr_samples, sampling.seeds[0], sampling.num_inference_steps
     )
-    results, grids = [], {}
-    for spec in tqdm(rows, desc=f"ablation: {settings.study}", disable=not progress):
-        row = RowResult(name=spec.name, preset=None, weight_bits=spec.weight_bits, act_bits=spec.act_bits)
-        row, grids[spec.name] = run_row(
-            row, float_pipe, sampling, trajectory, fidelity, progress, spec.config
-        )
-        results.append(row)
+    specs = [
+        RowSpec(RowResult(spec.name, None, spec.weight_bits, spec.act_bits), spec.config) for spec in rows
+    ]
+    desc = f"ablation: {settings.study}"
+    results, grids = run_rows(specs, float_pipe, sampling, trajectory, fidelity, progress=progress, desc=desc)
     return AblationResult(
         settings=settings,
         rows=rows,

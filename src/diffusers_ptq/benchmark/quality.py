@@ -220,6 +220,40 @@ def run_row(
     return row, grid
 
 
+@dataclass
+class RowSpec:
+    """One row to run: its result (filled in by the run), and its recipe or another library's quantizer
+    (neither: the float row)."""
+
+    result: RowResult
+    config: PTQConfig | None = None
+    quantize: Callable[[Any], dict[str, Any]] | None = None
+
+
+def run_rows(
+    specs: list[RowSpec],
+    float_pipe: Any,
+    settings: BenchSettings,
+    trajectory: Trajectory,
+    fidelity: Fidelity | PromptFidelity | None,
+    *,
+    progress: bool,
+    desc: str = "bench rows",
+    on_row: Callable[[RowResult], None] | None = None,
+) -> tuple[list[RowResult], dict[str, torch.Tensor]]:
+    """`run_row` for each spec in order, on the same float pipeline and trajectory; returns the finished
+    rows and their grids by row name. `on_row(row)` is called as each row finishes (e.g. to log it)."""
+    rows, grids = [], {}
+    for spec in tqdm(specs, desc=desc, disable=not progress):
+        row, grids[spec.result.name] = run_row(
+            spec.result, float_pipe, settings, trajectory, fidelity, progress, spec.config, spec.quantize
+        )
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return rows, grids
+
+
 def _text_fidelity(
     settings: BenchSettings, fidelity: Fidelity | PromptFidelity | None, pipe: Any, notes: list[str]
 ) -> Fidelity | PromptFidelity | None:
@@ -272,17 +306,13 @@ def run_quality_benchmark(
         prompts=settings.prompts,
         guidance_scale=settings.guidance_scale if text else None,
     )
-    rows, grids = [], {}
-    specs = settings.rows()
+    specs = [
+        RowSpec(RowResult(name=name, preset=preset, weight_bits=w, act_bits=a), configs.get(name))
+        for name, preset, w, a in settings.rows()
+    ]
     if quanto is not None:
-        specs.append((QUANTO_ROW, QUANTO_METHOD, 8, 8))
-    for name, preset, w, a in tqdm(specs, desc="bench rows", disable=not progress):
-        row = RowResult(name=name, preset=preset, weight_bits=w, act_bits=a)
-        quantize = quanto if name == QUANTO_ROW else None
-        row, grids[name] = run_row(
-            row, float_pipe, settings, trajectory, fidelity, progress, configs.get(name), quantize
-        )
-        rows.append(row)
+        specs.append(RowSpec(RowResult(QUANTO_ROW, QUANTO_METHOD, 8, 8), quantize=quanto))
+    rows, grids = run_rows(specs, float_pipe, settings, trajectory, fidelity, progress=progress)
     return BenchResult(
         settings=settings,
         rows=rows,
