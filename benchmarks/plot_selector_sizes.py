@@ -3,8 +3,8 @@
 Each run of the selector ablation plots the sizes it ran; sizes run separately (one hour each on a CPU) are
 merged here from their results.json files:
 
-    python benchmarks/plot_selector_sizes.py benchmarks/results/ablation_selectors_128 \
-        benchmarks/results/ablation_selectors_256 --output benchmarks/results/selectors_fd_vs_size.png
+    python benchmarks/plot_selector_sizes.py benchmarks/results/ablation_selectors_{128,256,512,1024} \
+        --output benchmarks/results/selectors_fd_vs_size.png
 """
 
 from __future__ import annotations
@@ -44,8 +44,11 @@ def plot(series: dict[str, dict[int, tuple[float, float]]], float_fd: float | No
         ax_sqnr.plot(sizes, [by_size[n][1] for n in sizes], marker="o", label=selector)
     if float_fd is not None:
         ax_fd.axhline(float_fd, color="black", linestyle="--", linewidth=1, label="float")
+    all_sizes = sorted({n for by_size in series.values() for n in by_size})
     for ax, ylabel in ((ax_fd, "FD (lower is better)"), (ax_sqnr, "noise SQNR, dB (higher is better)")):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(all_sizes, labels=[str(n) for n in all_sizes])
+        ax.minorticks_off()
         ax.set_xlabel("calibration samples N")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

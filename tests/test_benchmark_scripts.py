@@ -1,4 +1,4 @@
-"""Smoke tests for the measurement scripts in benchmarks/ that have no test of their own (tiny shapes)."""
+"""Tests of the helper scripts in benchmarks/ (tiny shapes and stand-in results)."""
 
 from __future__ import annotations
 
@@ -52,3 +52,31 @@ def test_gemm_split_rejects_bad_shape(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         _load("gemm_split").main(["--shape", "0", "8", "8"])
     assert "--shape must be positive" in capsys.readouterr().err
+
+
+def _selector_run(directory: Path, size: int, study: str = "selectors") -> Path:
+    rows = [
+        {"selector": None, "size": None, "metrics": {"FD": [50.0]}, "sqnr_db": None},
+        {"selector": "random", "size": size, "metrics": {"FD": [60.0, 62.0]}, "sqnr_db": 20.0},
+        {"selector": "density_diversity", "size": size, "metrics": {"FD": [55.0]}, "sqnr_db": 19.0},
+    ]
+    directory.mkdir()
+    (directory / "results.json").write_text(json.dumps({"study": study, "rows": rows}))
+    return directory
+
+
+def test_plot_selector_sizes_merges_runs(tmp_path: Path) -> None:
+    script = _load("plot_selector_sizes")
+    runs = [_selector_run(tmp_path / f"n{n}", n) for n in (128, 512)]
+    series, float_fd = script.load_rows(runs)
+    assert float_fd == 50.0
+    assert series["random"] == {128: (61.0, 20.0), 512: (61.0, 20.0)}
+    out = tmp_path / "plot.png"
+    assert script.main([*map(str, runs), "--output", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_selector_sizes_refuses_another_study(tmp_path: Path) -> None:
+    run = _selector_run(tmp_path / "groups", 128, study="groups")
+    with pytest.raises(ValueError, match="'groups' study, not 'selectors'"):
+        _load("plot_selector_sizes").load_rows([run])
