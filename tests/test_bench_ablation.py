@@ -40,7 +40,9 @@ def _quantizers(config: PTQConfig) -> dict:
 
 
 def test_groups_rows_vary_only_g_and_the_search() -> None:
-    settings = AblationSettings(study="groups", calibration_samples=96, search_epochs=2, search_images=5)
+    settings = AblationSettings(
+        study="groups", calibration_samples=96, search_epochs=2, search_images=5, search_lambda=40.0
+    )
     rows = ablation_rows(settings)
     assert rows[0].name == "float" and rows[0].config is None
     assert [r.name for r in rows[1:6]] == ["W6A6 G=1", "W6A6 G=4", "W6A6 G=8", "W6A6 G=16", "W6A6 per-step"]
@@ -52,6 +54,7 @@ def test_groups_rows_vary_only_g_and_the_search() -> None:
         assert c.activations.timestep_groups == row.groups
         assert c.group_search.enabled is row.search is (row.groups in (4, 8, 16))
         assert (c.group_search.epochs, c.group_search.num_images) == (2, 5)
+        assert c.group_search.entropy_weight == 40.0
         assert (c.calibration.selector, c.calibration.sampler, c.calibration.step_interval) == (
             "random",
             "uniform",
@@ -128,6 +131,9 @@ def test_selector_rows_differ_only_in_calibration() -> None:
         ({"study": "selectors", "sizes": []}, "sizes=[] is invalid"),
         ({"search_epochs": -1}, "search_epochs=-1 is invalid"),
         ({"search_images": 0}, "search_images=0 is invalid"),
+        ({"search_lambda": -0.5}, "search_lambda=-0.5 is invalid; expected None or a finite number >= 0"),
+        ({"search_lambda": float("nan")}, "search_lambda=nan is invalid"),
+        ({"search_lambda": "0.8"}, "search_lambda='0.8' is invalid"),
         ({"bits": ["W6"]}, "W<weight bits>A<act bits>"),
         ({"num_samples": 1}, "FD needs at least 2"),
     ],
@@ -190,7 +196,7 @@ def test_quick_ablation_on_a_tiny_model_writes_table_json_and_plot(tmp_path: Pat
         "--sqnr-samples",
         "2",
     ]
-    argv += ["--search-images", "2", "--output", str(out), "--no-progress"]
+    argv += ["--search-images", "2", "--search-lambda", "3", "--output", str(out), "--no-progress"]
     assert cli.main(argv) == 0
     assert "W8A8 G=2" in capsys.readouterr().out
     assert {p.name for p in out.iterdir()} == {"table.md", "results.json", "fd_vs_groups.png", "grids"}
@@ -204,7 +210,9 @@ def test_quick_ablation_on_a_tiny_model_writes_table_json_and_plot(tmp_path: Pat
     assert rows["W8A8 G=1"]["search_s"] is None and rows["W8A8 per-step"]["search_s"] is None
     assert rows["W8A8 G=2"]["calibration_info"]["group_search"]["lr"] > 0
     assert rows["W8A8 per-step"]["config"]["activations"]["timestep_groups"] == "per_step"
+    assert rows["W8A8 G=2"]["config"]["group_search"]["entropy_weight"] == 3.0
     table = (out / "table.md").read_text()
+    assert "lambda 3.0" in table
     assert table.startswith("Command: `diffusers-ptq bench --model tiny:ddim --ablation groups --quick")
     assert "| W8A8 per-step | per-step | no |" in table and "FD and IS are skipped" in table
 

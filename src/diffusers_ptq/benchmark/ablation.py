@@ -87,6 +87,8 @@ def _recipe(
         group_search["epochs"] = settings.search_epochs
     if settings.search_images is not None:
         group_search["num_images"] = settings.search_images
+    if settings.search_lambda is not None:
+        group_search["entropy_weight"] = settings.search_lambda
     overrides: dict[str, Any] = {
         "weight_bits": w,
         "act_bits": a,
@@ -202,11 +204,12 @@ def study_notes(settings: AblationSettings) -> list[str]:
     search = PTQConfig.preset(BASE_PRESET).group_search
     epochs = settings.search_epochs if settings.search_epochs is not None else search.epochs
     images = settings.search_images or search.num_images
+    lam = settings.search_lambda if settings.search_lambda is not None else search.entropy_weight
     common = (
         f"Base recipe: {BASE_PRESET} quantizers, no block reconstruction; calibration by the 'random' "
         "selector (every sampling step equally often, the remainder of N / steps to the noisiest steps; each "
         "trajectory records every step) unless the row says otherwise. "
-        f"Group search (APQ-DM): {epochs} epochs, lambda {search.entropy_weight}, noise target on {images} "
+        f"Group search (APQ-DM): {epochs} epochs, lambda {lam}, noise target on {images} "
         "float samples."
     )
     if settings.study == "groups":

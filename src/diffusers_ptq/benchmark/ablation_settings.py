@@ -9,6 +9,7 @@ Two studies reproduce the seed papers' ablations in miniature (recipes: `benchma
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from math import inf
 
 from diffusers_ptq.benchmark.settings import BenchSettings, parse_bits
 
@@ -69,6 +70,9 @@ class AblationSettings:
     search_images: int | None = field(
         default=None,
         metadata=_help("clean images the group search's noise target is drawn from (None: apq-dm's 1,024)"),
+    )
+    search_lambda: float | None = field(
+        default=None, metadata=_help("the group search's entropy weight (None: apq-dm's 0.8)")
     )
     feature_samples: int | None = field(
         default=None,
@@ -132,6 +136,10 @@ class AblationSettings:
             value = getattr(self, name)
             if value is not None and not _positive_int(value):
                 raise ValueError(f"{name}={value!r} is invalid; expected None or an integer >= 1")
+        lam = self.search_lambda
+        number = isinstance(lam, (int, float)) and not isinstance(lam, bool)
+        if lam is not None and not (number and 0 <= lam < inf):
+            raise ValueError(f"search_lambda={lam!r} is invalid; expected None or a finite number >= 0")
         epochs = self.search_epochs
         if epochs is not None and not (_positive_int(epochs) or epochs == 0):
             raise ValueError(f"search_epochs={epochs!r} is invalid; expected None or an integer >= 0")

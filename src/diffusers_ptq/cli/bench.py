@@ -227,6 +227,7 @@ ABLATION_ONLY = (
     "--sizes",
     "--search-epochs",
     "--search-images",
+    "--search-lambda",
     "--feature-samples",
 )
 _STUDY_OPTIONS = {
@@ -276,6 +277,12 @@ def add_ablation_arguments(b: argparse.ArgumentParser) -> None:
         help="--ablation: float samples the group search's noise target draws from. Default: apq-dm's 1024.",
     )
     b.add_argument(
+        "--search-lambda",
+        type=float,
+        help="--ablation: the group search's entropy weight (group_search.entropy_weight). Default: "
+        "apq-dm's 0.8.",
+    )
+    b.add_argument(
         "--feature-samples",
         type=int,
         help="--ablation selectors: trajectories of density_diversity's float feature pass. Default: "
@@ -314,7 +321,8 @@ def _ablation_settings(args: argparse.Namespace) -> AblationSettings:
     if args.sizes is not None:
         overrides["sizes"] = _sizes(args.sizes)
     names = (
-        "bits", "selectors", "search_epochs", "search_images", "feature_samples", "calibration_samples",
+        "bits", "selectors", "search_epochs", "search_images", "search_lambda", "feature_samples",
+        "calibration_samples",
         "num_samples", "seeds", "num_inference_steps", "batch_size", "sqnr_samples",
     )  # fmt: skip
     overrides.update({n: getattr(args, n) for n in names if getattr(args, n) is not None})
