@@ -41,7 +41,12 @@ def _quantizers(config: PTQConfig) -> dict:
 
 def test_groups_rows_vary_only_g_and_the_search() -> None:
     settings = AblationSettings(
-        study="groups", calibration_samples=96, search_epochs=2, search_images=5, search_lambda=40.0
+        study="groups",
+        calibration_samples=96,
+        search_epochs=2,
+        search_images=5,
+        search_lambda=40.0,
+        search_init_logit=4.0,
     )
     rows = ablation_rows(settings)
     assert rows[0].name == "float" and rows[0].config is None
@@ -54,7 +59,7 @@ def test_groups_rows_vary_only_g_and_the_search() -> None:
         assert c.activations.timestep_groups == row.groups
         assert c.group_search.enabled is row.search is (row.groups in (4, 8, 16))
         assert (c.group_search.epochs, c.group_search.num_images) == (2, 5)
-        assert c.group_search.entropy_weight == 40.0
+        assert (c.group_search.entropy_weight, c.group_search.init_logit) == (40.0, 4.0)
         assert (c.calibration.selector, c.calibration.sampler, c.calibration.step_interval) == (
             "random",
             "uniform",
@@ -134,6 +139,7 @@ def test_selector_rows_differ_only_in_calibration() -> None:
         ({"search_lambda": -0.5}, "search_lambda=-0.5 is invalid; expected None or a finite number >= 0"),
         ({"search_lambda": float("nan")}, "search_lambda=nan is invalid"),
         ({"search_lambda": "0.8"}, "search_lambda='0.8' is invalid"),
+        ({"search_init_logit": -1.0}, "search_init_logit=-1.0 is invalid"),
         ({"bits": ["W6"]}, "W<weight bits>A<act bits>"),
         ({"num_samples": 1}, "FD needs at least 2"),
     ],
@@ -196,7 +202,8 @@ def test_quick_ablation_on_a_tiny_model_writes_table_json_and_plot(tmp_path: Pat
         "--sqnr-samples",
         "2",
     ]
-    argv += ["--search-images", "2", "--search-lambda", "3", "--output", str(out), "--no-progress"]
+    argv += ["--search-images", "2", "--search-lambda", "3", "--search-init-logit", "2"]
+    argv += ["--output", str(out), "--no-progress"]
     assert cli.main(argv) == 0
     assert "W8A8 G=2" in capsys.readouterr().out
     assert {p.name for p in out.iterdir()} == {"table.md", "results.json", "fd_vs_groups.png", "grids"}
@@ -211,8 +218,9 @@ def test_quick_ablation_on_a_tiny_model_writes_table_json_and_plot(tmp_path: Pat
     assert rows["W8A8 G=2"]["calibration_info"]["group_search"]["lr"] > 0
     assert rows["W8A8 per-step"]["config"]["activations"]["timestep_groups"] == "per_step"
     assert rows["W8A8 G=2"]["config"]["group_search"]["entropy_weight"] == 3.0
+    assert rows["W8A8 G=2"]["config"]["group_search"]["init_logit"] == 2.0
     table = (out / "table.md").read_text()
-    assert "lambda 3.0" in table
+    assert "lambda 3.0, initial logit 2.0" in table
     assert table.startswith("Command: `diffusers-ptq bench --model tiny:ddim --ablation groups --quick")
     assert "| W8A8 per-step | per-step | no |" in table and "FD and IS are skipped" in table
 

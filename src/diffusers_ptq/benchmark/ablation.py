@@ -89,6 +89,8 @@ def _recipe(
         group_search["num_images"] = settings.search_images
     if settings.search_lambda is not None:
         group_search["entropy_weight"] = settings.search_lambda
+    if settings.search_init_logit is not None:
+        group_search["init_logit"] = settings.search_init_logit
     overrides: dict[str, Any] = {
         "weight_bits": w,
         "act_bits": a,
@@ -205,12 +207,13 @@ def study_notes(settings: AblationSettings) -> list[str]:
     epochs = settings.search_epochs if settings.search_epochs is not None else search.epochs
     images = settings.search_images or search.num_images
     lam = settings.search_lambda if settings.search_lambda is not None else search.entropy_weight
+    logit = settings.search_init_logit if settings.search_init_logit is not None else search.init_logit
     common = (
         f"Base recipe: {BASE_PRESET} quantizers, no block reconstruction; calibration by the 'random' "
         "selector (every sampling step equally often, the remainder of N / steps to the noisiest steps; each "
         "trajectory records every step) unless the row says otherwise. "
-        f"Group search (APQ-DM): {epochs} epochs, lambda {lam}, noise target on {images} "
-        "float samples."
+        f"Group search (APQ-DM): {epochs} epochs, lambda {lam}, initial logit {logit}, noise target on "
+        f"{images} float samples."
     )
     if settings.study == "groups":
         n = settings.calibration_samples or _preset_value(BASE_PRESET, "calibration", "num_samples")

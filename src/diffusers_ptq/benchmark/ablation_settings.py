@@ -74,6 +74,9 @@ class AblationSettings:
     search_lambda: float | None = field(
         default=None, metadata=_help("the group search's entropy weight (None: apq-dm's 0.8)")
     )
+    search_init_logit: float | None = field(
+        default=None, metadata=_help("the group search's starting logit of the initial group (None: 1.0)")
+    )
     feature_samples: int | None = field(
         default=None,
         metadata=_help("'density_diversity': trajectories of the float feature pass (None: eda-dm's 1,024)"),
@@ -136,10 +139,11 @@ class AblationSettings:
             value = getattr(self, name)
             if value is not None and not _positive_int(value):
                 raise ValueError(f"{name}={value!r} is invalid; expected None or an integer >= 1")
-        lam = self.search_lambda
-        number = isinstance(lam, (int, float)) and not isinstance(lam, bool)
-        if lam is not None and not (number and 0 <= lam < inf):
-            raise ValueError(f"search_lambda={lam!r} is invalid; expected None or a finite number >= 0")
+        for name in ("search_lambda", "search_init_logit"):
+            value = getattr(self, name)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if value is not None and not (number and 0 <= value < inf):
+                raise ValueError(f"{name}={value!r} is invalid; expected None or a finite number >= 0")
         epochs = self.search_epochs
         if epochs is not None and not (_positive_int(epochs) or epochs == 0):
             raise ValueError(f"search_epochs={epochs!r} is invalid; expected None or an integer >= 0")

@@ -228,6 +228,7 @@ ABLATION_ONLY = (
     "--search-epochs",
     "--search-images",
     "--search-lambda",
+    "--search-init-logit",
     "--feature-samples",
 )
 _STUDY_OPTIONS = {
@@ -283,6 +284,12 @@ def add_ablation_arguments(b: argparse.ArgumentParser) -> None:
         "apq-dm's 0.8.",
     )
     b.add_argument(
+        "--search-init-logit",
+        type=float,
+        help="--ablation: the starting logit of each step's initial group (group_search.init_logit). "
+        "Default: apq-dm's 1.0.",
+    )
+    b.add_argument(
         "--feature-samples",
         type=int,
         help="--ablation selectors: trajectories of density_diversity's float feature pass. Default: "
@@ -321,8 +328,8 @@ def _ablation_settings(args: argparse.Namespace) -> AblationSettings:
     if args.sizes is not None:
         overrides["sizes"] = _sizes(args.sizes)
     names = (
-        "bits", "selectors", "search_epochs", "search_images", "search_lambda", "feature_samples",
-        "calibration_samples",
+        "bits", "selectors", "search_epochs", "search_images", "search_lambda", "search_init_logit",
+        "feature_samples", "calibration_samples",
         "num_samples", "seeds", "num_inference_steps", "batch_size", "sqnr_samples",
     )  # fmt: skip
     overrides.update({n: getattr(args, n) for n in names if getattr(args, n) is not None})
