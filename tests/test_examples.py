@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from types import ModuleType
 
@@ -10,17 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+from script_helpers import load_script
 
 torch.set_flush_denormal(True)
 
 
 def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples", name)
 
 
 def test_stable_diffusion_text2image_tiny(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

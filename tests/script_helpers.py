@@ -1,0 +1,19 @@
+"""Import a stand-alone script (examples/, benchmarks/) as a module, so tests can call its functions."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(folder: str, name: str) -> ModuleType:
+    """`ROOT/folder/name.py`, imported under a name of its own (scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{folder}_{name}", ROOT / folder / f"{name}.py")
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {folder}/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
