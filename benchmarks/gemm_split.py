@@ -23,6 +23,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,47 +43,66 @@ def _median_ms(fn: Callable[[], torch.Tensor], repeats: int, warmup: int) -> flo
     return statistics.median(times)
 
 
-def gemm_rows(m: int, k: int, n: int, seed: int = 0) -> tuple[dict[str, Callable[[], torch.Tensor]], tuple]:
-    """(row name -> a call computing s_a s_w (a - z).w in fp32 for one (M, K) x (K, N) problem, operands)."""
-    gen = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 256, (m, k), generator=gen, dtype=torch.uint8)
-    w8 = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
-    w4 = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
-    s_a, z_a = 0.02, 128
-    s_w = torch.full((n,), 0.01)
-    zeros = torch.zeros(n, dtype=torch.long)
-    low = w8.clamp(-SAFE_HALF, SAFE_HALF)
-    packed_w4 = onednn.prepack(w4, m)
-    packed_low, packed_high = onednn.prepack(low, m), onednn.prepack(w8 - low, m)
-    packed_cat = onednn.prepack(torch.cat([low, w8 - low], dim=1), m)
-    a_float = (codes.float() - z_a) * s_a
-    w_float = w8.float() * s_w[:, None]
+NO_SPLIT = "int8 (one GEMM, no split)"  # the only row on the 4-bit weight: it needs no split
 
-    def split_pair() -> torch.Tensor:
-        y = onednn._gemm(codes, s_a, z_a, packed_low, s_w, zeros, None)
-        return y.add_(onednn._gemm(codes, s_a, z_a, packed_high, s_w, zeros, None))
+
+@dataclass
+class GemmProblem:
+    """One (M, K) x (K, N) problem: uint8 activation codes, 8- and 4-bit weight codes and their scales."""
+
+    codes: torch.Tensor
+    w8: torch.Tensor
+    w4: torch.Tensor
+    s_a: float
+    z_a: int
+    s_w: torch.Tensor
+
+    def exact(self, w: torch.Tensor) -> torch.Tensor:
+        """s_a s_w (a - z).w in float64, rounded once to fp32."""
+        centered = self.codes.double() - self.z_a
+        return (centered @ w.double().T * self.s_a * self.s_w.double()).float()
+
+
+Rows = dict[str, Callable[[], torch.Tensor]]
+
+
+def gemm_rows(m: int, k: int, n: int, seed: int = 0) -> tuple[Rows, GemmProblem]:
+    """(row name -> a call computing s_a s_w (a - z).w in fp32, the problem every row computes)."""
+    gen = torch.Generator().manual_seed(seed)
+    problem = GemmProblem(
+        codes=torch.randint(0, 256, (m, k), generator=gen, dtype=torch.uint8),
+        w8=torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8),
+        w4=torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8),
+        s_a=0.02,
+        z_a=128,
+        s_w=torch.full((n,), 0.01),
+    )
+    codes, s_a, z_a, s_w = problem.codes, problem.s_a, problem.z_a, problem.s_w
+    zeros = torch.zeros(n, dtype=torch.long)
+    low = problem.w8.clamp(-SAFE_HALF, SAFE_HALF)
+    high = problem.w8 - low
+    packed_w4 = onednn.prepack(problem.w4, m)
+    packed_low, packed_high = onednn.prepack(low, m), onednn.prepack(high, m)
+    packed_cat = onednn.prepack(torch.cat([low, high], dim=1), m)
+    a_float = (codes.float() - z_a) * s_a
+    w_float = problem.w8.float() * s_w[:, None]
+
+    def gemm(a: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        return onednn._gemm(a, s_a, z_a, packed, s_w, zeros, None)
 
     return {
         "fp32": lambda: torch.nn.functional.linear(a_float, w_float),
-        "int8 (one GEMM, no split)": lambda: onednn._gemm(codes, s_a, z_a, packed_w4, s_w, zeros, None),
-        "int8 split pair (W8A8)": split_pair,
-        "int8 split concat [a | a]": lambda: onednn._gemm(
-            torch.cat([codes, codes], dim=1), s_a, z_a, packed_cat, s_w, zeros, None
-        ),
-    }, (codes, w8, w4, s_a, z_a, s_w)
+        NO_SPLIT: lambda: gemm(codes, packed_w4),
+        "int8 split pair (W8A8)": lambda: gemm(codes, packed_low).add_(gemm(codes, packed_high)),
+        "int8 split concat [a | a]": lambda: gemm(torch.cat([codes, codes], dim=1), packed_cat),
+    }, problem
 
 
-def check(rows: dict[str, Callable[[], torch.Tensor]], operands: tuple) -> None:
+def check(rows: Rows, problem: GemmProblem) -> None:
     """Each int8 row equals the exact integer product (fp32 rounding aside); fp32 matches the W8 one."""
-    codes, w8, w4, s_a, z_a, s_w = operands
-    centered = codes.double() - z_a
-
-    def exact(w: torch.Tensor) -> torch.Tensor:
-        return (centered @ w.double().T * s_a * s_w.double()).float()
-
-    want8, want4 = exact(w8), exact(w4)
+    want8, want4 = problem.exact(problem.w8), problem.exact(problem.w4)
     for name, fn in rows.items():
-        want = want4 if "no split" in name else want8
+        want = want4 if name == NO_SPLIT else want8
         err = (fn() - want).abs().max().item() / want.abs().max().item()
         if err > 1e-5:
             raise RuntimeError(f"{name}: relative error {err:.2e} against the exact product")
@@ -100,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.shape) < 1 or args.repeats < 1 or args.warmup < 0:
         parser.error(f"--shape must be positive, --repeats >= 1, --warmup >= 0; got {vars(args)}")
     m, k, n = args.shape
-    rows, operands = gemm_rows(m, k, n)
-    check(rows, operands)
+    rows, problem = gemm_rows(m, k, n)
+    check(rows, problem)
     timings = {name: round(_median_ms(fn, args.repeats, args.warmup), 2) for name, fn in rows.items()}
     result = {
         "shape": {"M": m, "K": k, "N": n},
