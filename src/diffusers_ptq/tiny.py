@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import (
@@ -24,12 +24,14 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     PNDMScheduler,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
     UNet2DConditionModel,
     UNet2DModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+if TYPE_CHECKING:  # imported where used: these modules pull in transformers' image processors, which
+    # print notices about torchvision on import, for commands that never build a text-to-image pipeline.
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 __all__ = [
     "PIPELINE_NAMES",
@@ -245,6 +247,8 @@ def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim") -> StableDiffusionP
     )
     vae = _seeded(seed + 1, _tiny_vae)
     text_encoder = _seeded(seed + 2, lambda: CLIPTextModel(_text_config(tokenizer)))
+    from diffusers import StableDiffusionPipeline
+
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -292,6 +296,8 @@ def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         seed + 3,
         lambda: CLIPTextModelWithProjection(_text_config(tokenizer_2, projection_dim=projection_dim)),
     )
+    from diffusers import StableDiffusionXLPipeline
+
     return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -8,14 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import (
-    DDIMPipeline,
-    DDPMPipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-    UNet2DModel,
-)
+from diffusers import UNet2DConditionModel, UNet2DModel
 
 
 @dataclass(frozen=True)
@@ -48,15 +41,16 @@ class PipelineSpec:
         pipe(**kwargs)
 
 
-_SPECS: dict[type, PipelineSpec] = {
-    DDPMPipeline: PipelineSpec("DDPMPipeline", text_conditioned=False, output_type="np"),
-    DDIMPipeline: PipelineSpec("DDIMPipeline", text_conditioned=False, output_type="np"),
-    StableDiffusionPipeline: PipelineSpec(
-        "StableDiffusionPipeline", text_conditioned=True, output_type="latent"
-    ),
-    StableDiffusionXLPipeline: PipelineSpec(
-        "StableDiffusionXLPipeline", text_conditioned=True, output_type="latent"
-    ),
+# Keyed by the diffusers class name, so importing this module does not import the Stable Diffusion pipeline
+# modules (they pull in transformers' image processors, which print notices about torchvision).
+_SPECS: dict[str, PipelineSpec] = {
+    spec.name: spec
+    for spec in (
+        PipelineSpec("DDPMPipeline", text_conditioned=False, output_type="np"),
+        PipelineSpec("DDIMPipeline", text_conditioned=False, output_type="np"),
+        PipelineSpec("StableDiffusionPipeline", text_conditioned=True, output_type="latent"),
+        PipelineSpec("StableDiffusionXLPipeline", text_conditioned=True, output_type="latent"),
+    )
 }
 SUPPORTED_UNETS = (UNet2DModel, UNet2DConditionModel)
 
@@ -67,12 +61,14 @@ def supported_pipelines() -> list[str]:
 
 def spec_for_class_name(name: str) -> PipelineSpec | None:
     """The spec of the supported pipeline class called `name` (as in a model_index.json), else None."""
-    return next((spec for spec in _SPECS.values() if spec.name == name), None)
+    return _SPECS.get(name)
 
 
 def get_pipeline_spec(pipe: Any) -> PipelineSpec:
     """The spec of `pipe`'s class; TypeError naming the supported pipelines and UNets otherwise."""
-    spec = _SPECS.get(type(pipe))
+    cls = type(pipe)
+    # The class itself, as diffusers defines it: subclasses and look-alikes are not supported.
+    spec = _SPECS.get(cls.__name__) if cls.__module__.startswith("diffusers.") else None
     if spec is None:
         raise TypeError(
             f"{type(pipe).__name__} is not supported; supported pipelines: {', '.join(supported_pipelines())}"

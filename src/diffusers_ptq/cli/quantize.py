@@ -201,8 +201,10 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _images(pipe: Any, kwargs: dict[str, Any], seed: int) -> np.ndarray:
+def _images(pipe: Any, kwargs: dict[str, Any], seed: int, which: str, progress: bool) -> np.ndarray:
     """(N, H, W, C) float images in [0, 1] from one pipeline call seeded with `seed`."""
+    # The pipeline's own step bar, labelled so the console says what it is.
+    pipe.set_progress_bar_config(disable=not progress, desc=f"comparison: {which} images")
     images = pipe(**kwargs, generator=torch.Generator().manual_seed(seed), output_type="np").images
     return np.asarray(images, dtype=np.float32)
 
@@ -258,7 +260,6 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, OSError, RuntimeError) as err:
         return error(err)
 
-    pipe.set_progress_bar_config(disable=args.no_progress)
     calib = config.calibration
     call: dict[str, Any] = {}
     if calib.num_inference_steps is not None:
@@ -277,7 +278,8 @@ def run(args: argparse.Namespace) -> int:
         if prompts:
             print(f"diffusers-ptq: {spec.name} is unconditional; ignoring the prompts")
         call["batch_size"] = args.samples
-    float_images = _images(pipe, call, calib.seed + 1)  # before quantizing: the float reference
+    # Before quantizing: the float reference.
+    float_images = _images(pipe, call, calib.seed + 1, "float", not args.no_progress)
 
     try:
         with atomic_directory(out) as tmp:
@@ -288,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
                 reconstruction_checkpoint=args.reconstruction_checkpoint,
                 progress=not args.no_progress,
             )
-            quant_images = _images(pipe, call, calib.seed + 1)
+            quant_images = _images(pipe, call, calib.seed + 1, "quantized", not args.no_progress)
             _write_outputs(tmp, config, pipe.unet, float_images, quant_images)
     except (ValueError, TypeError) as err:  # quantize_pipeline's validation of the pipeline and prompts
         return error(err)
