@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from diffusers_ptq.benchmark.plotting import pyplot
 from diffusers_ptq.benchmark.speed import SpeedResult, run_speed_benchmark
 from diffusers_ptq.benchmark.speed_report import markdown_report, write_speed_outputs
 from diffusers_ptq.benchmark.speed_settings import (
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from_args(args)
         out = check_output(args.output, args.overwrite)
-    except (ValueError, TypeError, OSError) as err:
+        pyplot()  # the plot is written last: a missing matplotlib must stop the run before any work
+    except (ValueError, TypeError, OSError, ImportError) as err:
         return error(err)
     torch.set_flush_denormal(True)  # random weights produce denormals that stall CPU float math
     result = run_speed_benchmark(settings)

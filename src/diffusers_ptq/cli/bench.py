@@ -20,6 +20,7 @@ from diffusers_ptq.benchmark.inception import (
     InceptionFidelity,
     inception_unavailable_reason,
 )
+from diffusers_ptq.benchmark.plotting import pyplot
 from diffusers_ptq.benchmark.quality import (
     check_pipeline_prompts,
     check_unconditional,
@@ -186,6 +187,7 @@ def _fidelity(model: str, pipe: Any) -> tuple[Any, FashionFidelity | None, list[
 def _prepare(args: argparse.Namespace, build_settings: Any) -> tuple[Any, Any, Any, Any]:
     """Settings, output directory, device and pipeline, each checked before any model runs."""
     settings = build_settings(args)
+    pyplot()  # the plot is written last: a missing matplotlib must stop the run before any work
     out = check_output(args.output, args.overwrite)
     device, _ = resolve_device(args.device, "float32")
     if not isinstance(settings, BenchSettings):  # the ablations: unconditional models only
@@ -205,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
         return run_ablation_command(args)
     try:
         settings, out, device, pipe = _prepare(args, _settings)
-    except (ValueError, TypeError, OSError) as err:
+    except (ValueError, TypeError, OSError, ImportError) as err:
         return error(err)
     fidelity, fashion, notes = (None, None, []) if settings.prompts else _fidelity(args.model, pipe)
     start = time.perf_counter()
@@ -343,7 +345,7 @@ def _ablation_settings(args: argparse.Namespace) -> AblationSettings:
 def run_ablation_command(args: argparse.Namespace) -> int:
     try:
         settings, out, device, pipe = _prepare(args, _ablation_settings)
-    except (ValueError, TypeError, OSError) as err:
+    except (ValueError, TypeError, OSError, ImportError) as err:
         return error(err)
     fidelity, _, notes = _fidelity(args.model, pipe)
     start = time.perf_counter()

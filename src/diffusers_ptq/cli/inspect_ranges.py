@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+from diffusers_ptq.benchmark.plotting import pyplot
 from diffusers_ptq.calibration import get_pipeline_spec
 from diffusers_ptq.cli.common import (
     DEFAULT_MODEL,
@@ -55,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
                     f"--{name.replace('_', '-')}={getattr(args, name)} is invalid; expected >= 1"
                 )
         out = check_output(args.output, args.overwrite)
+        pyplot()  # the plot is written last: a missing matplotlib must stop the run before any work
         device, dtype = resolve_device(args.device, args.dtype)
         pipe = load_pipeline(args.model, device, dtype)
         if get_pipeline_spec(pipe).text_conditioned and not args.prompt:
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             layers=args.layers,
             seed=args.seed,
         )
-    except (ValueError, TypeError, OSError) as err:
+    except (ValueError, TypeError, OSError, ImportError) as err:
         return error(err)
     with atomic_directory(out) as tmp:
         shown = plot_activation_ranges(ranges, tmp / "activation_ranges.png", args.max_layers)
