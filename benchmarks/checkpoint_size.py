@@ -12,8 +12,9 @@ and saves each with `save_pretrained`. Sizes count every `*.safetensors` file of
 
 The default config is Stable Diffusion 1.5's public UNet config, shipped in the package
 (`diffusers_ptq.zoo.SD15_UNET_CONFIG_FILE`). Builds real (random) weights, not shapes only: it needs several
-GB of RAM and about 4 GB of temporary disk for SD 1.5 (860 M parameters); the run time and peak memory
-measured are in the JSON it writes (`seconds`, `peak_rss_mb`).
+GB of RAM and temporary disk for the checkpoints (the sum of the `bytes` it reports: 3.0 GB for SD 1.5's
+860 M parameters); the run time and peak memory measured are in the JSON it writes (`seconds`,
+`peak_rss_mb`).
 `--verify` also reloads each checkpoint with `from_pretrained` and checks the outputs are bit-identical.
 """
 
