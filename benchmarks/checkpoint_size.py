@@ -5,11 +5,16 @@ with diffusers' `save_pretrained`, then quantizes copies with `quantize_unet` (a
 set at 8x8 latents and min/max scale search: the checkpoint layout and size do not depend on the calibration)
 and saves each with `save_pretrained`. Sizes count every `*.safetensors` file of the saved folder.
 
-    OMP_NUM_THREADS=1 python benchmarks/checkpoint_size.py                      # SD 1.5: W8A8 and W4A8
-    OMP_NUM_THREADS=1 python benchmarks/checkpoint_size.py --bits 8 4 2 --verify --json out/sizes.json
+    # BENCHMARKS.md section 4 (writes benchmarks/results/checkpoint_size.json):
+    OMP_NUM_THREADS=1 python benchmarks/checkpoint_size.py --verify --machine CPU-3 \
+        --json benchmarks/results/checkpoint_size.json
+    OMP_NUM_THREADS=1 python benchmarks/checkpoint_size.py --bits 8 4 2   # other bit widths, printed only
 
-Needs about 16 GB of RAM (with --verify) and 4 GB of disk for SD 1.5 (860 M parameters); about 4 minutes
-on 2 CPU cores.
+The default config is Stable Diffusion 1.5's public UNet config, shipped in the package
+(`diffusers_ptq.zoo.SD15_UNET_CONFIG_FILE`). Builds real (random) weights, not shapes only: it needs several
+GB of RAM and temporary disk for the checkpoints (the sum of the `bytes` it reports: 3.0 GB for SD 1.5's
+860 M parameters); the run time and peak memory measured are in the JSON it writes (`seconds`,
+`peak_rss_mb`).
 `--verify` also reloads each checkpoint with `from_pretrained` and checks the outputs are bit-identical.
 """
 
@@ -18,6 +23,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import platform
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -27,15 +34,13 @@ from diffusers import UNet2DConditionModel
 
 import diffusers_ptq  # noqa: F401  (registers the quantizer, so from_pretrained loads the checkpoints)
 from diffusers_ptq import CalibrationSet, PTQConfig, quantize_unet
-from diffusers_ptq.benchmark.speed_models import SD15_CONFIG  # for machines without the reference file
+from diffusers_ptq.zoo import SD15_UNET_CONFIG_FILE
 
-DEFAULT_CONFIG = Path("/work/shared/reference/sd15_unet_config.json")
+DEFAULT_CONFIG = SD15_UNET_CONFIG_FILE
 
 
 def load_config(path: Path | None) -> dict:
-    if path is None:
-        path = DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
-    config = dict(SD15_CONFIG) if path is None else json.loads(Path(path).read_text())
+    config = json.loads(Path(path or DEFAULT_CONFIG).read_text())
     config.pop("_class_name", None)
     config.pop("_diffusers_version", None)
     return config
@@ -59,6 +64,16 @@ def calibration_set(unet: UNet2DConditionModel, size: int = 8, tokens: int = 8) 
     )
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def checkpoint_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
 
@@ -69,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 4], help="weight bit widths (A8 each)")
     parser.add_argument("--verify", action="store_true", help="reload each checkpoint and compare outputs")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--machine", default=None, help="a label for the machine, stored in the JSON")
     parser.add_argument("--keep", type=Path, default=None, help="save the checkpoints here (default: temp)")
     args = parser.parse_args(argv)
     torch.set_flush_denormal(True)
@@ -118,7 +134,17 @@ def main(argv: list[str] | None = None) -> dict:
     print("|---|---:|---:|")
     for row in rows:
         print(f"| {row['checkpoint']} | {row['bytes'] / 1e6:,.1f} | {row['ratio_vs_fp16']:.3f}x |")
-    result = {"parameters": params, "config": str(args.config or DEFAULT_CONFIG), "rows": rows}
+    config_name = args.config or DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[4])
+    result = {
+        "parameters": params,
+        "config": str(config_name),
+        "bits": args.bits,
+        "verify": args.verify,
+        "rows": rows,
+        "seconds": round(time.perf_counter() - start, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "machine": {"label": args.machine, "cpu": _cpu_name(), "torch": torch.__version__},
+    }
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

@@ -12,7 +12,9 @@ Without VNNI, oneDNN sums pairs of u8 x s8 products in a saturating int16, exact
 The default shape is the im2col GEMM of a 3x3, 64-channel conv of the Fashion model at batch 64
 (M = 64 x 32 x 32 positions, K = 64 x 9, N = 64). Every row is checked against exact integer products.
 
-    OMP_NUM_THREADS=1 python benchmarks/gemm_split.py --output benchmarks/results/gemm_split.json
+    OMP_NUM_THREADS=1 python benchmarks/gemm_split.py --output benchmarks/results/gemm_split.json   # CPU-2
+    OMP_NUM_THREADS=1 python benchmarks/gemm_split.py --label CPU-3 \
+        --output benchmarks/results/gemm_split_cpu3.json
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 import torch
 
 from diffusers_ptq.integer import onednn
+from diffusers_ptq.integer.features import cpu_has_vnni
 from diffusers_ptq.integer.weight import SAFE_HALF
 
 
@@ -116,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--output", type=Path, help="write the timings as JSON here")
+    parser.add_argument("--label", default=None, help="a name for the machine, stored in the JSON")
     args = parser.parse_args(argv)
     if min(args.shape) < 1 or args.repeats < 1 or args.warmup < 0:
         parser.error(f"--shape must be positive, --repeats >= 1, --warmup >= 0; got {vars(args)}")
@@ -130,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "median_ms": timings,
     }
+    if args.label is not None:
+        result["label"] = args.label
+        result["cpu_has_vnni"] = cpu_has_vnni()
     fp32 = timings["fp32"]
     print(f"GEMM {m} x {k} x {n}, {result['machine']}, median of {args.repeats}:")
     for name, ms in timings.items():

@@ -1,7 +1,7 @@
 """One FD / SQNR vs calibration-size plot from several `bench --ablation selectors` runs.
 
-Each run of the selector ablation plots the sizes it ran; sizes run separately (one hour each on a CPU) are
-merged here from their results.json files:
+Each run of the selector ablation plots the sizes it ran; sizes run separately (54–123 min each on CPU-2:
+the `total` in each run's table.md) are merged here from their results.json files:
 
     python benchmarks/plot_selector_sizes.py benchmarks/results/ablation_selectors_{128,256,512,1024} \
         --output benchmarks/results/selectors_fd_vs_size.png

@@ -10,7 +10,8 @@ with `pip install 'diffusers-ptq[compare]'`; a missing library's row is reported
 Stable Diffusion 1.5's UNet with random weights (64x64 latents, batch 2) and the shipped Fashion-MNIST
 DDPM (--batch-size). Writes table.md, results.json and speed.png into --output. `--help` lists every option.
 
-SD 1.5 holds an 860 M-parameter UNet in float32 plus a quantized copy: plan on ~10 GB of RAM on a CPU.
+SD 1.5 holds an 860 M-parameter UNet in float32 plus a quantized copy: plan on ~10 GB of RAM on a CPU
+(peak RSS per row in benchmarks/results/speed_sd15_cpu/table.md).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Writes `diffusers_ptq/zoo/assets/fashion_classifier.safetensors` and `fashion_fd_stats.safetensors`
 (mean and covariance of the 128-d features of the 10k test images and of the 60k training images), so the
-quality benchmark runs without the dataset. Needs Debian's `dataset-fashion-mnist`. About 3 min on one core:
+quality benchmark runs without the dataset. Needs Debian's `dataset-fashion-mnist`. The shipped classifier
+took 551 s on one core (`seconds` in benchmarks/results/train_fashion_classifier.json):
 
     python benchmarks/train_fashion_classifier.py --threads 1
 """

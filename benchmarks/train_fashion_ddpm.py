@@ -1,9 +1,11 @@
 """Train the Fashion-MNIST DDPM that ships in `diffusers_ptq/zoo/assets/fashion_ddpm`.
 
-Reproducible: seeded data order, noise and initialisation; fp32 (bf16 autocast is emulated, and ~20x slower,
+Reproducible: seeded data order, noise and initialisation; fp32 (bf16 autocast is emulated, and slower,
 on CPUs without AVX512-BF16). Needs Debian's `dataset-fashion-mnist` package. On 2 CPU cores:
 
-    python benchmarks/train_fashion_ddpm.py --threads 1   # 3,000 steps of batch 64, ~0.9 s/step per core
+    python benchmarks/train_fashion_ddpm.py --threads 1   # 3,000 steps of batch 64
+
+The shipped weights took 3,424.5 s on one core (`seconds` in benchmarks/results/train_fashion_ddpm.json).
 
 The EMA weights are saved as a diffusers DDPMPipeline (safetensors) atomically, every `--save-every` steps.
 """

@@ -674,7 +674,7 @@ def test_q_diffusion_preset_values(name):
     # Everything quantized (conv_in/conv_out/time embedding at the same bits), shortcut-split on.
     assert cfg.layers.shortcut_split is True
     assert cfg.layers.special_layers == "same"
-    # BRECQ: AdaRound with activations float, then LSQ step sizes (METHODS.md, "Common ground").
+    # BRECQ: AdaRound with activations float, then LSQ step sizes (docs/methods.md, "Block reconstruction").
     recon = cfg.reconstruction
     assert recon.enabled and recon.optimization == "sequential" and recon.weight_rounding == "adaround"
     assert (recon.iterations, recon.act_iterations, recon.batch_size) == (20000, 5000, 32)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import diffusers.quantizers.auto as diffusers_auto
 import numpy as np
@@ -31,6 +30,7 @@ from diffusers_ptq import (
 )
 from diffusers_ptq.serialization import FORMAT_VERSION, PTQQuantizationMethod
 from diffusers_ptq.tiny import tiny_ddim_pipeline, tiny_sd_pipeline
+from diffusers_ptq.zoo import sd15_unet_config
 from serialization_helpers import (
     FAST,
     PROMPTS,
@@ -44,8 +44,6 @@ from serialization_helpers import (
     save_quantized_sd,
     save_quantized_sdxl,
 )
-
-SD15_CONFIG = Path("/work/shared/reference/sd15_unet_config.json")
 
 
 @pytest.fixture(scope="module")
@@ -259,8 +257,7 @@ def test_quant_mapping_with_activations_needs_a_calibrated_checkpoint(float_sd_d
 
 
 def test_checkpoint_size_of_an_sd_shaped_unet(tmp_path):
-    config = json.loads(SD15_CONFIG.read_text()) if SD15_CONFIG.exists() else _sd15_config()
-    config.pop("_class_name", None)
+    config = sd15_unet_config()  # shipped in the package
     # Stable Diffusion 1.5's layout at a fifth of its width (34 M parameters).
     config.update(block_out_channels=[64, 128, 256, 256], cross_attention_dim=64, sample_size=8)
     with torch.random.fork_rng(devices=[]):
@@ -278,22 +275,6 @@ def test_checkpoint_size_of_an_sd_shaped_unet(tmp_path):
         ratio = (tmp_path / f"w{bits}" / WEIGHTS).stat().st_size / fp16_size
         print(f"W{bits}A8 checkpoint / float16 checkpoint: {ratio:.3f}")
         assert ratio <= limit
-
-
-def _sd15_config() -> dict:
-    """Stable Diffusion 1.5's UNet config, for machines without the shared reference file."""
-    return {
-        "attention_head_dim": 8,
-        "block_out_channels": [320, 640, 1280, 1280],
-        "cross_attention_dim": 768,
-        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-        "layers_per_block": 2,
-        "norm_num_groups": 32,
-        "in_channels": 4,
-        "out_channels": 4,
-        "sample_size": 64,
-    }
 
 
 def test_float_models_save_and_load_as_stock_diffusers(tmp_path):

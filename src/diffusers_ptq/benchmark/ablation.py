@@ -40,7 +40,7 @@ from diffusers_ptq.benchmark.settings import parse_bits
 from diffusers_ptq.config import PTQConfig
 
 BASE_PRESET = "apq-dm"
-# Q-Diffusion's CIFAR-10 calibration on DDIM-100: every 5th sampling step (METHODS.md).
+# Q-Diffusion's CIFAR-10 calibration on DDIM-100: every 5th sampling step (docs/methods.md).
 UNIFORM_STEP_INTERVAL = 5
 RANDOM_CALIBRATION: dict[str, Any] = {"selector": "random", "sampler": "uniform", "step_interval": 1}
 SEARCH_LABEL = "random+search"

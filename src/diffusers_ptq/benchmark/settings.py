@@ -94,8 +94,7 @@ class BenchSettings:
         """CI size: every row, DDIM 100 as in the full run, but 32 images, one seed, 64 calibration
         samples, 4 SQNR trajectories and 0.5 min of block reconstruction per reconstruction row.
 
-        About 7 minutes on 2 CPU cores (estimated) for the default presets and bits; it shows that every
-        row runs, not how good it is (FD on 32 images is mostly sampling noise).
+        It shows that every row runs, not how good it is (FD on 32 images is mostly sampling noise).
         """
         base = {
             "num_samples": 32,

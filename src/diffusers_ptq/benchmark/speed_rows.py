@@ -55,8 +55,8 @@ def benchmark_recipe(settings: SpeedSettings) -> PTQConfig:
     change the speed); q, k, v quantized, the softmax output float as in the q-diffusion preset.
 
     An 8-bit softmax output needs the attention probabilities materialised (no fused kernel takes them):
-    at SD 1.5's 64x64 latents that is a 4096 x 4096 matrix per head, and it measured 5.5x the whole float
-    UNet step on CPU (152 s vs 27 s). With a float softmax attention runs as fused SDPA.
+    at SD 1.5's 64x64 latents that is a 4096 x 4096 matrix per head, materialised and fake-quantized
+    (BENCHMARKS.md §7). With a float softmax attention runs as fused SDPA.
     """
     minmax = {"scale_search": "minmax"}
     acts = {**minmax, "timestep_groups": settings.calibration_rows, "softmax_bits": 16}

@@ -6,9 +6,9 @@ oneDNN, [-2^(b-1), 2^(b-1) - 1] (int8) for `torch._int_mm`. The zero point moves
 dequantised value s * (code - z) is unchanged.
 
 In eager mode the float steps run in chunks through a small scratch buffer: a fresh fp32 temporary of an
-SD-sized activation (tens of MB) is page-faulted in on every call, and measured 5x slower to fill than a
-reused one (2x4096x1280: 47 vs 9 ms for the division alone). Under `torch.compile` the one-shot form is
-used and inductor fuses it into one loop.
+SD-sized activation (tens of MB) is page-faulted in on every call, which makes it slower to fill than a
+reused one (no committed timing). Under `torch.compile` the one-shot form is used and inductor fuses it
+into one loop.
 """
 
 from __future__ import annotations

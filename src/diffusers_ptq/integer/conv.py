@@ -1,9 +1,8 @@
 """Int8Conv2d: per-sample input codes in NHWC, int8 im2col, an int8 GEMM, dequantised into NCHW.
 
-On CPU the GEMM is oneDNN's. im2col + oneDNN GEMM was measured against oneDNN's own int8 convolution
-(`torch.ops.onednn.qconv_pointwise`, one thread, AVX2): equal within noise on SD-1.5-sized 3x3 convs
-(2x320x64x64: 136 vs 128 ms; 2x640x32x32: 156 vs 138 ms) and 3x faster on a 2x128x32x32 one (3.7 vs
-11.4 ms), so on CPU the conv is im2col + GEMM. With kernel='triton' (CUDA) a kxk conv (k > 1) runs as a Triton
+On CPU the GEMM is oneDNN's: the conv is im2col + that GEMM rather than oneDNN's own int8 convolution
+(`torch.ops.onednn.qconv_pointwise`), which was not faster in an earlier comparison (its timings had no
+committed result file and are not quoted). With kernel='triton' (CUDA) a kxk conv (k > 1) runs as a Triton
 implicit GEMM with the dequantisation fused (`triton_conv`); a 1x1 conv needs no im2col, so it stays on
 `torch._int_mm` (cuBLASLt).
 """

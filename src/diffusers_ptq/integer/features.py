@@ -1,11 +1,10 @@
 """What the running machine offers the integer path: oneDNN int8 ops, VNNI, and `torch._int_mm`'s rules.
 
-Measured on a 2-core AVX2 CPU without VNNI (torch 2.13, one thread):
-
-- `torch._int_mm` runs on CPU with no shape rules (any M, K, N >= 1), but it is a naive loop: 10-50x
-  slower than an fp32 GEMM of the same size (8192x320x320: 660 vs 20 ms). It is kept as the exact
-  reference kernel and for CUDA, where cuBLASLt needs M > 16 and K, N multiples of 8 (`int_mm_padding`).
-- oneDNN's u8 x s8 GEMM (`torch.ops.onednn.qlinear_pointwise`) is 1.7-2.4x faster than fp32. Without VNNI
+- `torch._int_mm` runs on CPU with no shape rules (any M, K, N >= 1), but it is a naive loop, far slower
+  than an fp32 GEMM of the same size. It is kept as the exact reference kernel and for CUDA, where
+  cuBLASLt needs M > 16 and K, N multiples of 8 (`int_mm_padding`).
+- oneDNN's u8 x s8 GEMM (`torch.ops.onednn.qlinear_pointwise`) is the CPU kernel (timings against fp32:
+  benchmarks/results/gemm_split.json and BENCHMARKS.md §7). Without VNNI
   it multiplies with `vpmaddubsw`, which adds two u8 x s8 products into a saturating int16: exact only while
   2 * max|u| * max|w| <= 32767. With VNNI/AMX the products go straight into int32 and are always exact.
 """

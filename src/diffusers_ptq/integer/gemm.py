@@ -41,7 +41,7 @@ def im2col_nhwc(
 
     Under `torch.compile` the gather is an opaque op: inductor would otherwise fuse the quantization that
     produces the codes into it and recompute it for every column element (kh * kw times per input value
-    for a 3x3 conv: measured 2x slower than eager on the Fashion model).
+    for a 3x3 conv), which made compiled int8 slower than eager (BENCHMARKS.md §7).
     """
     _, h, w, _ = codes.shape
     (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation

@@ -16,8 +16,8 @@ codes) and rebuilt only when the row count changes; with `low_memory` it is rebu
 stored codes (a reorder of the weight: small against a large GEMM, as costly as the GEMM itself for a tiny
 one). A weight whose products could saturate oneDNN's int16 pair sums (8-bit codes x 8-bit activations on a
 CPU without VNNI) is prepacked as two halves with |w| <= 64, w_lo and w - w_lo: two exact GEMMs on the same
-activation codes, added (measured 1.6x faster than one GEMM of twice the depth on [a | a] x [w_lo | w_hi],
-whose concatenated input copy cost more than a GEMM), still int8 storage.
+activation codes, added (1.6x faster than one GEMM of twice the depth on [a | a] x [w_lo | w_hi], whose
+concatenated input copy cost more than a GEMM: benchmarks/results/gemm_split.json), still int8 storage.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from diffusers_ptq.reconstruction.config import ReconstructionConfig
 
 
 def reconstruction_config(**overrides: object) -> ReconstructionConfig:
-    """BRECQ / Q-Diffusion block reconstruction (METHODS.md, "Common ground")."""
+    """BRECQ / Q-Diffusion block reconstruction (docs/methods.md, "Block reconstruction")."""
     values: dict[str, object] = {
         "enabled": True,
         "optimization": "sequential",

@@ -2,7 +2,7 @@
 
 Every field carries `help` metadata and, where the value is one of a set, `choices`. `validate()` raises
 ValueError naming the field, the bad value and what is allowed. Defaults are BRECQ / Q-Diffusion's
-published values (METHODS.md, "Common ground"); the method presets override them.
+published values (docs/methods.md, "Block reconstruction"); the method presets override them.
 """
 
 from __future__ import annotations

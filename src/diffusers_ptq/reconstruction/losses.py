@@ -1,6 +1,6 @@
 """Reconstruction losses and schedules: lp output error, AdaRound's annealed regulariser, lr decay.
 
-The output error follows BRECQ's definition as METHODS.md states it: |B_q - B_fp|^p summed over channels and
+The output error is BRECQ's definition (docs/methods.md): |B_q - B_fp|^p summed over channels and
 averaged over the batch (and over spatial positions / tokens). Channels are dim 1 of an NCHW feature map and
 the last dim of (batch, tokens, channels) or (batch, channels) tensors. BRECQ's code sums dim 1 whatever it
 holds, which for transformer outputs is the token axis; this only rescales the loss of those blocks.

@@ -6,15 +6,23 @@
 
 from diffusers_ptq.zoo.classifier import FashionClassifier, load_fashion_classifier
 from diffusers_ptq.zoo.data import DATASET_DIR, DEBIAN_PACKAGE, load_fashion_mnist
-from diffusers_ptq.zoo.models import FASHION_DDPM_DIR, fashion_ddpm_pipeline, fashion_ddpm_unet
+from diffusers_ptq.zoo.models import (
+    FASHION_DDPM_DIR,
+    SD15_UNET_CONFIG_FILE,
+    fashion_ddpm_pipeline,
+    fashion_ddpm_unet,
+    sd15_unet_config,
+)
 
 __all__ = [
     "DATASET_DIR",
     "DEBIAN_PACKAGE",
     "FASHION_DDPM_DIR",
     "FashionClassifier",
+    "SD15_UNET_CONFIG_FILE",
     "fashion_ddpm_pipeline",
     "fashion_ddpm_unet",
     "load_fashion_classifier",
     "load_fashion_mnist",
+    "sd15_unet_config",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,9 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, 
 
 ASSETS_DIR = Path(__file__).parent / "assets"
 FASHION_DDPM_DIR = ASSETS_DIR / "fashion_ddpm"
+# Stable Diffusion 1.5's public UNet config (shapes only, no weights): checkpoint-size and speed measurements
+# build a random-weight UNet of the real size from it.
+SD15_UNET_CONFIG_FILE = ASSETS_DIR / "sd15_unet" / "config.json"
 
 # Cheap at full resolution (16 channels at 32x32), parameters at the low resolutions: training costs
 # ~250 MFLOP per image, which is what makes CPU training in tens of minutes possible. One attention
@@ -34,6 +38,14 @@ FASHION_SCHEDULER_CONFIG: dict[str, Any] = {
     "clip_sample": True,
 }
 SCHEDULERS = ("ddim", "ddpm")
+
+
+def sd15_unet_config() -> dict[str, Any]:
+    """Stable Diffusion 1.5's UNet config as `UNet2DConditionModel.from_config` takes it."""
+    config = json.loads(SD15_UNET_CONFIG_FILE.read_text())
+    config.pop("_class_name", None)
+    config.pop("_diffusers_version", None)
+    return config
 
 
 def new_fashion_unet() -> UNet2DModel:

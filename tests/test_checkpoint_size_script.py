@@ -1,0 +1,69 @@
+"""benchmarks/checkpoint_size.py against its committed result (BENCHMARKS.md section 4).
+
+The full Stable Diffusion 1.5 run builds 860 M random parameters (about 80 s and 11 GB of RAM on 2 cores),
+so it is marked slow; the default run checks the same main() on SD 1.5's layout at a small width, and that
+the committed JSON matches the shipped config and the figures BENCHMARKS.md prints from it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from diffusers_ptq.zoo import sd15_unet_config
+from script_helpers import ROOT, load_script
+
+RESULT = ROOT / "benchmarks" / "results" / "checkpoint_size.json"
+
+
+def committed() -> dict:
+    return json.loads(RESULT.read_text())
+
+
+def test_main_writes_the_result_layout_on_a_narrow_sd15(tmp_path: Path) -> None:
+    config = sd15_unet_config()
+    config.update(block_out_channels=[32, 64, 128, 128], cross_attention_dim=32, sample_size=8)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "sizes.json"
+    script = load_script("benchmarks", "checkpoint_size")
+    result = script.main(["--config", str(tmp_path / "config.json"), "--verify", "--json", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert [row["checkpoint"] for row in result["rows"]] == [r["checkpoint"] for r in committed()["rows"]]
+    fp16, w8, w4 = result["rows"]
+    assert w8["bit_exact"] and w4["bit_exact"]
+    assert w8["quantized_layers"] == w4["quantized_layers"] == committed()["rows"][1]["quantized_layers"]
+    assert w4["bytes"] < w8["bytes"] < fp16["bytes"]
+
+
+def test_committed_result_is_the_shipped_config_and_matches_benchmarks_md() -> None:
+    result = committed()
+    assert result["config"] == "diffusers_ptq/zoo/assets/sd15_unet/config.json"
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(sd15_unet_config())
+    assert result["parameters"] == sum(p.numel() for p in unet.parameters())
+    fp16 = result["rows"][0]["bytes"]
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    section = text[text.index("## 4. Checkpoint size") : text.index("## 5.")]
+    assert "benchmarks/results/checkpoint_size.json" in section
+    for row in result["rows"]:
+        assert row["ratio_vs_fp16"] == pytest.approx(row["bytes"] / fp16)
+        line = next(x for x in section.splitlines() if x.startswith(f"| {row['checkpoint']}"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[1] == f"{row['bytes'] / 1e6:,.1f} MB"
+        assert cells[2] == f"{row['ratio_vs_fp16']:.3f}x"
+    assert re.search(rf"{result['parameters'] / 1e6:.1f} M parameters", section)
+
+
+@pytest.mark.slow
+def test_full_sd15_run_reproduces_the_committed_sizes() -> None:
+    result = load_script("benchmarks", "checkpoint_size").main([])
+    expected = committed()
+    assert result["parameters"] == expected["parameters"]
+    assert [(r["checkpoint"], r["bytes"]) for r in result["rows"]] == [
+        (r["checkpoint"], r["bytes"]) for r in expected["rows"]
+    ]
