@@ -27,7 +27,7 @@ from diffusers import UNet2DConditionModel
 
 import diffusers_ptq  # noqa: F401  (registers the quantizer, so from_pretrained loads the checkpoints)
 from diffusers_ptq import CalibrationSet, PTQConfig, quantize_unet
-from diffusers_ptq.benchmark.speed_models import SD15_CONFIG  # for machines without the reference file
+from diffusers_ptq.benchmark.speed.models import SD15_CONFIG  # for machines without the reference file
 
 DEFAULT_CONFIG = Path("/work/shared/reference/sd15_unet_config.json")
 

@@ -11,23 +11,23 @@ from typing import Any
 
 import torch
 
-from diffusers_ptq.benchmark.ablation import ablation_rows, run_ablation
-from diffusers_ptq.benchmark.ablation_report import ablation_table, write_ablation_outputs
-from diffusers_ptq.benchmark.ablation_settings import SELECTORS, STUDIES, AblationSettings, parse_groups
-from diffusers_ptq.benchmark.fashion import FashionFidelity, matches_fashion_model
-from diffusers_ptq.benchmark.inception import (
+from diffusers_ptq.benchmark.ablation.benchmark import ablation_rows, run_ablation
+from diffusers_ptq.benchmark.ablation.report import ablation_table, write_ablation_outputs
+from diffusers_ptq.benchmark.ablation.settings import SELECTORS, STUDIES, AblationSettings, parse_groups
+from diffusers_ptq.benchmark.metrics.fashion import FashionFidelity, matches_fashion_model
+from diffusers_ptq.benchmark.metrics.inception import (
     CombinedFidelity,
     InceptionFidelity,
     inception_unavailable_reason,
 )
-from diffusers_ptq.benchmark.quality import (
+from diffusers_ptq.benchmark.quality.benchmark import (
     check_pipeline_prompts,
     check_unconditional,
     row_configs,
     run_quality_benchmark,
 )
-from diffusers_ptq.benchmark.report import markdown_table, reference_table, write_outputs
-from diffusers_ptq.benchmark.settings import QUICK_RECONSTRUCTION_MINUTES, BenchSettings
+from diffusers_ptq.benchmark.quality.report import markdown_table, reference_table, write_outputs
+from diffusers_ptq.benchmark.quality.settings import QUICK_RECONSTRUCTION_MINUTES, BenchSettings
 from diffusers_ptq.calibration import get_pipeline_spec
 from diffusers_ptq.cli.bench_text import (
     add_text_arguments,

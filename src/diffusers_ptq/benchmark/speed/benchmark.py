@@ -1,6 +1,6 @@
 """The speed benchmark: per-step UNet latency and peak memory of float, fake-quant, int8 and other libraries.
 
-For each model every selected row is built (`speed_rows`), called once (torch.compile compiles here; not
+For each model every selected row is built (`rows.py`), called once (torch.compile compiles here; not
 timed), `warmup` more times, then `repeats` timed times, cycling through timesteps spread over [0, 1000)
 so a timestep-dependent path that recompiled or fell off its fast path would show. A row that cannot run
 (library missing, compile unsupported, out of memory...) is recorded as skipped with the reason; the run
@@ -19,15 +19,15 @@ from typing import Any
 
 import torch
 
-from diffusers_ptq.benchmark.speed_measure import (
+from diffusers_ptq.benchmark.speed.measure import (
     device_name,
     peak_memory,
     time_call,
     time_calls,
 )
-from diffusers_ptq.benchmark.speed_models import SpeedModel, speed_models, spread_timesteps
-from diffusers_ptq.benchmark.speed_rows import COMPILED, LABELS, PREPARE, RowContext, RowSkipped
-from diffusers_ptq.benchmark.speed_settings import SpeedSettings
+from diffusers_ptq.benchmark.speed.models import SpeedModel, speed_models, spread_timesteps
+from diffusers_ptq.benchmark.speed.rows import COMPILED, LABELS, PREPARE, RowContext, RowSkipped
+from diffusers_ptq.benchmark.speed.settings import SpeedSettings
 
 TIMESTEPS = 10  # distinct timesteps the calls cycle through
 LIBRARIES = ("torch", "diffusers", "torchao", "optimum-quanto")

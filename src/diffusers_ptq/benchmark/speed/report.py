@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from diffusers_ptq.benchmark.plotting import pyplot
-from diffusers_ptq.benchmark.speed import ModelResult, SpeedResult
+from diffusers_ptq.benchmark.speed.benchmark import ModelResult, SpeedResult
 
 MB = 1e6
 

@@ -8,9 +8,9 @@ import sys
 
 import torch
 
-from diffusers_ptq.benchmark.speed import SpeedResult, run_speed_benchmark
-from diffusers_ptq.benchmark.speed_report import markdown_report, write_speed_outputs
-from diffusers_ptq.benchmark.speed_settings import (
+from diffusers_ptq.benchmark.speed.benchmark import SpeedResult, run_speed_benchmark
+from diffusers_ptq.benchmark.speed.report import markdown_report, write_speed_outputs
+from diffusers_ptq.benchmark.speed.settings import (
     DTYPES,
     MODEL_CHOICES,
     ROW_HELP,

@@ -6,7 +6,7 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 
-from diffusers_ptq.benchmark.clip_score import DEFAULT_CLIP_MODEL
+from diffusers_ptq.benchmark.metrics.clip_score import DEFAULT_CLIP_MODEL
 from diffusers_ptq.methods import available_presets
 
 # --quick: block reconstruction per row that enables it (the default presets: q-diffusion's 3 rows).

@@ -16,14 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusers_ptq.api import quantize_pipeline
-from diffusers_ptq.benchmark.clip_score import clip_fidelity
-from diffusers_ptq.benchmark.quanto_row import (
-    QUANTO_METHOD,
-    QUANTO_ROW,
-    quanto_pipeline_quantizer,
-    quanto_unavailable_reason,
-)
-from diffusers_ptq.benchmark.sampling import (
+from diffusers_ptq.benchmark.metrics.clip_score import clip_fidelity
+from diffusers_ptq.benchmark.quality.sampling import (
     Trajectory,
     ddim_pipeline,
     ddim_text_pipeline,
@@ -34,7 +28,13 @@ from diffusers_ptq.benchmark.sampling import (
     record_trajectory,
     sample_images,
 )
-from diffusers_ptq.benchmark.settings import BenchSettings
+from diffusers_ptq.benchmark.quality.settings import BenchSettings
+from diffusers_ptq.benchmark.quanto_row import (
+    QUANTO_METHOD,
+    QUANTO_ROW,
+    quanto_pipeline_quantizer,
+    quanto_unavailable_reason,
+)
 from diffusers_ptq.calibration import get_pipeline_spec
 from diffusers_ptq.config import PTQConfig
 
