@@ -101,6 +101,14 @@ def add_parser(sub: Any) -> None:
         f"{QUICK_RECONSTRUCTION_MINUTES}).",
     )
     b.add_argument(
+        "--no-reconstruction",
+        action="store_true",
+        default=None,
+        help="run every preset with block reconstruction off (q-diffusion reconstructs by default at the "
+        "published iteration counts, about 11 h per row on 2 CPU cores); the table's notes say so. "
+        "Not with --reconstruction-minutes.",
+    )
+    b.add_argument(
         "--compare-quanto",
         action="store_true",
         default=None,
@@ -134,6 +142,12 @@ def _settings(args: argparse.Namespace) -> BenchSettings:
         "calibration_samples", "reconstruction_minutes", "compare_quanto",
     )  # fmt: skip
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.no_reconstruction:
+        if args.reconstruction_minutes is not None:
+            raise ValueError(
+                "--reconstruction-minutes applies only with reconstruction; drop it or --no-reconstruction"
+            )
+        overrides["reconstruction"] = False
     overrides.update(text_overrides(args))
     settings = BenchSettings.quick(**overrides) if args.quick else BenchSettings(**overrides)
     settings.validate()
@@ -311,7 +325,7 @@ def _ablation_settings(args: argparse.Namespace) -> AblationSettings:
     study = args.ablation
     if study not in STUDIES:
         raise ValueError(f"--ablation {study!r} is invalid; expected one of {', '.join(STUDIES)}")
-    for option in ("--presets", "--reconstruction-minutes", "--compare-quanto"):
+    for option in ("--presets", "--reconstruction-minutes", "--no-reconstruction", "--compare-quanto"):
         if getattr(args, option.lstrip("-").replace("-", "_")) is not None:
             raise ValueError(f"{option} does not apply to --ablation (its rows fix their own recipes)")
     for option in ("--prompts", "--guidance-scale", "--clip-model"):
