@@ -7,6 +7,7 @@ from pathlib import Path
 
 from diffusers_ptq.benchmark.plotting import pyplot
 from diffusers_ptq.benchmark.speed.benchmark import ModelResult, SpeedResult
+from diffusers_ptq.benchmark.speed.check import SQNR_CAP_DB
 
 MB = 1e6
 
@@ -24,7 +25,9 @@ def _mb(value: int | None) -> str:
 
 
 def _sqnr_note(sqnr: float | None) -> list[str]:
-    return [] if sqnr is None else [f"output SQNR {sqnr:g} dB vs float"]
+    if sqnr is None:
+        return []
+    return ["output identical to float" if sqnr >= SQNR_CAP_DB else f"output SQNR {sqnr:g} dB vs float"]
 
 
 def model_table(model: ModelResult) -> str:
