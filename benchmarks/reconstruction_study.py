@@ -29,11 +29,11 @@ from pathlib import Path
 import torch
 
 from diffusers_ptq import PTQConfig
-from diffusers_ptq.benchmark.fashion import FashionFidelity
-from diffusers_ptq.benchmark.quality import BenchResult, RowResult, RowSpec, run_rows
-from diffusers_ptq.benchmark.report import markdown_table, write_outputs
-from diffusers_ptq.benchmark.sampling import ddim_pipeline, record_trajectory
-from diffusers_ptq.benchmark.settings import BenchSettings
+from diffusers_ptq.benchmark.metrics.fashion import FashionFidelity
+from diffusers_ptq.benchmark.quality.benchmark import BenchResult, RowResult, RowSpec, run_rows
+from diffusers_ptq.benchmark.quality.report import markdown_table, write_outputs
+from diffusers_ptq.benchmark.quality.sampling import ddim_pipeline, record_trajectory
+from diffusers_ptq.benchmark.quality.settings import BenchSettings
 from diffusers_ptq.cli.common import atomic_directory, check_output
 from diffusers_ptq.zoo.models import fashion_ddpm_pipeline
 

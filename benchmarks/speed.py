@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 
-from diffusers_ptq.benchmark.speed_cli import main
+from diffusers_ptq.benchmark.speed.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,7 +20,12 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from diffusers_ptq.benchmark.fidelity import FeatureStats, classifier_outputs, frechet_distance, save_stats
+from diffusers_ptq.benchmark.metrics.fidelity import (
+    FeatureStats,
+    classifier_outputs,
+    frechet_distance,
+    save_stats,
+)
 from diffusers_ptq.zoo.classifier import CLASSIFIER_FILE, FashionClassifier
 from diffusers_ptq.zoo.data import load_fashion_mnist
 from diffusers_ptq.zoo.models import ASSETS_DIR

@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from diffusers_ptq import cli
-from diffusers_ptq.benchmark.quality import run_quality_benchmark
-from diffusers_ptq.benchmark.report import markdown_table, write_outputs
-from diffusers_ptq.benchmark.sampling import (
+from diffusers_ptq.benchmark.quality.benchmark import run_quality_benchmark
+from diffusers_ptq.benchmark.quality.report import markdown_table, write_outputs
+from diffusers_ptq.benchmark.quality.sampling import (
     ddim_pipeline,
     noise_error_per_step,
     record_trajectory,
     sample_images,
 )
-from diffusers_ptq.benchmark.settings import BenchSettings, parse_bits
+from diffusers_ptq.benchmark.quality.settings import BenchSettings, parse_bits
 from diffusers_ptq.prepare import is_quantized
 
 # The smallest run that still exercises every part: two rows per bit setting, a few images, a few steps.

@@ -1,4 +1,4 @@
-"""`diffusers-ptq bench --ablation` (diffusers_ptq.benchmark.ablation*) and the bench's reconstruction cap."""
+"""`diffusers-ptq bench --ablation` (diffusers_ptq.benchmark.ablation) and the bench's reconstruction cap."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from diffusers_ptq import cli
-from diffusers_ptq.benchmark.ablation import (
+from diffusers_ptq.benchmark.ablation.benchmark import (
     SEARCH_LABEL,
     UNIFORM_STEP_INTERVAL,
     ablation_rows,
     run_ablation,
 )
-from diffusers_ptq.benchmark.ablation_report import ablation_table, write_ablation_outputs
-from diffusers_ptq.benchmark.ablation_settings import AblationSettings, parse_groups
-from diffusers_ptq.benchmark.quality import row_configs
-from diffusers_ptq.benchmark.settings import QUICK_RECONSTRUCTION_MINUTES, BenchSettings
+from diffusers_ptq.benchmark.ablation.report import ablation_table, write_ablation_outputs
+from diffusers_ptq.benchmark.ablation.settings import AblationSettings, parse_groups
+from diffusers_ptq.benchmark.quality.benchmark import row_configs
+from diffusers_ptq.benchmark.quality.settings import QUICK_RECONSTRUCTION_MINUTES, BenchSettings
 from diffusers_ptq.config import PTQConfig
 from diffusers_ptq.methods import available_presets
 

@@ -12,17 +12,18 @@ import pytest
 import torch
 
 from diffusers_ptq import cli
-from diffusers_ptq.benchmark import clip_score, quality
-from diffusers_ptq.benchmark.quality import run_quality_benchmark
-from diffusers_ptq.benchmark.report import markdown_table
-from diffusers_ptq.benchmark.sampling import (
+from diffusers_ptq.benchmark.metrics import clip_score
+from diffusers_ptq.benchmark.quality import benchmark as quality
+from diffusers_ptq.benchmark.quality.benchmark import run_quality_benchmark
+from diffusers_ptq.benchmark.quality.report import markdown_table
+from diffusers_ptq.benchmark.quality.sampling import (
     ddim_text_pipeline,
     image_prompts,
     noise_error_per_step,
     record_trajectory,
     sample_images,
 )
-from diffusers_ptq.benchmark.settings import BenchSettings
+from diffusers_ptq.benchmark.quality.settings import BenchSettings
 from diffusers_ptq.cli import bench as bench_cli
 from diffusers_ptq.prepare import is_quantized
 from diffusers_ptq.tiny import tiny_sd_pipeline

@@ -1,4 +1,4 @@
-"""Fréchet distance and Inception-style score (diffusers_ptq.benchmark.fidelity)."""
+"""Fréchet distance and Inception-style score (diffusers_ptq.benchmark.metrics.fidelity)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffusers_ptq.benchmark.fidelity import (
+from diffusers_ptq.benchmark.metrics.fidelity import (
     FeatureStats,
     frechet_distance,
     inception_score,
@@ -85,7 +85,7 @@ def test_stats_round_trip_through_safetensors(tmp_path: Path) -> None:
 
 
 def test_real_inception_metrics_are_skipped_without_local_weights(tmp_path: Path, monkeypatch) -> None:
-    from diffusers_ptq.benchmark.inception import InceptionFidelity, inception_unavailable_reason
+    from diffusers_ptq.benchmark.metrics.inception import InceptionFidelity, inception_unavailable_reason
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # an empty cache: nothing on disk
     reason = inception_unavailable_reason()
@@ -109,7 +109,7 @@ class _StandInInception(nn.Module):
 
 
 def test_spatial_features_collect_the_first_seven_channels() -> None:
-    from diffusers_ptq.benchmark.inception import SpatialFeatures
+    from diffusers_ptq.benchmark.metrics.inception import SpatialFeatures
 
     net = _StandInInception()
     spatial = SpatialFeatures(net)
@@ -129,7 +129,7 @@ def test_spatial_features_collect_the_first_seven_channels() -> None:
 
 def test_sfid_is_reported_with_fid_from_one_inception_pass(monkeypatch) -> None:
     """The real metric needs Inception weights (absent here): torchmetrics is replaced by stand-ins."""
-    from diffusers_ptq.benchmark import inception
+    from diffusers_ptq.benchmark.metrics import inception
 
     class FakeFID:
         def __init__(self, feature: int, reset_real_features: bool) -> None:

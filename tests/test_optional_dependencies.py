@@ -51,7 +51,7 @@ def test_missing_matplotlib_stops_before_work(
 def test_speed_benchmark_missing_matplotlib_stops_before_work(
     tmp_path: Path, no_matplotlib: None, monkeypatch: pytest.MonkeyPatch, capsys: Any
 ) -> None:
-    from diffusers_ptq.benchmark import speed_cli
+    from diffusers_ptq.benchmark.speed import cli as speed_cli
 
     monkeypatch.setattr(speed_cli, "run_speed_benchmark", _no_model)
     out = tmp_path / "out"

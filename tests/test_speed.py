@@ -12,21 +12,21 @@ import torch
 from PIL import Image
 
 from diffusers_ptq import cli
-from diffusers_ptq.benchmark import speed as speed_module
-from diffusers_ptq.benchmark.quality import run_quality_benchmark
+from diffusers_ptq.benchmark.quality.benchmark import run_quality_benchmark
+from diffusers_ptq.benchmark.quality.report import markdown_table
+from diffusers_ptq.benchmark.quality.settings import BenchSettings
 from diffusers_ptq.benchmark.quanto_row import (
     QUANTO_METHOD,
     QUANTO_ROW,
     quanto_pipeline_quantizer,
     quanto_unavailable_reason,
 )
-from diffusers_ptq.benchmark.report import markdown_table
-from diffusers_ptq.benchmark.settings import BenchSettings
-from diffusers_ptq.benchmark.speed import run_speed_benchmark
-from diffusers_ptq.benchmark.speed_cli import main as speed_main
-from diffusers_ptq.benchmark.speed_measure import Timing, model_bytes
-from diffusers_ptq.benchmark.speed_models import speed_models, spread_timesteps
-from diffusers_ptq.benchmark.speed_settings import SpeedSettings, parse_models
+from diffusers_ptq.benchmark.speed import benchmark as speed_module
+from diffusers_ptq.benchmark.speed.benchmark import run_speed_benchmark
+from diffusers_ptq.benchmark.speed.cli import main as speed_main
+from diffusers_ptq.benchmark.speed.measure import Timing, model_bytes
+from diffusers_ptq.benchmark.speed.models import speed_models, spread_timesteps
+from diffusers_ptq.benchmark.speed.settings import SpeedSettings, parse_models
 from diffusers_ptq.cli.bench import _settings as bench_settings
 from diffusers_ptq.config import CalibrationConfig
 from diffusers_ptq.tiny import tiny_ddim_pipeline

@@ -12,8 +12,8 @@ import torch
 from diffusers import DDIMPipeline, DDPMPipeline, UNet2DModel
 from diffusers.models.attention_processor import Attention
 
-from diffusers_ptq.benchmark.fashion import FashionFidelity, matches_fashion_model
-from diffusers_ptq.benchmark.fidelity import frechet_distance
+from diffusers_ptq.benchmark.metrics.fashion import FashionFidelity, matches_fashion_model
+from diffusers_ptq.benchmark.metrics.fidelity import frechet_distance
 from diffusers_ptq.zoo import (
     FASHION_DDPM_DIR,
     fashion_ddpm_pipeline,

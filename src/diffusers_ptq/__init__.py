@@ -36,8 +36,7 @@ from diffusers_ptq.serialization import (
     push_to_hub,
     register,
 )
-
-__version__ = "0.1.0"
+from diffusers_ptq.version import __version__
 
 # diffusers finds quantizers through its AUTO mappings: register ours so stock from_pretrained loads
 # diffusers-ptq checkpoints (idempotent; registering touches no device).

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from dataclasses import MISSING, InitVar, dataclass, field, fields, is_dataclass
 from typing import Any
 
@@ -23,6 +24,18 @@ GRANULARITIES = ("per_channel", "per_tensor")
 TIMESTEP_SAMPLERS = ("uniform", "normal", "skew_normal", "all")
 SAMPLE_SELECTORS = ("random", "density_diversity", "active")
 SPECIAL_LAYER_POLICIES = ("float", "8bit", "same")
+
+# The method presets depend on this module, never the reverse: `diffusers_ptq.methods.registry` hands its
+# builder to `set_preset_builder` when it is imported (`import diffusers_ptq` imports it), and
+# `PTQConfig.preset` calls whatever builder was handed over.
+PresetBuilder = Callable[[str, dict[str, Any]], "PTQConfig"]
+_preset_builder: PresetBuilder | None = None
+
+
+def set_preset_builder(builder: PresetBuilder) -> None:
+    """Install the function behind `PTQConfig.preset(name, **overrides)` (the preset registry's)."""
+    global _preset_builder
+    _preset_builder = builder
 
 
 def _check_search(path: str, cfg: WeightQuantConfig | ActivationQuantConfig) -> None:
@@ -309,9 +322,9 @@ class PTQConfig:
 
         Values a paper publishes per bit width follow the overridden bits unless set explicitly.
         """
-        from diffusers_ptq.methods.registry import build_preset
-
-        return build_preset(name, overrides)
+        if _preset_builder is None:
+            raise RuntimeError("no preset registry is loaded; `import diffusers_ptq` loads the presets")
+        return _preset_builder(name, overrides)
 
 
 def apply_overrides(config: PTQConfig, overrides: dict[str, Any]) -> None:

@@ -11,24 +11,24 @@ from typing import Any
 
 import torch
 
-from diffusers_ptq.benchmark.ablation import ablation_rows, run_ablation
-from diffusers_ptq.benchmark.ablation_report import ablation_table, write_ablation_outputs
-from diffusers_ptq.benchmark.ablation_settings import SELECTORS, STUDIES, AblationSettings, parse_groups
-from diffusers_ptq.benchmark.fashion import FashionFidelity, matches_fashion_model
-from diffusers_ptq.benchmark.inception import (
+from diffusers_ptq.benchmark.ablation.benchmark import ablation_rows, run_ablation
+from diffusers_ptq.benchmark.ablation.report import ablation_table, write_ablation_outputs
+from diffusers_ptq.benchmark.ablation.settings import SELECTORS, STUDIES, AblationSettings, parse_groups
+from diffusers_ptq.benchmark.metrics.fashion import FashionFidelity, matches_fashion_model
+from diffusers_ptq.benchmark.metrics.inception import (
     CombinedFidelity,
     InceptionFidelity,
     inception_unavailable_reason,
 )
 from diffusers_ptq.benchmark.plotting import pyplot
-from diffusers_ptq.benchmark.quality import (
+from diffusers_ptq.benchmark.quality.benchmark import (
     check_pipeline_prompts,
     check_unconditional,
     row_configs,
     run_quality_benchmark,
 )
-from diffusers_ptq.benchmark.report import markdown_table, reference_table, write_outputs
-from diffusers_ptq.benchmark.settings import QUICK_RECONSTRUCTION_MINUTES, BenchSettings
+from diffusers_ptq.benchmark.quality.report import markdown_table, reference_table, write_outputs
+from diffusers_ptq.benchmark.quality.settings import QUICK_RECONSTRUCTION_MINUTES, BenchSettings
 from diffusers_ptq.calibration import get_pipeline_spec
 from diffusers_ptq.cli.bench_text import (
     add_text_arguments,
@@ -102,6 +102,14 @@ def add_parser(sub: Any) -> None:
         f"{QUICK_RECONSTRUCTION_MINUTES}).",
     )
     b.add_argument(
+        "--no-reconstruction",
+        action="store_true",
+        default=None,
+        help="run every preset with block reconstruction off (q-diffusion reconstructs by default at the "
+        "published iteration counts, about 11 h per row on 2 CPU cores); the table's notes say so. "
+        "Not with --reconstruction-minutes.",
+    )
+    b.add_argument(
         "--compare-quanto",
         action="store_true",
         default=None,
@@ -135,6 +143,12 @@ def _settings(args: argparse.Namespace) -> BenchSettings:
         "calibration_samples", "reconstruction_minutes", "compare_quanto",
     )  # fmt: skip
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.no_reconstruction:
+        if args.reconstruction_minutes is not None:
+            raise ValueError(
+                "--reconstruction-minutes applies only with reconstruction; drop it or --no-reconstruction"
+            )
+        overrides["reconstruction"] = False
     overrides.update(text_overrides(args))
     settings = BenchSettings.quick(**overrides) if args.quick else BenchSettings(**overrides)
     settings.validate()
@@ -313,7 +327,7 @@ def _ablation_settings(args: argparse.Namespace) -> AblationSettings:
     study = args.ablation
     if study not in STUDIES:
         raise ValueError(f"--ablation {study!r} is invalid; expected one of {', '.join(STUDIES)}")
-    for option in ("--presets", "--reconstruction-minutes", "--compare-quanto"):
+    for option in ("--presets", "--reconstruction-minutes", "--no-reconstruction", "--compare-quanto"):
         if getattr(args, option.lstrip("-").replace("-", "_")) is not None:
             raise ValueError(f"{option} does not apply to --ablation (its rows fix their own recipes)")
     for option in ("--prompts", "--guidance-scale", "--clip-model"):

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from diffusers_ptq.benchmark.settings import BenchSettings
+from diffusers_ptq.benchmark.quality.settings import BenchSettings
 from diffusers_ptq.calibration.pipelines import spec_for_class_name
 from diffusers_ptq.cli.common import FASHION_MODEL, TINY_PREFIX
 from diffusers_ptq.tiny import PIPELINE_NAMES

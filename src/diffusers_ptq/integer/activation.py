@@ -38,13 +38,6 @@ def sample_qparams(
     return scale, zero_point
 
 
-def _quantize_into(
-    out: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, lo: int, hi: int
-) -> None:
-    q = torch.div(x, scale[:, None])
-    out.copy_(q.round_().add_(zero_point[:, None]).clamp_(lo, hi))
-
-
 def quantize_flat(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, lo: int, hi: int, dtype: torch.dtype
 ) -> torch.Tensor:

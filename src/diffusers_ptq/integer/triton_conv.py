@@ -106,7 +106,7 @@ def _build(interpret: bool):
                     if PACKED:
                         byte = tl.load(w_ptr + (w_rows[None, :] + k[:, None] // 2), mask=w_mask, other=0)
                         nibble = (byte.to(tl.int32) >> ((k[:, None] % 2) * 4)) & 15
-                        w = (nibble - (nibble >= 8).to(tl.int32) * 16).to(tl.int8)
+                        w = (nibble - 8).to(tl.int8)  # offset code + 8 (serialization/packing.py)
                     else:
                         w = tl.load(w_ptr + (w_rows[None, :] + k[:, None]), mask=w_mask, other=0)
                     acc = tl.dot(a, w, acc, out_dtype=tl.int32)

@@ -8,10 +8,9 @@ applied, unless the caller set those values explicitly.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from diffusers_ptq.config import PTQConfig
+from diffusers_ptq.config import PTQConfig, set_preset_builder
 
 Adapt = Callable[["PTQConfig", dict[str, Any]], None]
 
@@ -63,3 +62,6 @@ def build_preset(name: str, overrides: dict[str, Any]) -> PTQConfig:
         _ADAPT[key](config, overrides)
         config.validate()
     return config
+
+
+set_preset_builder(build_preset)  # PTQConfig.preset(name, ...) builds through this registry

@@ -50,9 +50,6 @@ class ReconstructionReport:
         units = [UnitReport.from_dict(u) for u in data["units"]]
         return cls(config=data["config"], rows=data["rows"], units=units, seconds=data["seconds"])
 
-    def by_unit(self, phase: str | None = None) -> dict[str, UnitReport]:
-        return {u.unit: u for u in self.units if phase is None or u.phase == phase}
-
     def __str__(self) -> str:
         lines = [
             f"reconstruction: {len(self.units)} unit passes over {self.rows} calibration rows, "

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from torch import nn
 
 from diffusers_ptq.initialise import initialise_weights, set_quant_state
+from diffusers_ptq.job import PTQState
 from diffusers_ptq.prepare import AttentionPlan, LayerPlan, QuantPlan, install, plan_quantization
 from diffusers_ptq.quantizers import TimestepActQuantizer, WeightQuantizer, contiguous_group_map
 from diffusers_ptq.report import QuantizationReport
@@ -283,8 +284,6 @@ def finalize(
     group_map: torch.Tensor | None,
 ) -> None:
     """Switch quantization on and give the loaded model the `ptq_state` quantize_pipeline would have."""
-    from diffusers_ptq.job import PTQState  # job imports this package: import late to avoid a cycle
-
     ptq = qconfig.ptq
     for module in model.modules():
         if isinstance(module, WeightQuantizer):

@@ -5,6 +5,9 @@ Codes of 5-8 bits are stored one per byte: `int8` for a signed (symmetric) grid,
 an unsigned offset `code - qmin` in [0, 15] and the row (one output channel) is packed low nibble first,
 giving a `uint8` tensor of shape (C_out, ceil(K / 2)) with K the values per output channel. A row of odd
 length is padded with one zero nibble; the original shape is needed to unpack.
+
+This is the library's only 4-bit convention: the int4 GEMM weights of `integer/` (`integer/packing.py` and
+the Triton kernel) store their codes the same way, with qmin = -8.
 """
 
 from __future__ import annotations
@@ -41,6 +44,20 @@ def packed_shape(shape: tuple[int, ...], bits: int) -> tuple[int, ...]:
     return (rows, (per_row + 1) // 2)
 
 
+def pack_nibbles(offsets: torch.Tensor) -> torch.Tensor:
+    """(rows, K) unsigned offsets in [0, 15] -> (rows, ceil(K / 2)) uint8, low nibble first."""
+    offsets = offsets.to(torch.uint8)
+    if offsets.shape[1] % 2:
+        offsets = torch.nn.functional.pad(offsets, (0, 1))
+    return offsets[:, 0::2] | (offsets[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor, per_row: int) -> torch.Tensor:
+    """Inverse of `pack_nibbles`: (rows, per_row) uint8 offsets in [0, 15]."""
+    offsets = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+    return offsets[:, :per_row]
+
+
 def pack_codes(codes: torch.Tensor, bits: int, qmin: int) -> torch.Tensor:
     """Pack integer-valued `codes` (any dtype) of a `bits`-bit grid starting at `qmin`.
 
@@ -59,10 +76,7 @@ def pack_codes(codes: torch.Tensor, bits: int, qmin: int) -> torch.Tensor:
         # wider integer keeps the conversion well-defined for every input dtype.
         return codes.to(torch.int16).to(storage_dtype(bits, qmin))
     rows = codes.shape[0] if codes.ndim else 1
-    offsets = (codes.to(torch.int16) - qmin).to(torch.uint8).reshape(rows, -1)
-    if offsets.shape[1] % 2:
-        offsets = torch.nn.functional.pad(offsets, (0, 1))
-    return offsets[:, 0::2] | (offsets[:, 1::2] << 4)
+    return pack_nibbles((codes.to(torch.int16) - qmin).to(torch.uint8).reshape(rows, -1))
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, qmin: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -80,9 +94,5 @@ def unpack_codes(packed: torch.Tensor, bits: int, qmin: int, shape: tuple[int, .
         )
     if bits > PACKED_NIBBLE_MAX_BITS:
         return packed.to(torch.float32)
-    low = packed & 0x0F
-    high = packed >> 4
-    offsets = torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1)
     per_row = math.prod(shape[1:]) if len(shape) > 1 else 1
-    offsets = offsets[:, :per_row]
-    return (offsets.to(torch.float32) + qmin).reshape(shape)
+    return (unpack_nibbles(packed, per_row).to(torch.float32) + qmin).reshape(shape)

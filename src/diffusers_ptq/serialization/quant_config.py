@@ -19,6 +19,7 @@ from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 
 from diffusers_ptq.config import PTQConfig
 from diffusers_ptq.serialization.layout import FORMAT_VERSION, CheckpointError, check_format_version
+from diffusers_ptq.version import __version__
 
 
 class PTQQuantizationMethod(str, Enum):
@@ -89,9 +90,7 @@ class PTQQuantizationConfig(QuantizationConfigMixin):
         self.calibration_prompts = _optional_int("calibration_prompts", calibration_prompts)
         self.report = copy.deepcopy(report)
         self.metrics = _metrics(metrics or {})
-        if library_version is None:
-            from diffusers_ptq import __version__ as library_version
-        self.library_version = str(library_version)
+        self.library_version = str(__version__ if library_version is None else library_version)
 
     @property
     def ptq(self) -> PTQConfig:

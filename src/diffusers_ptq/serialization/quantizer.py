@@ -1,4 +1,4 @@
-"""`PTQQuantizer`: diffusers-ptq as a diffusers quantizer backend, and its registration.
+"""`PTQQuantizer`: diffusers-ptq as a diffusers quantizer backend (registered by `registration.py`).
 
 With the quantizer registered, diffusers' own `save_pretrained` / `from_pretrained` (models and pipelines)
 and `PipelineQuantizationConfig(quant_mapping=...)` handle diffusers-ptq UNets: `from_pretrained` reads the
@@ -17,7 +17,7 @@ from torch import nn
 
 from diffusers_ptq.serialization import loading
 from diffusers_ptq.serialization.layout import CheckpointError
-from diffusers_ptq.serialization.quant_config import PTQQuantizationConfig, PTQQuantizationMethod
+from diffusers_ptq.serialization.quant_config import PTQQuantizationConfig
 from diffusers_ptq.serialization.state import checkpoint_state_dict
 
 
@@ -147,16 +147,4 @@ def is_ptq_model(module: Any) -> bool:
     return isinstance(getattr(module, "hf_quantizer", None), PTQQuantizer) and hasattr(module, "ptq_state")
 
 
-def register() -> None:
-    """Register diffusers-ptq with diffusers (idempotent: re-registering sets the same entries)."""
-    from diffusers.quantizers import auto
-
-    from diffusers_ptq.serialization.saving import install_save_hooks
-
-    key = PTQQuantizationMethod.DIFFUSERS_PTQ.value
-    auto.AUTO_QUANTIZER_MAPPING[key] = PTQQuantizer
-    auto.AUTO_QUANTIZATION_CONFIG_MAPPING[key] = PTQQuantizationConfig
-    install_save_hooks()
-
-
-__all__ = ["PTQQuantizer", "attach_quantizer", "is_ptq_model", "register"]
+__all__ = ["PTQQuantizer", "attach_quantizer", "is_ptq_model"]

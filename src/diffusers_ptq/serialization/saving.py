@@ -1,11 +1,11 @@
 """Atomic, quantization-aware `save_pretrained` for diffusers models and pipelines with a diffusers-ptq UNet.
 
 diffusers writes `config.json` and the weights straight into the target directory and offers no hook for
-where they go, so `register()` wraps `ModelMixin.save_pretrained` and `DiffusionPipeline.save_pretrained`
-once. The wrapper only acts on objects holding a diffusers-ptq UNet (everything else runs diffusers' method
-untouched): it refreshes the UNet's `quantization_config` from its `ptq_state`, runs diffusers' own method
-into a temporary sibling directory, and renames that into place (`atomic.py`). `push_to_hub=True` pushes the
-saved folder with a diffusers-ptq model card.
+where they go, so `register()` (`registration.py`) wraps `ModelMixin.save_pretrained` and
+`DiffusionPipeline.save_pretrained` once. The wrapper only acts on objects holding a diffusers-ptq UNet
+(everything else runs diffusers' method untouched): it refreshes the UNet's `quantization_config` from its
+`ptq_state`, runs diffusers' own method into a temporary sibling directory, and renames that into place
+(`atomic.py`). `push_to_hub=True` pushes the saved folder with a diffusers-ptq model card (`upload.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from diffusers.models.modeling_utils import ModelMixin
 
 from diffusers_ptq.serialization.atomic import atomic_directory
 from diffusers_ptq.serialization.quantizer import attach_quantizer, is_ptq_model
+from diffusers_ptq.serialization.upload import upload_saved_folder
 
 _MARK = "_diffusers_ptq_atomic_save"
 _HUB_KWARGS = ("repo_id", "token", "private", "create_pr", "commit_message")
@@ -70,8 +71,6 @@ def _wrap(cls: type, ptq_models: Callable[[Any], list[Any]]) -> None:
         with atomic_directory(save_directory) as partial:
             result = original(self, os.fspath(partial), push_to_hub=False, **call, **extra)
         if bound.get("push_to_hub", False):
-            from diffusers_ptq.serialization.hub import upload_saved_folder
-
             repo_id = hub.pop("repo_id", os.path.basename(os.path.abspath(save_directory)))
             upload_saved_folder(self, save_directory, repo_id, **hub)
         return result

@@ -1,6 +1,6 @@
 """What `diffusers-ptq bench --ablation` runs: the study, its lists, sample counts, seeds and cost caps.
 
-Two studies reproduce the seed papers' ablations in miniature (recipes: `benchmark/ablation.py`):
+Two studies reproduce the seed papers' ablations in miniature (recipes: `benchmark/ablation/benchmark.py`):
 
 - "groups": timestep groups G (1, 4, 8, 16, per-step) at each bit setting (APQ-DM Table 5).
 - "selectors": calibration-sample selectors at each calibration size (APQ-DM Fig. 5 / EDA-DM Table 6).
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from math import inf
 
-from diffusers_ptq.benchmark.settings import BenchSettings, parse_bits
+from diffusers_ptq.benchmark.quality.settings import BenchSettings, parse_bits
 
 STUDIES = ("groups", "selectors")
 # Row labels of the selectors study; "random+search" is added next to "active" (its fair baseline).

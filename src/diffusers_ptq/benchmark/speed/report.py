@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from diffusers_ptq.benchmark.plotting import pyplot
-from diffusers_ptq.benchmark.speed import ModelResult, SpeedResult
+from diffusers_ptq.benchmark.speed.benchmark import ModelResult, SpeedResult
+from diffusers_ptq.benchmark.speed.check import SQNR_CAP_DB
 
 MB = 1e6
 
@@ -23,6 +24,12 @@ def _mb(value: int | None) -> str:
     return "–" if value is None else f"{value / MB:,.1f}"
 
 
+def _sqnr_note(sqnr: float | None) -> list[str]:
+    if sqnr is None:
+        return []
+    return ["output identical to float" if sqnr >= SQNR_CAP_DB else f"output SQNR {sqnr:g} dB vs float"]
+
+
 def model_table(model: ModelResult) -> str:
     """One line per row: latency (median, quartiles), speedup, peak memory and weights against float."""
     head = [
@@ -32,7 +39,8 @@ def model_table(model: ModelResult) -> str:
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + "---|"]
     for row in model.rows:
         if not row.ok:
-            cells = [row.label, *["–"] * (len(head) - 2), f"skipped: {row.reason}"]
+            status = "ERROR" if row.error else "skipped"
+            cells = [row.label, *["–"] * (len(head) - 2), f"{status}: {row.reason}"]
         else:
             cells = [
                 row.label,
@@ -44,7 +52,7 @@ def model_table(model: ModelResult) -> str:
                 _mb(row.weight_bytes),
                 _ratio(row.weight_ratio),
                 "–" if row.first_call_s is None else f"{row.first_call_s:.1f}",
-                "; ".join(row.notes),
+                "; ".join(row.notes + _sqnr_note(row.output_sqnr_db)),
             ]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)

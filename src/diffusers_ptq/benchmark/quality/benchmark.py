@@ -16,14 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusers_ptq.api import quantize_pipeline
-from diffusers_ptq.benchmark.clip_score import clip_fidelity
-from diffusers_ptq.benchmark.quanto_row import (
-    QUANTO_METHOD,
-    QUANTO_ROW,
-    quanto_pipeline_quantizer,
-    quanto_unavailable_reason,
-)
-from diffusers_ptq.benchmark.sampling import (
+from diffusers_ptq.benchmark.metrics.clip_score import clip_fidelity
+from diffusers_ptq.benchmark.quality.sampling import (
     Trajectory,
     ddim_pipeline,
     ddim_text_pipeline,
@@ -34,7 +28,13 @@ from diffusers_ptq.benchmark.sampling import (
     record_trajectory,
     sample_images,
 )
-from diffusers_ptq.benchmark.settings import BenchSettings
+from diffusers_ptq.benchmark.quality.settings import BenchSettings
+from diffusers_ptq.benchmark.quanto_row import (
+    QUANTO_METHOD,
+    QUANTO_ROW,
+    quanto_pipeline_quantizer,
+    quanto_unavailable_reason,
+)
 from diffusers_ptq.calibration import get_pipeline_spec
 from diffusers_ptq.config import PTQConfig
 
@@ -138,10 +138,24 @@ def _row_config(settings: BenchSettings, preset: str, w: int, a: int) -> PTQConf
     if settings.prompts is not None:  # calibration sees the guidance the rows sample with
         calibration["guidance_scale"] = settings.guidance_scale
     config = PTQConfig.preset(preset, weight_bits=w, act_bits=a, calibration=calibration)
+    if not settings.reconstruction and config.reconstruction.enabled:
+        return config.replace(reconstruction={"enabled": False})
     minutes = settings.reconstruction_minutes
     if minutes is not None and config.reconstruction.enabled:
         config = config.replace(reconstruction={"max_minutes": minutes})
     return config
+
+
+def reconstruction_note(settings: BenchSettings) -> str | None:
+    """The table's note when reconstruction is switched off (None when presets run as published)."""
+    if settings.reconstruction:
+        return None
+    names = [p for p in settings.presets if PTQConfig.preset(p).reconstruction.enabled]
+    which = f" ({', '.join(names)} reconstruct by default)" if names else ""
+    return (
+        "reconstruction off (--no-reconstruction): every preset ran with block reconstruction disabled"
+        f"{which}; these rows are calibration only, not the published recipes"
+    )
 
 
 def row_configs(settings: BenchSettings) -> dict[str, PTQConfig]:
@@ -287,6 +301,9 @@ def run_quality_benchmark(
     text = settings.prompts is not None
     float_pipe = ddim_text_pipeline(pipe) if text else ddim_pipeline(pipe)
     notes: list[str] = []
+    note = reconstruction_note(settings)
+    if note is not None:
+        notes.append(note)
     if text:
         fidelity = _text_fidelity(settings, fidelity, pipe, notes)
     elif fidelity is None:

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from diffusers_ptq.benchmark.ablation import SEARCH_LABEL, AblationResult, AblationRow
-from diffusers_ptq.benchmark.ablation_settings import PER_STEP
+from diffusers_ptq.benchmark.ablation.benchmark import SEARCH_LABEL, AblationResult, AblationRow
+from diffusers_ptq.benchmark.ablation.settings import PER_STEP
 from diffusers_ptq.benchmark.plotting import pyplot
-from diffusers_ptq.benchmark.quality import RowResult
-from diffusers_ptq.benchmark.report import _fmt, _spread, write_tables_and_grids
-from diffusers_ptq.benchmark.settings import parse_bits
+from diffusers_ptq.benchmark.quality.benchmark import RowResult
+from diffusers_ptq.benchmark.quality.report import _fmt, _spread, write_tables_and_grids
+from diffusers_ptq.benchmark.quality.settings import parse_bits
 
 PLOT_FILES = {"groups": "fd_vs_groups.png", "selectors": "fd_vs_calibration_size.png"}
 

@@ -18,9 +18,9 @@ from torch import nn
 
 from diffusers_ptq.api import quantize_unet
 from diffusers_ptq.benchmark.quanto_row import INSTALL_HINT, quanto_w8a8
-from diffusers_ptq.benchmark.speed_measure import model_bytes
-from diffusers_ptq.benchmark.speed_models import SpeedModel
-from diffusers_ptq.benchmark.speed_settings import SpeedSettings
+from diffusers_ptq.benchmark.speed.measure import model_bytes
+from diffusers_ptq.benchmark.speed.models import SpeedModel
+from diffusers_ptq.benchmark.speed.settings import SpeedSettings
 from diffusers_ptq.config import PTQConfig
 from diffusers_ptq.integer import ConversionReport, convert
 

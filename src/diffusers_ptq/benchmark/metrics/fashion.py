@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from diffusers_ptq.benchmark.fidelity import (
+from diffusers_ptq.benchmark.metrics.fidelity import (
     FeatureStats,
     classifier_outputs,
     frechet_distance,

@@ -9,9 +9,9 @@ import sys
 import torch
 
 from diffusers_ptq.benchmark.plotting import pyplot
-from diffusers_ptq.benchmark.speed import SpeedResult, run_speed_benchmark
-from diffusers_ptq.benchmark.speed_report import markdown_report, write_speed_outputs
-from diffusers_ptq.benchmark.speed_settings import (
+from diffusers_ptq.benchmark.speed.benchmark import SpeedResult, SpeedRowError, run_speed_benchmark
+from diffusers_ptq.benchmark.speed.report import markdown_report, write_speed_outputs
+from diffusers_ptq.benchmark.speed.settings import (
     DTYPES,
     MODEL_CHOICES,
     ROW_HELP,
@@ -27,8 +27,9 @@ Per-step UNet latency (median of repeated calls after warm-up, with quartiles) a
 float, diffusers-ptq fake-quant and int8 (eager and torch.compile'd), torchao int8 and optimum-quanto
 W8A8, on Stable Diffusion 1.5's UNet (random weights; 64x64 latents, batch 2, text 2x77x768) and the
 shipped Fashion-MNIST DDPM. Prints each row's ratio to the float row and writes table.md,
-results.json and speed.png into --output, atomically. Rows whose library is missing or which fail
-are reported as skipped with the reason.
+results.json and speed.png into --output, atomically. Rows whose library is missing are skipped with
+the reason and its pip install command. Each row's first output is checked against the float model's:
+a row that raises or whose output is wrong is reported as an error (--strict: the run then exits 1).
 
 rows:
 """ + "\n".join(f"  {name:15s} {text}" for name, text in ROW_HELP.items())
@@ -88,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="DIR", help="output directory (required).")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output. Default: refuse.")
     p.add_argument("--traceback", action="store_true", help="print the traceback of a row that fails.")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="CI: exit 1 (after writing the outputs) when a row is in error, i.e. it raised or its output "
+        "differs from the float model's; a missing optional library stays a skip. Default: report only.",
+    )
     return p
 
 
@@ -106,6 +113,7 @@ def settings_from_args(args: argparse.Namespace) -> SpeedSettings:
         calibration_rows=args.calibration_rows,
         weight_bits=args.weight_bits,
         verbose_errors=args.traceback,
+        strict=args.strict,
     )
     settings.validate()
     return settings
@@ -131,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError, ImportError) as err:
         return error(err)
     torch.set_flush_denormal(True)  # random weights produce denormals that stall CPU float math
-    result = run_speed_benchmark(settings)
+    failure: SpeedRowError | None = None
+    try:
+        result = run_speed_benchmark(settings)
+    except SpeedRowError as err:  # --strict: the outputs are still written, then the run fails
+        result, failure = err.result, err
     command = "python benchmarks/speed.py " + " ".join(shlex.quote(a) for a in argv)
     with atomic_directory(out) as tmp:
         write_speed_outputs(result, tmp, command)
@@ -139,4 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_report(result))
     print(ratio_summary(result))
     print(f"speed benchmark: wrote {out} ({result.device})")
+    if failure is not None:
+        print(f"speed benchmark: error (--strict): {failure}", file=sys.stderr)
+        return 1
+    for line in result.errors():
+        print(f"speed benchmark: error: {line}", file=sys.stderr)
     return 0

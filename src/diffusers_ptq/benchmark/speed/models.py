@@ -14,35 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from diffusers_ptq.calibration import CalibrationSet
+from diffusers_ptq.zoo import sd15_unet_config
 
 TOKENS = 77  # CLIP's text length, as every SD pipeline pads prompts to it
 NUM_TRAIN_TIMESTEPS = 1000
-# Stable Diffusion 1.5's UNet config (stable-diffusion-v1-5/unet/config.json, defaults left out).
-SD15_CONFIG: dict[str, Any] = {
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-}
 
 
 @dataclass
@@ -118,7 +98,7 @@ def _sd15_unet() -> nn.Module:
 
     with torch.random.fork_rng(devices=[]), torch.device("cpu"):
         torch.manual_seed(0)
-        return UNet2DConditionModel.from_config(SD15_CONFIG).eval()
+        return UNet2DConditionModel.from_config(sd15_unet_config()).eval()
 
 
 def _fashion_unet() -> nn.Module:

@@ -62,7 +62,8 @@ class SpeedSettings:
     compile_mode: str = "default"  # torch.compile mode of the compiled rows
     calibration_rows: int = 4  # synthetic calibration inputs (one per timestep group) for fake-quant/quanto
     weight_bits: int = 8  # of the diffusers-ptq rows (activations 8-bit); torchao and quanto stay W8A8
-    verbose_errors: bool = False  # print the traceback of a row that fails (it is skipped either way)
+    verbose_errors: bool = False  # print the traceback of a row that fails (it is an error either way)
+    strict: bool = False  # CI: a row in error (raised, or output unlike the float model's) fails the run
 
     def validate(self) -> None:
         if not self.models or any(m not in MODELS for m in self.models):
@@ -85,6 +86,8 @@ class SpeedSettings:
         modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
         if self.compile_mode not in modes:
             raise ValueError(f"compile_mode={self.compile_mode!r} is invalid; choose from {', '.join(modes)}")
+        if not isinstance(self.strict, bool):
+            raise ValueError(f"strict={self.strict!r} is invalid; expected True or False")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is invalid; choose from {', '.join(DTYPES)}")
         self.torch_device()

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from diffusers_ptq.benchmark.plotting import pyplot
-from diffusers_ptq.benchmark.quality import BenchResult, RowResult
+from diffusers_ptq.benchmark.quality.benchmark import BenchResult, RowResult
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:

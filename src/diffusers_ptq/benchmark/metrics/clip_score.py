@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from diffusers_ptq.benchmark.fidelity import to_uint8_rgb
+from diffusers_ptq.benchmark.metrics.fidelity import to_uint8_rgb
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 CLIP_METRIC = "CLIP score"

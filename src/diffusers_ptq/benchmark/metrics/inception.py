@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from diffusers_ptq.benchmark.fidelity import FeatureStats, frechet_distance, to_uint8_rgb
+from diffusers_ptq.benchmark.metrics.fidelity import FeatureStats, frechet_distance, to_uint8_rgb
 
 SFID_MODULE = "Mixed_6d.branch1x1"
 SFID_CHANNELS = 7

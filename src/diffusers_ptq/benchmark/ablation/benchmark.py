@@ -33,10 +33,16 @@ from typing import Any
 
 import torch
 
-from diffusers_ptq.benchmark.ablation_settings import PER_STEP, AblationSettings
-from diffusers_ptq.benchmark.quality import Fidelity, RowResult, RowSpec, check_unconditional, run_rows
-from diffusers_ptq.benchmark.sampling import ddim_pipeline, record_trajectory
-from diffusers_ptq.benchmark.settings import parse_bits
+from diffusers_ptq.benchmark.ablation.settings import PER_STEP, AblationSettings
+from diffusers_ptq.benchmark.quality.benchmark import (
+    Fidelity,
+    RowResult,
+    RowSpec,
+    check_unconditional,
+    run_rows,
+)
+from diffusers_ptq.benchmark.quality.sampling import ddim_pipeline, record_trajectory
+from diffusers_ptq.benchmark.quality.settings import parse_bits
 from diffusers_ptq.config import PTQConfig
 
 BASE_PRESET = "apq-dm"

@@ -6,7 +6,7 @@ import math
 import re
 from dataclasses import dataclass, field, fields
 
-from diffusers_ptq.benchmark.clip_score import DEFAULT_CLIP_MODEL
+from diffusers_ptq.benchmark.metrics.clip_score import DEFAULT_CLIP_MODEL
 from diffusers_ptq.methods import available_presets
 
 # --quick: block reconstruction per row that enables it (the default presets: q-diffusion's 3 rows).
@@ -63,6 +63,14 @@ class BenchSettings:
             "whose preset enables reconstruction (None: the preset's own)"
         ),
     )
+    reconstruction: bool = field(
+        default=True,
+        metadata=_help(
+            "False: every preset runs with block reconstruction off (--no-reconstruction), so the table can "
+            "be reproduced on a CPU; True: presets reconstruct as published (q-diffusion: ~11 h per row on "
+            "2 CPU cores)"
+        ),
+    )
     compare_quanto: bool = field(
         default=False,
         metadata=_help(
@@ -102,8 +110,9 @@ class BenchSettings:
             "batch_size": 32,
             "sqnr_samples": 4,
             "calibration_samples": 64,
-            "reconstruction_minutes": QUICK_RECONSTRUCTION_MINUTES,
         }
+        if overrides.get("reconstruction", True):  # no time budget for reconstruction that does not run
+            base["reconstruction_minutes"] = QUICK_RECONSTRUCTION_MINUTES
         return cls(**{**base, **overrides})
 
     def validate(self) -> None:
@@ -127,6 +136,13 @@ class BenchSettings:
         if calib is not None and (not isinstance(calib, int) or calib < 1):
             raise ValueError(f"calibration_samples={calib!r} is invalid; expected None or an integer >= 1")
         check_minutes("reconstruction_minutes", self.reconstruction_minutes)
+        if not isinstance(self.reconstruction, bool):
+            raise ValueError(f"reconstruction={self.reconstruction!r} is invalid; expected True or False")
+        if not self.reconstruction and self.reconstruction_minutes is not None:
+            raise ValueError(
+                f"reconstruction_minutes={self.reconstruction_minutes!r} applies only with reconstruction; "
+                "drop --reconstruction-minutes or --no-reconstruction"
+            )
         if not isinstance(self.compare_quanto, bool):
             raise ValueError(f"compare_quanto={self.compare_quanto!r} is invalid; expected True or False")
         self._validate_text()
@@ -171,4 +187,6 @@ class BenchSettings:
 
     def to_dict(self) -> dict[str, object]:
         skip = TEXT_FIELDS if self.prompts is None else ()
+        if self.reconstruction:  # recorded only when off, so earlier runs' results.json read the same
+            skip = (*skip, "reconstruction")
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}

@@ -1,10 +1,13 @@
 """The speed benchmark: per-step UNet latency and peak memory of float, fake-quant, int8 and other libraries.
 
-For each model every selected row is built (`speed_rows`), called once (torch.compile compiles here; not
+For each model every selected row is built (`rows.py`), called once (torch.compile compiles here; not
 timed), `warmup` more times, then `repeats` timed times, cycling through timesteps spread over [0, 1000)
-so a timestep-dependent path that recompiled or fell off its fast path would show. A row that cannot run
-(library missing, compile unsupported, out of memory...) is recorded as skipped with the reason; the run
-goes on. Ratios are to the model's float row.
+so a timestep-dependent path that recompiled or fell off its fast path would show. The first call's output
+is checked against the float model's (`check.py`): a row with a wrong output is an error, not a fast row.
+A row whose optional library is missing is skipped with the reason and its install command; a row that
+raises (compile unsupported, out of memory, a library bug...) or fails the output check is recorded as an
+error and the run goes on; with `strict` (`--strict`, for CI) any error then fails the run
+(`SpeedRowError`). Ratios are to the model's float row.
 """
 
 from __future__ import annotations
@@ -19,15 +22,16 @@ from typing import Any
 
 import torch
 
-from diffusers_ptq.benchmark.speed_measure import (
+from diffusers_ptq.benchmark.speed.check import RowOutputError, check_output, reference_output
+from diffusers_ptq.benchmark.speed.measure import (
     device_name,
     peak_memory,
     time_call,
     time_calls,
 )
-from diffusers_ptq.benchmark.speed_models import SpeedModel, speed_models, spread_timesteps
-from diffusers_ptq.benchmark.speed_rows import COMPILED, LABELS, PREPARE, RowContext, RowSkipped
-from diffusers_ptq.benchmark.speed_settings import SpeedSettings
+from diffusers_ptq.benchmark.speed.models import SpeedModel, speed_models, spread_timesteps
+from diffusers_ptq.benchmark.speed.rows import COMPILED, LABELS, PREPARE, RowContext, RowSkipped
+from diffusers_ptq.benchmark.speed.settings import SpeedSettings
 
 TIMESTEPS = 10  # distinct timesteps the calls cycle through
 LIBRARIES = ("torch", "diffusers", "torchao", "optimum-quanto")
@@ -37,8 +41,9 @@ LIBRARIES = ("torch", "diffusers", "torchao", "optimum-quanto")
 class SpeedRow:
     id: str
     label: str
-    status: str = "skipped"  # "ok" | "skipped"
+    status: str = "skipped"  # "ok" | "skipped" (optional library missing) | "error" (raised, wrong output)
     reason: str | None = None
+    output_sqnr_db: float | None = None  # first call's output against the float model's (check.py)
     median_ms: float | None = None
     p25_ms: float | None = None
     p75_ms: float | None = None
@@ -58,6 +63,10 @@ class SpeedRow:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    @property
+    def error(self) -> bool:
+        return self.status == "error"
 
 
 @dataclass
@@ -84,6 +93,19 @@ class SpeedResult:
         out = asdict(self)
         out["settings"] = self.settings.to_dict()
         return out
+
+    def errors(self) -> list[str]:
+        """'model: row label: reason' for every row recorded as an error."""
+        return [f"{m.name}: {r.label}: {r.reason}" for m in self.models for r in m.rows if r.error]
+
+
+class SpeedRowError(RuntimeError):
+    """A strict run with rows in error; `result` holds the whole run (the errors included)."""
+
+    def __init__(self, result: SpeedResult) -> None:
+        self.result = result
+        errors = result.errors()
+        super().__init__(f"{len(errors)} row(s) in error: " + "; ".join(errors))
 
 
 def library_versions() -> dict[str, str | None]:
@@ -124,7 +146,11 @@ def _ratios(rows: list[SpeedRow]) -> None:
 
 
 def _run_row(
-    row: SpeedRow, ctx: RowContext, inputs: list[dict[str, torch.Tensor]], settings: SpeedSettings
+    row: SpeedRow,
+    ctx: RowContext,
+    inputs: list[dict[str, torch.Tensor]],
+    settings: SpeedSettings,
+    reference: torch.Tensor,
 ) -> None:
     start = time.perf_counter()
     prepared = PREPARE[row.id](ctx)
@@ -135,8 +161,12 @@ def _run_row(
     def step(kwargs: dict[str, torch.Tensor]) -> Any:
         return module(**kwargs)
 
+    first: list[Any] = []
     with torch.no_grad():
-        row.first_call_s = round(time_call(step, inputs[0], ctx.device), 3)
+        row.first_call_s = round(
+            time_call(lambda kwargs: first.append(step(kwargs)), inputs[0], ctx.device), 3
+        )
+    row.output_sqnr_db = check_output(row.id, settings, first.pop(), reference)
     with peak_memory(ctx.device) as peak:
         timing = time_calls(step, inputs[1:] or inputs, ctx.device, settings.warmup, settings.repeats)
     for name, value in timing.summary_ms().items():
@@ -153,7 +183,7 @@ def run_model(
     dtype: torch.dtype,
     log: Callable[[str], None] = print,
 ) -> ModelResult:
-    """Every selected row on one model; never raises for a row that fails (it is skipped with the reason)."""
+    """Every selected row on one model; never raises for a row that fails (it is recorded with the reason)."""
     order = settings.ordered_rows()
     dtype_name = str(dtype).removeprefix("torch.")
     bits = f"W{settings.weight_bits}A8"
@@ -175,13 +205,23 @@ def run_model(
     timesteps = spread_timesteps(TIMESTEPS).tolist()
     inputs = model.step_inputs(float_unet, timesteps, device, dtype)
     ctx = RowContext(model, float_unet, settings, device, dtype)
+    try:
+        with torch.no_grad():
+            reference = reference_output(ctx.float_model()(**inputs[0]))
+    except Exception as err:  # no reference: no row's output can be checked, so none is timed
+        for row in rows:
+            row.status, row.reason = "error", f"float reference output failed: {_short(err)}"
+        log(f"[{model.name}] error: {rows[0].reason}")
+        return result
     for i, row in enumerate(rows):
         try:
-            _run_row(row, ctx, inputs, settings)
+            _run_row(row, ctx, inputs, settings, reference)
         except RowSkipped as err:
             row.reason = str(err)
+        except RowOutputError as err:  # fast but wrong: an error, never a result
+            row.status, row.reason = "error", f"wrong output: {err}"
         except Exception as err:  # compile unsupported, out of memory, a library bug: keep going
-            row.reason = f"failed: {_short(err)}"
+            row.status, row.reason = "error", f"failed: {_short(err)}"
             if settings.verbose_errors:
                 traceback.print_exc()
         finally:
@@ -190,7 +230,7 @@ def run_model(
         if row.ok:
             log(f"[{model.name}] {row.label}: median {row.median_ms:.2f} ms")
         else:
-            log(f"[{model.name}] {row.label}: skipped ({row.reason})")
+            log(f"[{model.name}] {row.label}: {row.status} ({row.reason})")
     _ratios(rows)
     return result
 
@@ -200,7 +240,10 @@ def run_speed_benchmark(
     models: list[SpeedModel] | None = None,
     log: Callable[[str], None] = print,
 ) -> SpeedResult:
-    """All models x rows; `models` overrides the ones `settings.models` names (e.g. for tests)."""
+    """All models x rows; `models` overrides the ones `settings.models` names (e.g. for tests).
+
+    Raises SpeedRowError after the run when `settings.strict` and a row is in error (raised or wrong output).
+    """
     settings.validate()
     device, dtype = settings.torch_device(), settings.torch_dtype()
     if models is None:
@@ -217,4 +260,6 @@ def run_speed_benchmark(
     for model in models:
         result.models.append(run_model(model, settings, device, dtype, log))
     result.seconds = round(time.perf_counter() - start, 1)
+    if settings.strict and result.errors():
+        raise SpeedRowError(result)
     return result
