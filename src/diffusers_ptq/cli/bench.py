@@ -122,7 +122,7 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="CI size: every row and DDIM 100 as in the full run, but 32 images, one seed, 64 calibration "
         f"samples, 4 SQNR trajectories and {QUICK_RECONSTRUCTION_MINUTES} min of block reconstruction per "
-        "reconstruction row (about 7 min on 2 CPU cores; it shows every row runs, not how good it is). "
+        "reconstruction row (minutes on 2 CPU cores; it shows every row runs, not how good it is). "
         "With --ablation: every row of the study at toy sizes (DDIM 20, 16 images, calibration sizes "
         "16/32, one search epoch), a smoke test. Explicit flags still win.",
     )
