@@ -72,8 +72,7 @@ def test_text_rows_measure_sqnr_per_step_and_skip_clip_without_weights(no_clip: 
     float_row, w8 = result.rows
     assert float_row.sqnr_per_step == [] and float_row.metrics == {}
     assert len(result.timesteps) == 3 and len(w8.sqnr_per_step) == 3 and len(w8.mse_per_step) == 3
-    assert all(math.isfinite(s) and s > 10 for s in w8.sqnr_per_step)
-    assert math.isfinite(w8.sqnr_db)
+    assert min(w8.sqnr_per_step) > 18 and w8.sqnr_db > 21  # measured: steps 23.3-31.1 dB, 26.8 dB
     assert w8.config["calibration"]["guidance_scale"] == 5.0  # calibration sees the sampling guidance
     assert result.grids["float"].shape == (2, 3, 32, 32)
     assert any(note.startswith(NO_CLIP) for note in result.notes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -76,8 +77,10 @@ def test_quantize_tiny_ddim_writes_all_outputs(tmp_path: Path, capsys: pytest.Ca
         assert image.size == (2 * tile, 2 * tile)  # two samples per row, two rows, square tiles
         pixels = torch.from_numpy(np.array(image.convert("RGB"))).float()
     top, bottom = pixels[:tile], pixels[tile:]
-    assert not torch.equal(top, bottom) and (top - bottom).abs().mean() < 40  # same noise, small error
-    assert "SQNR of quantized vs float" in capsys.readouterr().out
+    # Same noise, small error: measured 9.8 of 255 per pixel and 20.6 dB.
+    assert not torch.equal(top, bottom) and (top - bottom).abs().mean() < 16
+    sqnr = re.search(r"SQNR of quantized vs float: ([\d.]+) dB", capsys.readouterr().out)
+    assert sqnr is not None and float(sqnr.group(1)) > 16
 
 
 def test_quantize_tiny_sd_with_preset_and_prompts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

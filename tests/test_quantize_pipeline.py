@@ -154,7 +154,7 @@ def test_stable_diffusion_with_guidance(sd_pipe, prompts):
     gen = torch.Generator().manual_seed(0)
     out = sd_pipe(prompts[:2], num_inference_steps=4, generator=gen, output_type="latent").images
     assert torch.isfinite(out).all()
-    assert sqnr_db(ref, out) > 10.0
+    assert sqnr_db(ref, out) > 15.0  # measured 19.7 dB
 
 
 def test_sdxl_added_conditioning(sdxl_pipe, prompts):

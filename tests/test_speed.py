@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -199,7 +198,7 @@ def test_quanto_quality_row_on_the_tiny_ddim_pipeline(ddim_pipe) -> None:
     # q-diffusion records every 2nd of 4 steps: 8 samples are 4 trajectories, calibrated in one call.
     info = row.calibration_info
     assert (info["trajectories"], info["num_inference_steps"], info["unet_calls"]) == (4, 4, 4)
-    assert math.isfinite(row.sqnr_db) and row.sqnr_db > 10
+    assert row.sqnr_db > 25 and min(row.sqnr_per_step) > 22  # measured 31.9 dB, steps 28.8-38.6
     assert len(row.sqnr_per_step) == 4 and row.metrics["FD"]
     assert result.grids[QUANTO_ROW].shape == result.grids["float"].shape
     assert QUANTO_ROW in markdown_table(result)
@@ -227,5 +226,5 @@ def test_quanto_row_is_skipped_with_a_note_when_missing(ddim_pipe, monkeypatch) 
     assert [row.name for row in result.rows] == ["float", "ptq4dm W8A8"]  # the preset rows still run
     preset_row = result.rows[1]
     assert preset_row.config is not None and preset_row.calibration_info["selection"] is not None
-    assert math.isfinite(preset_row.sqnr_db) and len(preset_row.sqnr_per_step) == 4
+    assert preset_row.sqnr_db > 20 and len(preset_row.sqnr_per_step) == 4  # measured 25.2 dB
     assert any(f"{QUANTO_ROW} skipped: optimum-quanto is not installed" in n for n in result.notes)
