@@ -110,3 +110,53 @@ def test_sdxl_records_added_conditioning(sdxl_pipe, prompts):
     with torch.no_grad():
         out = sdxl_pipe.unet(**kwargs).sample
     assert out.shape == data.inputs["sample"][:3].shape
+
+
+def _stop_loop_after(pipe, steps: int) -> None:
+    """Make `pipe`'s sampling loop end after `steps` steps, as a callback that stops it would."""
+    pipe.progress_bar = lambda iterable=None, total=None: iter(list(iterable)[:steps])
+
+
+@pytest.mark.parametrize("stop_after", [0, 3])
+def test_a_run_that_ends_early_is_an_error(ddim_pipe, stop_after):
+    _stop_loop_after(ddim_pipe, stop_after)
+    calib = CalibrationConfig(sampler="all", num_samples=5, batch_size=1)
+    with pytest.raises(RuntimeError, match=rf"planned 5 UNet input rows .* recorded {stop_after}\b"):
+        _capture(ddim_pipe, calib, steps=5)
+
+
+def test_a_run_that_ends_after_the_last_needed_step_is_fine(ddim_pipe):
+    _stop_loop_after(ddim_pipe, 2)  # the capture itself stops the run after step 1
+    calib = CalibrationConfig(sampler="uniform", step_interval=4, num_samples=1, batch_size=1)
+    data, _, _ = _capture(ddim_pipe, calib, steps=8)
+    assert len(data) == 1
+
+
+def test_quantize_pipeline_refuses_a_calibration_run_that_ends_early(ddim_pipe):
+    from diffusers_ptq import PTQConfig, quantize_pipeline
+
+    _stop_loop_after(ddim_pipe, 2)
+    config = PTQConfig(weights={"num_candidates": 10}, activations={"num_candidates": 10})
+    with pytest.raises(RuntimeError, match=r"planned \d+ UNet input rows .* recorded \d+"):
+        quantize_pipeline(ddim_pipe, config, num_samples=8, num_inference_steps=6, progress=False)
+    assert not hasattr(ddim_pipe.unet, "ptq_state")
+
+
+def test_feature_pass_refuses_a_run_that_ends_early(ddim_pipe):
+    from diffusers_ptq.calibration.features import step_feature_grams
+
+    _stop_loop_after(ddim_pipe, 3)
+    with pytest.raises(RuntimeError, match="made 3 UNet calls but its scheduler planned 5"):
+        step_feature_grams(
+            ddim_pipe,
+            get_pipeline_spec(ddim_pipe),
+            "mid_block.attentions.0",
+            num_trajectories=2,
+            num_inference_steps=5,
+            num_steps=5,
+            prompts=None,
+            guidance_scale=None,
+            batch_size=2,
+            generator=torch.Generator().manual_seed(0),
+            progress=False,
+        )

@@ -248,29 +248,6 @@ def test_group_search_on_tiny_pipeline_saves_and_loads(ddim_pipe, tmp_path):
         torch.testing.assert_close(loaded(x, t).sample, before, rtol=0, atol=0)
 
 
-def test_search_failure_restores_the_unet(ddim_pipe, monkeypatch):
-    unet = ddim_pipe.unet
-    before = {k: v.clone() for k, v in unet.state_dict().items()}
-    modules = [type(m) for m in unet.modules()]
-
-    def boom(*args, **kwargs):
-        raise RuntimeError("search failed")
-
-    monkeypatch.setattr(GroupSearch, "fit", boom)
-    config = PTQConfig(
-        weights={"num_candidates": 10},
-        activations={"timestep_groups": 2, "num_candidates": 10},
-        group_search={"enabled": True, "target": "float"},
-    )
-    with pytest.raises(RuntimeError, match="search failed"):
-        quantize_pipeline(ddim_pipe, config, num_samples=8, num_inference_steps=4, progress=False)
-    assert [type(m) for m in unet.modules()] == modules
-    assert not hasattr(unet, "ptq_state")
-    assert not unet._forward_pre_hooks  # the timestep hook is gone
-    for k, v in unet.state_dict().items():
-        assert torch.equal(v, before[k]), k
-
-
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [

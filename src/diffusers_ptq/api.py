@@ -183,33 +183,31 @@ def quantize_pipeline(
         reconstruction_checkpoint,
     )
     job.search_seconds = target_seconds  # the search's clean target images count as search time
-    try:
+    # Everything that changes the UNet, up to the quantizer attachment, is undone if any of it fails.
+    with job.guarded():
         selection = select_calibration(request, job.feedback if search.enabled else None)
         data = selection.data
         job.finish(data)
-    except BaseException:
-        job.restore()
-        raise
-    report = QuantizationReport.build(
-        plan,
-        method=config.method,
-        tag=config.tag,
-        calibration_samples=calib.num_samples,
-        calibration_rows=len(data),
-        samples_per_group=data.samples_per_group(group_map),
-        num_inference_steps=steps,
-        scheduler=type(pipe.scheduler).__name__,
-        borrowed_groups=unet.ptq_state.borrowed_groups,
-        seconds=time.perf_counter() - start,
-    )
-    unet.ptq_state.report = report
-    unet.ptq_state.selection = selection.info
-    # The stored recipe is the one that ran: keyword overrides and the pipeline's default step count applied.
-    unet.ptq_state.config.calibration = dataclasses.replace(calib, num_inference_steps=steps)
-    unet.ptq_state.base_model = infer_base_model(pipe, unet)
-    unet.ptq_state.num_prompts = None if prompts is None else len(prompts)
-    # quantization_config + hf_quantizer: stock save_pretrained / from_pretrained now handle this UNet.
-    attach_quantizer(unet)
+        report = QuantizationReport.build(
+            plan,
+            method=config.method,
+            tag=config.tag,
+            calibration_samples=calib.num_samples,
+            calibration_rows=len(data),
+            samples_per_group=data.samples_per_group(group_map),
+            num_inference_steps=steps,
+            scheduler=type(pipe.scheduler).__name__,
+            borrowed_groups=unet.ptq_state.borrowed_groups,
+            seconds=time.perf_counter() - start,
+        )
+        unet.ptq_state.report = report
+        unet.ptq_state.selection = selection.info
+        # The stored recipe is the one that ran: keyword overrides and the pipeline's default step count.
+        unet.ptq_state.config.calibration = dataclasses.replace(calib, num_inference_steps=steps)
+        unet.ptq_state.base_model = infer_base_model(pipe, unet)
+        unet.ptq_state.num_prompts = None if prompts is None else len(prompts)
+        # quantization_config + hf_quantizer: stock save_pretrained / from_pretrained now handle this UNet.
+        attach_quantizer(unet)
     logger.info("%s", report)
     if progress:
         print(report)
@@ -254,13 +252,10 @@ def quantize_unet(
         None,
         reconstruction_checkpoint,
     )
-    try:
+    with job.guarded():
         job.finish(data)
-    except BaseException:
-        job.restore()
-        raise
-    unet.ptq_state.base_model = infer_base_model(unet)
-    attach_quantizer(unet)
+        unet.ptq_state.base_model = infer_base_model(unet)
+        attach_quantizer(unet)
     return unet
 
 

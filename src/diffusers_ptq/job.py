@@ -22,6 +22,12 @@ from diffusers_ptq.report import QuantizationReport
 from diffusers_ptq.search import FloatTargets, GroupSearch, NoiseTargets
 from diffusers_ptq.timestep import TimestepContext
 
+# Instance attributes a job (or `attach_quantizer` after it) sets on the UNet; `restore()` puts back what was
+# there. `_internal_dict` is the diffusers config: `register_to_config` replaces it with one holding the
+# quantization_config.
+UNET_ATTRIBUTES = ("ptq_state", "hf_quantizer", "is_quantized", "quantization_method", "_internal_dict")
+_ABSENT = object()
+
 
 @dataclass
 class PTQState:
@@ -51,8 +57,9 @@ class PTQState:
 class QuantizationJob:
     """Install, initialise and optionally group-search one UNet; `restore()` undoes all of it exactly.
 
-    Installation waits for the first data: with active selection that is the first round, and the search's
-    entropies then steer the later rounds (`feedback`).
+    Run every step that changes the UNet, up to attaching the quantizer, inside `guarded()`, so a failure
+    anywhere leaves the UNet as it was. Installation waits for the first data: with active selection that
+    is the first round, and the search's entropies then steer the later rounds (`feedback`).
     """
 
     def __init__(
@@ -81,7 +88,7 @@ class QuantizationJob:
         # Wall time of the group search (target sampling, start, every fit, finish), for reports.
         self.search_seconds = 0.0
         self.reconstruction_checkpoint = reconstruction_checkpoint
-        self.had_state = "ptq_state" in unet.__dict__
+        self.saved_attributes = {name: unet.__dict__.get(name, _ABSENT) for name in UNET_ATTRIBUTES}
 
     def install(self, data: CalibrationSet) -> None:
         data.check_finite()
@@ -156,10 +163,23 @@ class QuantizationJob:
         finally:
             self.search_seconds += time.perf_counter() - start
 
+    @contextlib.contextmanager
+    def guarded(self) -> Iterator[None]:
+        """Run the body; if it raises (KeyboardInterrupt included), `restore()` and re-raise."""
+        try:
+            yield
+        except BaseException:
+            self.restore()
+            raise
+
     def restore(self) -> None:
+        """Undo everything: the group search, the installed modules and the UNet attributes set since."""
         if self.search is not None:
             self.search.abort()
         if self.patch is not None:
             self.patch.restore()
-        if not self.had_state:
-            self.unet.__dict__.pop("ptq_state", None)
+        for name, value in self.saved_attributes.items():
+            if value is _ABSENT:
+                self.unet.__dict__.pop(name, None)
+            else:
+                self.unet.__dict__[name] = value

@@ -2,7 +2,8 @@
 
 A forward pre-hook on `pipe.unet` counts the UNet calls of each pipeline run, checks each call against
 the planned schedule, and copies to the CPU only the rows the recording mask asks for. Once a run has
-recorded its last planned step the hook stops it, so the rest of the trajectory is never computed.
+recorded its last planned step the hook stops it, so the rest of the trajectory is never computed; a run
+that ends before that (fewer UNet calls than planned) is an error, not a smaller calibration set.
 """
 
 from __future__ import annotations
@@ -76,6 +77,17 @@ class _Recorder:
                 self.rows.append(self._row(bound, j + h * n_traj, step, self.first_trajectory + j, t_value))
         if step >= self.last_step:
             raise _StopRun
+
+    def check_run(self, recorded: int) -> None:
+        """RuntimeError if the run just made recorded fewer rows than its mask planned (it ended early)."""
+        planned = int(self.mask.sum()) * self.halves
+        if recorded != planned:
+            raise RuntimeError(
+                f"calibration planned {planned} UNet input rows from this pipeline run but recorded "
+                f"{recorded}: it ended after {self.call} UNet calls, but recording needed "
+                f"{self.last_step + 1} of the {len(self.step_timesteps)} its scheduler planned (a callback "
+                "that stops the loop, or a pipeline that returns early?)"
+            )
 
     def _row(self, bound: dict, row: int, step: int, trajectory: int, t_value: float) -> dict[str, Any]:
         batch = bound["sample"].shape[0]
@@ -154,6 +166,7 @@ def capture(
                 trajectories = prompts[start : start + len(chunk)] if spec.text_conditioned else len(chunk)
                 with contextlib.suppress(_StopRun):
                     spec.run(pipe, trajectories, num_inference_steps, guidance_scale, generator)
+                recorder.check_run(len(recorder.rows) - before)
                 bar.update((len(recorder.rows) - before) // max(recorder.halves, 1))
     finally:
         handle.remove()

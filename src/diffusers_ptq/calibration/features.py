@@ -127,6 +127,12 @@ class _FeatureRecorder:
         self.features[self.step] = x.detach().float().cpu()
 
     def take(self) -> torch.Tensor:
+        calls = self.step + 1
+        if calls != self.num_steps:  # more calls raise in unet_hook; fewer: the run ended early
+            raise RuntimeError(
+                f"the pipeline made {calls} UNet calls but its scheduler planned {self.num_steps}: the run "
+                "ended early (a callback that stops the loop, or a pipeline that returns early?)"
+            )
         missing = [s for s, f in enumerate(self.features) if f is None]
         if missing:
             raise RuntimeError(

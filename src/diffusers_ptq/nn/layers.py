@@ -113,6 +113,7 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         new.bias = conv.bias
         new._init_quantizers(weight_config, act_factory, split)
         new.to(conv.weight.device)
+        new.train(conv.training)  # a swapped-in layer keeps the mode of the one it replaces
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,6 +133,7 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         new.bias = linear.bias
         new._init_quantizers(weight_config, act_factory, None)
         new.to(linear.weight.device)
+        new.train(linear.training)  # a swapped-in layer keeps the mode of the one it replaces
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

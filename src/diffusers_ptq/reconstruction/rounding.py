@@ -2,7 +2,8 @@
 
 While reconstruction runs, a layer's WeightQuantizer(s) are replaced by AdaRoundQuantizers that wrap them
 (same grid); its float weight is kept, because later blocks' targets come from the float model. Baking
-writes the learned codes back as an on-grid float weight and puts the original quantizers back, so the
+gives the layer a new on-grid float weight holding the learned codes (the float layer's weight is left as
+it was) and puts the original quantizers back, so the
 state dict has exactly the keys it had before and serialization stores plain integer codes.
 """
 
@@ -77,13 +78,16 @@ def baked_weight(name: str, layer: QuantLayerMixin) -> torch.Tensor:
 
 @torch.no_grad()
 def bake_layers(layers: list[tuple[str, QuantLayerMixin]]) -> None:
-    """Write the AdaRound codes of `layers` into their weights and restore their plain quantizers.
+    """Give `layers` new weight Parameters holding their AdaRound codes and restore their plain quantizers.
 
-    Every baked weight is computed (and checked) before any is written, so a failure changes nothing.
+    Every baked weight is computed (and checked) before any is set, so a failure changes nothing. The old
+    Parameter is the float layer's own (`from_float` shares it) and is never written: rebinding the
+    quantized layer to the old one undoes the bake, and the float model stays intact for a restore.
     """
     baked = [baked_weight(name, layer) for name, layer in layers]
     for (_, layer), weight in zip(layers, baked):
-        layer.weight.data.copy_(weight)
+        old = layer.weight
+        layer.weight = nn.Parameter(weight.to(old.device, old.dtype), requires_grad=old.requires_grad)
         unwrap_layer(layer)
 
 

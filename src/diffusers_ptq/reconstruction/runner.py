@@ -134,7 +134,9 @@ def _check_inputs(
 
 
 class _SavedState:
-    """Quantizer switches, parameter requires_grad flags and step sizes at the start, for restoring."""
+    """What reconstruction changes, saved at the start for restoring: quantizer switches, requires_grad
+    flags, every module's training flag, step sizes and each quantized layer's weight Parameter (baking
+    rebinds it)."""
 
     def __init__(self, unet: nn.Module) -> None:
         self.unet = unet
@@ -143,18 +145,25 @@ class _SavedState:
         ]
         self.grads = [(p, p.requires_grad) for p in unet.parameters()]
         self.scales = snapshot_scales(unet)
-        self.training = unet.training
+        self.training = [(m, m.training) for m in unet.modules()]
+        self.weights = [(m, m.weight) for m in unet.modules() if isinstance(m, QuantLayerMixin)]
 
     def restore_switches(self) -> None:
         for m, enabled in self.enabled:
             m.enabled = enabled
         for p, requires_grad in self.grads:
             p.requires_grad_(requires_grad)
-        self.unet.train(self.training)
+        for layer, weight in self.weights:  # a baked weight takes the flag of the one it replaced
+            layer.weight.requires_grad_(weight.requires_grad)
+        for m, training in self.training:
+            m.training = training  # per module: a mixed train/eval model keeps its mix
 
     def undo(self) -> None:
         for _, layer in wrapped_layers(self.unet):
             unwrap_layer(layer)
+        for layer, weight in self.weights:
+            if layer.weight is not weight:
+                layer.weight = weight
         restore_scales(self.unet, self.scales)
 
 
