@@ -50,6 +50,26 @@ class WeightQuantizer(GridMixin, nn.Module):
     def _broadcast(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
         return t.reshape(-1, *([1] * (ndim - 1)))
 
+    def column_qparams(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero_point) per element of `weight` viewed as (C_out, K), K = its other dims flattened.
+
+        One layout for algorithms that walk a weight column by column (second-order rounding), whatever the
+        granularity: per-tensor and per-channel qparams are expanded to the full (C_out, K) matrix.
+        """
+        rows = weight.shape[0]
+        cols = weight[0].numel()
+        scale = (
+            self.scale.reshape(-1, 1).expand(rows, cols)
+            if self.per_channel
+            else self.scale.expand(rows, cols)
+        )
+        zero = (
+            self.zero_point.reshape(-1, 1).expand(rows, cols)
+            if self.per_channel
+            else self.zero_point.expand(rows, cols)
+        )
+        return scale, zero
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return weight
