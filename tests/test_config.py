@@ -45,6 +45,8 @@ def _non_default_config() -> PTQConfig:
         weights=WeightQuantConfig(
             bits=3,
             granularity="per_tensor",
+            group_size=64,
+            strict_groups=True,
             symmetric=False,
             scale_search="percentile",
             lp_norm=3.0,
@@ -201,6 +203,11 @@ BAD_VALUES = [
     ("weights", "bits", 4.0, "[2, 8]"),
     ("weights", "bits", None, "[2, 8]"),
     ("weights", "granularity", "per_row", "per_channel"),
+    ("weights", "group_size", 48, "32, 64, 128, 256, 512"),
+    ("weights", "group_size", 1024, "32, 64, 128, 256, 512"),
+    ("weights", "group_size", 64.0, "32, 64, 128, 256, 512"),
+    ("weights", "group_size", True, "32, 64, 128, 256, 512"),
+    ("weights", "strict_groups", 1, "True or False"),
     ("weights", "symmetric", "yes", "True"),
     ("weights", "scale_search", "kl", "minmax"),
     ("weights", "lp_norm", 0.0, "(0.0, 10.0]"),
@@ -368,6 +375,8 @@ def test_group_search_with_one_group_is_allowed():
     [
         ("weights", "bits", 2),
         ("weights", "bits", 8),
+        ("weights", "group_size", 32),
+        ("weights", "group_size", 512),
         ("activations", "bits", 2),
         ("activations", "bits", 16),
         ("activations", "bits", None),
@@ -404,6 +413,7 @@ def test_boundary_values_are_accepted(section, name, good):
     ("section", "name"),
     [
         ("weights", "symmetric"),
+        ("weights", "strict_groups"),
         ("activations", "symmetric"),
         ("activations", "quantize_attention"),
         ("layers", "shortcut_split"),

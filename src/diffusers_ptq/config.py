@@ -20,7 +20,8 @@ from diffusers_ptq.config_search import (
 from diffusers_ptq.reconstruction.config import ReconstructionConfig
 
 SCALE_SEARCHES = ("minmax", "mse", "percentile")
-GRANULARITIES = ("per_channel", "per_tensor")
+GRANULARITIES = ("per_channel", "per_tensor", "per_group")
+GROUP_SIZES = (32, 64, 128, 256, 512)
 TIMESTEP_SAMPLERS = ("uniform", "normal", "skew_normal", "all")
 SAMPLE_SELECTORS = ("random", "density_diversity", "active")
 SPECIAL_LAYER_POLICIES = ("float", "8bit", "same")
@@ -50,7 +51,23 @@ class WeightQuantConfig:
     """How weights are quantized."""
 
     bits: int = _field(8, "weight bit width, 2-8")
-    granularity: str = _field("per_channel", "one scale per output channel or one per tensor", GRANULARITIES)
+    granularity: str = _field(
+        "per_channel",
+        "one scale per output channel, one per tensor, or one per group of `group_size` inputs of each "
+        "output channel",
+        GRANULARITIES,
+    )
+    group_size: int = _field(
+        128,
+        "'per_group': inputs per scale, contiguous along K in the integer kernels' order ((kh, kw, C_in) "
+        "for a conv)",
+        GROUP_SIZES,
+    )
+    strict_groups: bool = _field(
+        False,
+        "'per_group': raise instead of falling back to per-channel scales (with one warning listing them) "
+        "for layers whose input size K is not a multiple of group_size",
+    )
     symmetric: bool = _field(True, "signed range with zero-point 0 (True) or an affine range (False)")
     scale_search: str = _field("mse", "how the clipping range is chosen", SCALE_SEARCHES)
     lp_norm: float = _field(2.4, "p of the |x - Q(x)|^p error minimised by the 'mse' search")
@@ -60,6 +77,10 @@ class WeightQuantConfig:
     def validate(self, path: str = "weights") -> None:
         _check_int(f"{path}.bits", self.bits, 2, 8)
         _check_choice(f"{path}.granularity", self.granularity, GRANULARITIES)
+        size = self.group_size
+        if not isinstance(size, int) or isinstance(size, bool) or size not in GROUP_SIZES:
+            _fail(f"{path}.group_size", size, "one of " + ", ".join(map(str, GROUP_SIZES)))
+        _check_bool(f"{path}.strict_groups", self.strict_groups)
         _check_bool(f"{path}.symmetric", self.symmetric)
         _check_search(path, self)
 

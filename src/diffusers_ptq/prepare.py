@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -118,7 +119,49 @@ def plan_quantization(unet: nn.Module, config: PTQConfig) -> QuantPlan:
             w_bits, a_bits = 8, (None if a_bits is None else 8)
         kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
         plan.layers.append(LayerPlan(name, kind, w_bits, a_bits, splits.get(name), special))
+    _check_group_sizes(unet, plan, config)
     return plan
+
+
+def group_fallbacks(unet: nn.Module, plan: QuantPlan, config: PTQConfig) -> list[str]:
+    """Planned layers (and split halves) whose input size K is not a multiple of weights.group_size.
+
+    Their weight quantizers fall back to per-channel scales (`WeightQuantizer`); empty unless 'per_group'.
+    """
+    weights = config.weights
+    if weights.granularity != "per_group":
+        return []
+    found = []
+    for layer in plan.layers:
+        weight = unet.get_submodule(layer.name).weight
+        per_input = weight[0, 0].numel()  # kh * kw for a conv, 1 for a Linear
+        channels = weight.shape[1]
+        halves = [channels] if layer.split is None else [layer.split, channels - layer.split]
+        for i, c in enumerate(halves):
+            k = c * per_input
+            if k % weights.group_size:
+                part = "" if len(halves) == 1 else f" (split part {i})"
+                found.append(f"{layer.name}{part}: K={k}")
+    return found
+
+
+def _check_group_sizes(unet: nn.Module, plan: QuantPlan, config: PTQConfig) -> None:
+    found = group_fallbacks(unet, plan, config)
+    if not found:
+        return
+    size = config.weights.group_size
+    listed = "; ".join(found)
+    if config.weights.strict_groups:
+        raise ValueError(
+            f"weights.group_size={size} does not divide the input size K of {len(found)} layer(s): {listed}. "
+            "Choose a group size that divides them, exclude the layers, or set weights.strict_groups=False "
+            "to fall back to per-channel scales there"
+        )
+    warnings.warn(
+        f"weights.group_size={size} does not divide the input size K of {len(found)} layer(s); they use "
+        f"per-channel weight scales instead: {listed}",
+        stacklevel=3,
+    )
 
 
 def _plan_attention(plan: QuantPlan, name: str, module: Attention, config: PTQConfig) -> None:

@@ -3,7 +3,7 @@
 They subclass the float layers, so `isinstance(m, nn.Conv2d)` still holds and the parameter names
 (`weight`, `bias`) stay where diffusers expects them. A conv may split its input channels in two
 (Q-Diffusion's shortcut-split): each part gets its own activation quantizer and its own weight quantizer
-on the matching input-channel slice.
+on the matching input-channel slice (per-group weight scales are grouped within each slice).
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ class QuantLayerMixin:
         self.split = split
         parts = 1 if split is None else 2
         out_channels = self.weight.shape[0]
+        # Each part gets its own K (a split conv's halves), so per-group scales never straddle the halves.
         self.weight_quantizers = nn.ModuleList(
-            WeightQuantizer(weight_config, out_channels) for _ in range(parts)
+            WeightQuantizer(weight_config, out_channels, part[0].numel())
+            for part in self._weight_parts(self.weight)
         )
         acts = (
             []

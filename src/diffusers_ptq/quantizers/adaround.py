@@ -3,10 +3,10 @@
 W_q = s * (clip(floor(W / s) + h(V) + z, qmin, qmax) - z), with the rectified sigmoid
 h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1), zeta = 1.1, gamma = -0.1, and V initialised so that
 h(V) is the fractional part of W / s (the soft quantizer then starts at the float weight). The grid
-(scale, zero-point, bits) is the wrapped WeightQuantizer's and is not changed. When training ends the
-rounding is frozen to h = [V >= 0] (a bool mask; V is dropped) and finally baked into the float weight, so
-the plain WeightQuantizer's round-to-nearest reproduces the learned integer codes exactly and serialization
-stores plain integers.
+(scale, zero-point, bits; per channel or per group) is the wrapped WeightQuantizer's and is not changed.
+When training ends the rounding is frozen to h = [V >= 0] (a bool mask; V is dropped) and finally baked
+into the float weight, so the plain WeightQuantizer's round-to-nearest reproduces the learned integer codes
+exactly and serialization stores plain integers.
 """
 
 from __future__ import annotations
@@ -42,11 +42,8 @@ class AdaRoundQuantizer(GridMixin, nn.Module):
         self.v: nn.Parameter | None = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
         self.round_up: torch.Tensor | None = None
 
-    def _broadcast(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
-        return t.reshape(-1, *([1] * (ndim - 1)))
-
     def _scaled(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.float() / self._broadcast(self.base.scale, weight.ndim)
+        return weight.float() / self.base.qparams(weight)[0]
 
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
@@ -82,15 +79,14 @@ class AdaRoundQuantizer(GridMixin, nn.Module):
 
     def codes(self, weight: torch.Tensor) -> torch.Tensor:
         """Integer codes (as floats) of `weight` under the current rounding."""
-        zero_point = self._broadcast(self.base.zero_point, weight.ndim)
+        zero_point = self.base.qparams(weight)[1]
         x = self._scaled(weight).floor() + self.offsets()
         return torch.clamp(x + zero_point, self.qmin, self.qmax)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return weight
-        scale = self._broadcast(self.base.scale, weight.ndim)
-        zero_point = self._broadcast(self.base.zero_point, weight.ndim)
+        scale, zero_point = self.base.qparams(weight)
         return ((self.codes(weight) - zero_point) * scale).to(weight.dtype)
 
     @torch.no_grad()
@@ -111,8 +107,7 @@ class AdaRoundQuantizer(GridMixin, nn.Module):
     @torch.no_grad()
     def baked_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """A weight on the grid whose round-to-nearest codes are this quantizer's codes."""
-        scale = self._broadcast(self.base.scale, weight.ndim)
-        zero_point = self._broadcast(self.base.zero_point, weight.ndim)
+        scale, zero_point = self.base.qparams(weight)
         return ((self.codes(weight) - zero_point) * scale).to(weight.dtype)
 
     def extra_repr(self) -> str:

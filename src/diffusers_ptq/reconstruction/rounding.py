@@ -65,8 +65,7 @@ def baked_weight(name: str, layer: QuantLayerMixin) -> torch.Tensor:
         codes = q.codes(part)
         new = q.baked_weight(part)
         base = q.base
-        scale = base._broadcast(base.scale, new.ndim)
-        zero_point = base._broadcast(base.zero_point, new.ndim)
+        scale, zero_point = base.qparams(new)
         if not torch.equal(quantize(new.float(), scale, zero_point, base.qmin, base.qmax), codes):
             raise RuntimeError(
                 f"{name}: the baked weight does not reproduce the AdaRound codes in {part.dtype}; "

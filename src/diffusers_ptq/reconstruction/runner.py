@@ -94,7 +94,7 @@ def _weights_on_grid(unet: nn.Module) -> bool:
         if not isinstance(m, QuantLayerMixin):
             continue
         for q, part in zip(m.weight_quantizers, m._weight_parts(m.weight)):
-            scale, zero_point = q._broadcast(q.scale, part.ndim), q._broadcast(q.zero_point, part.ndim)
+            scale, zero_point = q.qparams(part)
             if not torch.equal(fake_quantize(part.float(), scale, zero_point, q.qmin, q.qmax), part.float()):
                 return False
     return True

@@ -4,8 +4,8 @@ A quantized UNet is saved as an ordinary diffusers model folder (`config.json` w
 `diffusion_pytorch_model.safetensors`, sharded with an index when large). The safetensors file holds:
 
 - every tensor of the UNet as usual, except the float weight of each quantized layer, which is replaced by
-  `<layer>.weight_packed`: integer codes (see `packing.py`), and its quantizers' per-channel
-  `weight_quantizers.<i>.scale` / `.zero_point`;
+  `<layer>.weight_packed`: integer codes (see `packing.py`), and its quantizers' per-channel (C_out,),
+  per-tensor (1,) or per-group (C_out, K / group_size) `weight_quantizers.<i>.scale` / `.zero_point`;
 - activation quantizers' per-group `scale` / `zero_point` tables; their timestep -> group maps are stored
   once as `_ptq.group_map` (int16) when they are all equal, otherwise per quantizer;
 - in the header metadata (`diffusers_ptq.*`, JSON strings): the format version, the quantization plan

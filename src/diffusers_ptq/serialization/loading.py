@@ -25,6 +25,7 @@ from diffusers_ptq.initialise import initialise_weights, set_quant_state
 from diffusers_ptq.job import PTQState
 from diffusers_ptq.prepare import AttentionPlan, LayerPlan, QuantPlan, install, plan_quantization
 from diffusers_ptq.quantizers import TimestepActQuantizer, WeightQuantizer, contiguous_group_map
+from diffusers_ptq.quantizers.groups import expand_qparam
 from diffusers_ptq.report import QuantizationReport
 from diffusers_ptq.serialization.layout import (
     PACKED_SUFFIX,
@@ -242,9 +243,12 @@ class CheckpointReader:
         code_parts = [codes] if parts == 1 else [codes[:, : record.split], codes[:, record.split :]]
         weights = []
         for part, (scale, zero_point) in zip(code_parts, qparams):
-            shape = (-1,) + (1,) * (part.ndim - 1)
+            try:
+                scale, zero_point = expand_qparam(scale, part.shape), expand_qparam(zero_point, part.shape)
+            except ValueError as err:
+                raise CheckpointError(f"layer {layer!r}: {err}") from err
             # The arithmetic of fake_quantize after rounding: (code - zero_point) * scale, in float32.
-            weights.append((part - zero_point.reshape(shape)) * scale.reshape(shape))
+            weights.append((part - zero_point) * scale)
         weight = weights[0] if parts == 1 else torch.cat(weights, dim=1)
         dtype = getattr(torch, record.dtype, None)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:

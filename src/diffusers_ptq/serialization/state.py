@@ -101,8 +101,7 @@ def _pack_layer(
     codes = []
     for q, part in zip(quantizers, module._weight_parts(weight)):
         # Exactly the forward's arithmetic (WeightQuantizer.forward), so the codes are the ones it uses.
-        scale = q._broadcast(q.scale, part.ndim)
-        zero_point = q._broadcast(q.zero_point, part.ndim)
+        scale, zero_point = q.qparams(part)
         codes.append(quantize(part.float(), scale, zero_point, qmin, qmax))
     all_codes = codes[0] if len(codes) == 1 else torch.cat(codes, dim=1)
     try:
