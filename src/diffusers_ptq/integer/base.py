@@ -1,10 +1,10 @@
 """Shared part of the integer Linear and Conv2d: operands built from a fake-quant layer, and the GEMM.
 
 A layer has one part, or two for a shortcut-split conv (each input-channel half with its own activation
-quantizer and its own per-channel weight grid). Each part's integer GEMM is dequantised on its own and the
-parts are added, like the fake-quant conv adds the two halves' products in one float sum. The activation
-quantizers are the fake-quant layer's own modules (the same scale tables and timestep -> group map), so
-the two paths share every quantization parameter.
+quantizer and its own per-channel or per-group weight grid). Each part's integer GEMM is dequantised on its
+own and the parts are added, like the fake-quant conv adds the two halves' products in one float sum. The
+activation quantizers are the fake-quant layer's own modules (the same scale tables and timestep -> group
+map), so the two paths share every quantization parameter.
 """
 
 from __future__ import annotations
@@ -77,6 +77,13 @@ class IntegerLayer(nn.Module):
         w: IntegerWeight = self.weights[i]
         b, n = scale.shape[0], w.out_features
         bias = self.bias if i == 0 else None
+        if w.group_size is not None:
+            # s_a (sum_g s_wg (a_g.w_g - z_wg sum a_g) - z c), c = sum_g s_wg c_g: any kernel's code origin.
+            acc = w.group_matmul(codes).view(b, -1, n)
+            y = (acc - zero_point[:, None, None] * w.correction) * scale[:, None, None]
+            if bias is not None:
+                y = y + bias
+            return y.view(-1, n)
         if w.kernel == "onednn":
             y = onednn.int8_linear(codes, scale, zero_point, bias, w.handle, n)
         else:

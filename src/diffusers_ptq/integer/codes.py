@@ -29,6 +29,7 @@ def weight_parts(layer: QuantLayerMixin) -> list[tuple[nn.Module, torch.Tensor, 
 
 
 def _per_channel(t: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) per-channel values, or the (n, G) per-group table as it is (its columns in kernel order)."""
     return t.detach().float().reshape(-1).expand(n).clone() if t.numel() == 1 else t.detach().float()
 
 
@@ -36,9 +37,11 @@ def _per_channel(t: torch.Tensor, n: int) -> torch.Tensor:
 def weight_codes(
     quantizer: nn.Module, weight: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(centred codes as int32, same shape as `weight`; per-channel scale; centred zero point).
+    """(centred codes as int32, same shape as `weight`; scale; centred zero point).
 
-    Centred: shifted by qmin + 2^(bits-1), so every grid lands in [-2^(bits-1), 2^(bits-1) - 1].
+    Scale and zero point are per channel (C_out,), or per group (C_out, G) with the groups along the
+    kernels' K order (`quantizers.groups`). Centred: shifted by qmin + 2^(bits-1), so every grid lands in
+    [-2^(bits-1), 2^(bits-1) - 1].
     """
     base = getattr(quantizer, "base", quantizer)  # AdaRound wraps the WeightQuantizer whose grid it uses
     n = weight.shape[0]
@@ -47,8 +50,8 @@ def weight_codes(
     if hasattr(quantizer, "codes"):
         codes = quantizer.codes(weight)
     else:
-        view = (-1,) + (1,) * (weight.ndim - 1)
-        q = torch.round(weight.float() / scale.reshape(view)) + zero_point.reshape(view)
+        full_scale, full_zero = base.qparams(weight)
+        q = torch.round(weight.float() / full_scale) + full_zero
         codes = q.clamp(quantizer.qmin, quantizer.qmax)
     shift = quantizer.qmin + 2 ** (quantizer.bits - 1)
     return (codes - shift).to(torch.int32), scale, zero_point - shift

@@ -14,7 +14,7 @@ import torch
 from diffusers_ptq.integer.activation import quantize_nhwc
 from diffusers_ptq.integer.base import IntegerLayer
 from diffusers_ptq.integer.gemm import conv_output_size, im2col_nhwc
-from diffusers_ptq.integer.triton_conv import conv2d_int8
+from diffusers_ptq.integer.triton_conv import conv2d_int8, supports_groups
 from diffusers_ptq.nn.layers import QuantConv2d
 
 
@@ -34,6 +34,11 @@ class Int8Conv2d(IntegerLayer):
         # (O, C, kh, kw) -> (O, kh * kw * C): the K order of the NHWC im2col columns.
         self._init_parts(
             layer, kernel, low_memory, lambda codes: codes.permute(0, 2, 3, 1).reshape(codes.shape[0], -1)
+        )
+        # Per-group weight scales the Triton kernel cannot tile (a group across taps) take the im2col path.
+        taps = self.kernel_size[0] * self.kernel_size[1]
+        self.implicit_gemm = self.implicit_gemm and all(
+            supports_groups(w.group_size, w.in_features // taps) for w in self.weights
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

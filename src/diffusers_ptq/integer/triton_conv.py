@@ -9,7 +9,9 @@ never exist; the int32 tile is dequantised in registers,
     y = s_a s_w acc - s_a s_w z_a c + bias  [- s_a s_w z_w sum_k a_k]
 
 (per-sample s_a, z_a of the row's sample; the same formula as `IntegerLayer.part_output`), and written
-once in the output dtype. W4 weights are read two per byte and sign-extended in the kernel.
+once in the output dtype. W4 weights are read two per byte and sign-extended in the kernel. Per-group
+weight scales (`quantizers.groups`) are applied inside the reduction: at the end of each group the int32
+tile is scaled by that group's weight scales into an fp32 sum and restarted.
 
 The kernel runs on CUDA. Triton's interpreter (`TRITON_INTERPRET=1`) runs the same kernel on CPU tensors;
 the tests use it to check the kernel where no GPU is lent. Block sizes are a fixed heuristic, not tuned
@@ -56,6 +58,7 @@ def _build(interpret: bool):
         HP,
         WP,
         W_ROW,
+        NUM_GROUPS,
         SH: tl.constexpr,
         SW: tl.constexpr,
         DH: tl.constexpr,
@@ -66,6 +69,7 @@ def _build(interpret: bool):
         ASYM: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         ACCUMULATE: tl.constexpr,
+        GROUP_K: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -92,6 +96,7 @@ def _build(interpret: bool):
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         row_sums = tl.zeros((BLOCK_M,), dtype=tl.int32)
+        accf = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # per-group weights: the scaled group sums
         for kh in tl.static_range(KH):
             for kw in tl.static_range(KW):
                 tap = (kh * DH * WP + kw * DW) * C
@@ -112,19 +117,37 @@ def _build(interpret: bool):
                     acc = tl.dot(a, w, acc, out_dtype=tl.int32)
                     if ASYM:
                         row_sums += tl.sum(a.to(tl.int32), axis=1)
+                    if GROUP_K > 0:  # noqa: SIM102 (constexpr switch first: GROUP_K = 0 must not reach %)
+                        # A group is GROUP_K channels of one tap (C % GROUP_K == 0, GROUP_K % BLOCK_K == 0):
+                        # at its last block, its exact integer sums get its own weight scale.
+                        if (c0 + BLOCK_K) % GROUP_K == 0:
+                            g = (k_tap + c0) // GROUP_K
+                            sw_g = tl.load(sw_ptr + rn * NUM_GROUPS + g, mask=n_ok, other=0.0)
+                            accf += acc.to(tl.float32) * sw_g[None, :]
+                            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+                            if ASYM:
+                                zw_g = tl.load(zw_ptr + rn * NUM_GROUPS + g, mask=n_ok, other=0.0)
+                                accf -= row_sums.to(tl.float32)[:, None] * (sw_g * zw_g)[None, :]
+                                row_sums = tl.zeros((BLOCK_M,), dtype=tl.int32)
 
         sa = tl.load(sa_ptr + sample, mask=m_ok, other=0.0)
         za = tl.load(za_ptr + sample, mask=m_ok, other=0.0)
-        sw = tl.load(sw_ptr + rn, mask=n_ok, other=0.0)
         corr = tl.load(corr_ptr + rn, mask=n_ok, other=0.0)
-        mult = sa[:, None] * sw[None, :]
-        const = -(mult * za[:, None]) * corr[None, :]
-        if HAS_BIAS:
-            const += tl.load(bias_ptr + rn, mask=n_ok, other=0.0)[None, :]
-        y = acc.to(tl.float32) * mult + const
-        if ASYM:
-            zw = tl.load(zw_ptr + rn, mask=n_ok, other=0.0)
-            y -= (mult * zw[None, :]) * row_sums.to(tl.float32)[:, None]
+        if GROUP_K > 0:
+            # corr = sum_g s_wg c_g already carries the weight scales (IntegerWeight).
+            y = sa[:, None] * (accf - za[:, None] * corr[None, :])
+            if HAS_BIAS:
+                y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0)[None, :]
+        else:
+            sw = tl.load(sw_ptr + rn, mask=n_ok, other=0.0)
+            mult = sa[:, None] * sw[None, :]
+            const = -(mult * za[:, None]) * corr[None, :]
+            if HAS_BIAS:
+                const += tl.load(bias_ptr + rn, mask=n_ok, other=0.0)[None, :]
+            y = acc.to(tl.float32) * mult + const
+            if ASYM:
+                zw = tl.load(zw_ptr + rn, mask=n_ok, other=0.0)
+                y -= (mult * zw[None, :]) * row_sums.to(tl.float32)[:, None]
         out_ptrs = out_ptr + (rm.to(tl.int64)[:, None] * N + rn[None, :])
         out_mask = m_ok[:, None] & n_ok[None, :]
         if ACCUMULATE:
@@ -134,8 +157,11 @@ def _build(interpret: bool):
     return conv_kernel
 
 
-def _blocks(m: int, n: int) -> dict:
-    """Tile sizes and launch options: a fixed heuristic (int8 tensor-core dots need BLOCK_K >= 32)."""
+def _blocks(m: int, n: int, group_k: int = 0) -> dict:
+    """Tile sizes and launch options: a fixed heuristic (int8 tensor-core dots need BLOCK_K >= 32).
+
+    With per-group weight scales BLOCK_K divides the group size, so a K block never spans two groups.
+    """
     if interpreting():  # fewer, larger programs: the interpreter's cost is per program and op
         return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}
     block_n = 128 if n >= 128 else 64
@@ -144,11 +170,22 @@ def _blocks(m: int, n: int) -> dict:
     return {
         "BLOCK_M": block_m,
         "BLOCK_N": block_n,
-        "BLOCK_K": 64,
+        "BLOCK_K": min(64, group_k) if group_k else 64,
         "GROUP_M": 8,
         "num_warps": warps,
         "num_stages": 3,
     }
+
+
+MIN_GROUP_K = 32  # the smallest K block of an int8 tensor-core dot
+
+
+def supports_groups(group_size: int | None, channels: int) -> bool:
+    """Whether the kernel can apply per-group weight scales of `group_size` to a conv over `channels`.
+
+    Its K loop walks one tap's channels in blocks, so a group must be whole channel blocks of one tap.
+    """
+    return group_size is None or (group_size >= MIN_GROUP_K and channels % group_size == 0)
 
 
 def conv2d_int8(
@@ -165,8 +202,9 @@ def conv2d_int8(
 ) -> torch.Tensor:
     """Dequantised (B * OH * OW, N) conv output of padded NHWC int8 `codes` (B, HP, WP, C).
 
-    `weight` is an `IntegerWeight` (codes ordered (kh, kw, C) along K, int8 or packed int4); `scale`,
-    `zero_point` are per sample (B,). With `out` given, the result is added into it (a shortcut-split
+    `weight` is an `IntegerWeight` (codes ordered (kh, kw, C) along K, int8 or packed int4; per-channel
+    scales, or per-group scales applied in the K loop when `supports_groups`); `scale`, `zero_point` are
+    per sample (B,). With `out` given, the result is added into it (a shortcut-split
     conv's second part) and `out` is returned. Under `torch.compile` the launch is one opaque custom op.
     """
     b, hp, wp, c = codes.shape
@@ -175,6 +213,8 @@ def conv2d_int8(
     n = weight.out_features
     if weight.in_features != kh * kw * c:
         raise ValueError(f"weight has K = {weight.in_features}, the conv needs {kh} x {kw} x {c}")
+    if not supports_groups(weight.group_size, c):
+        raise ValueError(f"per-group weight scales of {weight.group_size} channels do not tile {c} channels")
     if max(m, n, hp * wp * c) > INT32_MAX:
         raise ValueError(f"conv too large for 32-bit tile indices (M = {m}, N = {n})")
     accumulate = out is not None
@@ -221,7 +261,9 @@ def _launch(
     (kh, kw), (sh, sw), (dh, dw) = kernel_size, stride, dilation
     oh, ow = conv_output_size(hp, kh, sh, dh), conv_output_size(wp, kw, sw, dw)
     m, n = out.shape
-    blocks = _blocks(m, n)
+    groups = w_scale.shape[1] if w_scale.ndim == 2 else 0  # (N, G): per-group weight scales
+    group_k = kh * kw * c // groups if groups else 0
+    blocks = _blocks(m, n, group_k)
     grid = (-(-m // blocks["BLOCK_M"]) * -(-n // blocks["BLOCK_N"]),)
     # Pointer arguments that a constexpr flag switches off are never read: any tensor will do.
     _build(interpreting())[grid](
@@ -242,6 +284,7 @@ def _launch(
         hp,
         wp,
         w.shape[1],
+        max(groups, 1),
         SH=sh,
         SW=sw,
         DH=dh,
@@ -252,6 +295,7 @@ def _launch(
         ASYM=w_zero_point is not None,
         HAS_BIAS=bias is not None,
         ACCUMULATE=accumulate,
+        GROUP_K=group_k,
         **blocks,
     )
 

@@ -1,4 +1,4 @@
-"""One integer weight operand: int8 (or packed int4) codes, per-channel scale and zero point, and its GEMM.
+"""One integer weight operand: int8 (or packed int4) codes, per-channel or per-group scales, and its GEMM.
 
 Codes are stored centred, w = q - shift in [-2^(b-1), 2^(b-1) - 1] (shift = 0 for a symmetric grid,
 2^(b-1) for an affine one), with the zero point moved by the same shift. With activation codes a and
@@ -8,7 +8,9 @@ zero point z (per sample), the layer's dot product is
 
 so the GEMM runs on the raw codes and the zero points cost one per-channel constant `c` and, only for an
 affine weight grid, the row sums of the activation codes. (oneDNN applies z itself, so `c` is only kept
-for `torch._int_mm`.)
+for `torch._int_mm`.) Per-group weight scales (one per `group_size` columns of K) are applied inside the
+reduction (`grouped.py`), whatever the kernel; oneDNN's GEMM takes per-channel scales only, so it is not
+used for such a weight.
 
 Storage: 5-8 bits one int8 per weight, <= 4 bits two per byte (`nbytes`). oneDNN needs its own prepacked
 int8 layout, built for the GEMM's row count: by default it is kept (`cache_nbytes`: resident on top of the
@@ -28,6 +30,7 @@ from torch import nn
 from diffusers_ptq.integer import onednn
 from diffusers_ptq.integer.features import onednn_exact
 from diffusers_ptq.integer.gemm import int_mm
+from diffusers_ptq.integer.grouped import grouped_products
 from diffusers_ptq.integer.packing import pack_int4, unpack_int4
 
 PACKED_MAX_BITS = 4
@@ -55,12 +58,22 @@ class IntegerWeight(nn.Module):
         self.bits, self.kernel, self.in_features, self.out_features = bits, kernel, k, n
         self.low_memory = low_memory
         self.asymmetric = bool(zero_point.ne(0).any())
-        self.register_buffer("scale", scale.float().reshape(n).clone())
-        self.register_buffer("zero_point", zero_point.float().reshape(n).clone())
-        correction = codes.sum(dim=1).float() - k * self.zero_point
-        self.register_buffer("correction", None if kernel == "onednn" else correction)
+        groups = scale.shape[1] if scale.ndim == 2 else 1
+        # Per-group scales (N, G), G > 1: the group loop of `grouped.py` (or the Triton conv) instead of one
+        # GEMM; `correction` then already carries the scales, sum_g s[n, g] c[n, g].
+        self.group_size = k // groups if groups > 1 else None
+        shape = (n, groups) if self.group_size else (n,)
+        self.register_buffer("scale", scale.float().reshape(shape).clone())
+        self.register_buffer("zero_point", zero_point.float().reshape(shape).clone())
+        if self.group_size:
+            sums = codes.view(n, groups, self.group_size).sum(dim=2).float()
+            correction = (self.scale * (sums - self.group_size * self.zero_point)).sum(dim=1)
+        else:
+            correction = codes.sum(dim=1).float() - k * self.zero_point
+        uses_onednn = kernel == "onednn" and self.group_size is None
+        self.register_buffer("correction", None if uses_onednn else correction)
         max_abs = int(codes.abs().max()) if codes.numel() else 0
-        self.split = kernel == "onednn" and not onednn_exact(act_max_code, max_abs)
+        self.split = uses_onednn and not onednn_exact(act_max_code, max_abs)
         int8_codes = codes.to(torch.int8)
         packed = bits <= PACKED_MAX_BITS
         self.register_buffer("packed", pack_int4(int8_codes) if packed else None)
@@ -69,7 +82,7 @@ class IntegerWeight(nn.Module):
             None  # (rows, prepacked) of the last oneDNN call
         )
         self._zero_long = torch.zeros(n, dtype=torch.long)  # oneDNN's weight zero points (always 0 here)
-        self.handle = onednn.register(self) if kernel == "onednn" else 0
+        self.handle = onednn.register(self) if uses_onednn else 0
 
     def __getstate__(self) -> dict:
         # oneDNN's opaque prepacked tensor is a cache: a copy (deepcopy, pickle) rebuilds its own.
@@ -78,7 +91,7 @@ class IntegerWeight(nn.Module):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        if self.kernel == "onednn":
+        if self.handle:
             self.handle = onednn.register(self)  # the copy's own handle: it must not reach the original
 
     def int8_codes(self) -> torch.Tensor:
@@ -102,6 +115,11 @@ class IntegerWeight(nn.Module):
         """Exact integer products a.w of the (M, K) int8 activation codes, as fp32 (M, N) (`int_mm`)."""
         return int_mm(a, self.int8_codes()).float()
 
+    def group_matmul(self, a: torch.Tensor) -> torch.Tensor:
+        """Per-group weights: sum_g s[n, g] (a_g.w_g - z_w[n, g] sum_(k in g) a_k), fp32 (M, N)."""
+        zero_point = self.zero_point if self.asymmetric else None
+        return grouped_products(a, self.int8_codes(), self.scale, zero_point, self.group_size)
+
     def nbytes(self) -> tuple[int, int]:
         """(bytes of the stored codes, bytes of the per-channel scale/correction/zero point)."""
         stored = self.packed if self.packed is not None else self.codes
@@ -114,7 +132,7 @@ class IntegerWeight(nn.Module):
 
     def cache_nbytes(self) -> int:
         """Bytes of the oneDNN prepacked weight kept between calls once it runs (0 with `low_memory`)."""
-        if self.kernel != "onednn" or self.low_memory:
+        if self.handle == 0 or self.low_memory:
             return 0
         return (2 if self.split else 1) * self.out_features * self.in_features
 
