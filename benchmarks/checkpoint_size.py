@@ -9,6 +9,7 @@ and saves each with `save_pretrained`. Sizes count every `*.safetensors` file of
     OMP_NUM_THREADS=1 python benchmarks/checkpoint_size.py --verify --machine CPU-3 \
         --json benchmarks/results/checkpoint_size.json
     OMP_NUM_THREADS=1 python benchmarks/checkpoint_size.py --bits 8 4 2   # other bit widths, printed only
+    OMP_NUM_THREADS=1 python benchmarks/checkpoint_size.py --group-sizes 128 64   # + per-group scale rows
 
 The default config is Stable Diffusion 1.5's public UNet config, shipped in the package
 (`diffusers_ptq.zoo.SD15_UNET_CONFIG_FILE`). Builds real (random) weights, not shapes only: it needs several
@@ -16,6 +17,9 @@ GB of RAM and temporary disk for the checkpoints (the sum of the `bytes` it repo
 860 M parameters); the run time and peak memory measured are in the JSON it writes (`seconds`,
 `peak_rss_mb`).
 `--verify` also reloads each checkpoint with `from_pretrained` and checks the outputs are bit-identical.
+`--group-sizes` adds, for each bit width, a row with per-group weight scales (`weights.granularity=
+"per_group"`; layers whose input size is not a multiple keep per-channel scales, counted in
+`per_channel_fallbacks`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import platform
 import resource
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -34,6 +39,7 @@ from diffusers import UNet2DConditionModel
 
 import diffusers_ptq  # noqa: F401  (registers the quantizer, so from_pretrained loads the checkpoints)
 from diffusers_ptq import CalibrationSet, PTQConfig, quantize_unet
+from diffusers_ptq.prepare import group_fallbacks
 from diffusers_ptq.zoo import SD15_UNET_CONFIG_FILE
 
 DEFAULT_CONFIG = SD15_UNET_CONFIG_FILE
@@ -82,6 +88,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=None, help="UNet2DConditionModel config.json")
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 4], help="weight bit widths (A8 each)")
+    parser.add_argument(
+        "--group-sizes",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also a per-group-scale row per bit width and group size (weights.granularity='per_group')",
+    )
     parser.add_argument("--verify", action="store_true", help="reload each checkpoint and compare outputs")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--machine", default=None, help="a label for the machine, stored in the JSON")
@@ -105,19 +118,30 @@ def main(argv: list[str] | None = None) -> dict:
         fp16 = checkpoint_bytes(root / "fp16")
         rows = [{"checkpoint": "float16", "bytes": fp16, "ratio_vs_fp16": 1.0}]
         data = calibration_set(unet)
-        for bits in args.bits:
+        settings = [(bits, None) for bits in args.bits]
+        settings += [(bits, size) for bits in args.bits for size in args.group_sizes]
+        for bits, group_size in settings:
             t0 = time.perf_counter()
             quantized = copy.deepcopy(unet)
             minmax = {"scale_search": "minmax"}
-            recipe = PTQConfig(weight_bits=bits, act_bits=8, weights=minmax, activations=minmax)
-            quantize_unet(quantized, recipe, data, progress=False)
-            folder = root / recipe.tag
+            weights = dict(minmax)
+            if group_size is not None:
+                weights.update(granularity="per_group", group_size=group_size)
+            recipe = PTQConfig(weight_bits=bits, act_bits=8, weights=weights, activations=minmax)
+            with warnings.catch_warnings():  # the fallback layers are counted in the row instead
+                warnings.filterwarnings("ignore", message=r"weights\.group_size=")
+                quantize_unet(quantized, recipe, data, progress=False)
+            label = recipe.tag.upper() + ("" if group_size is None else f" g{group_size}")
+            folder = root / label.replace(" ", "_")
             quantized.save_pretrained(folder)
             size = checkpoint_bytes(folder)
-            row = {"checkpoint": recipe.tag.upper(), "bytes": size, "ratio_vs_fp16": size / fp16}
+            row = {"checkpoint": label, "bytes": size, "ratio_vs_fp16": size / fp16}
             report = quantized.ptq_state.plan
             row["quantized_layers"] = len(report.layers)
             row["kept_float"] = len(report.kept_float)
+            if group_size is not None:
+                row["group_size"] = group_size
+                row["per_channel_fallbacks"] = len(group_fallbacks(quantized, report, recipe))
             if args.verify:
                 loaded = UNet2DConditionModel.from_pretrained(folder)
                 kwargs = data.unet_kwargs(slice(None))
@@ -139,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
         "parameters": params,
         "config": str(config_name),
         "bits": args.bits,
+        **({"group_sizes": args.group_sizes} if args.group_sizes else {}),
         "verify": args.verify,
         "rows": rows,
         "seconds": round(time.perf_counter() - start, 1),

@@ -67,3 +67,19 @@ def test_full_sd15_run_reproduces_the_committed_sizes() -> None:
     assert [(r["checkpoint"], r["bytes"]) for r in result["rows"]] == [
         (r["checkpoint"], r["bytes"]) for r in expected["rows"]
     ]
+
+
+def test_group_size_rows_on_a_narrow_sd15(tmp_path: Path) -> None:
+    config = sd15_unet_config()
+    config.update(block_out_channels=[32, 64, 128, 128], cross_attention_dim=32, sample_size=8)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    script = load_script("benchmarks", "checkpoint_size")
+    args = ["--config", str(tmp_path / "config.json"), "--bits", "4", "--group-sizes", "32", "--verify"]
+    result = script.main(args)
+    fp16, w4, grouped = result["rows"]
+    assert [row["checkpoint"] for row in result["rows"]] == ["float16", "W4A8", "W4A8 g32"]
+    assert grouped["bit_exact"] and grouped["group_size"] == 32 and result["group_sizes"] == [32]
+    assert grouped["per_channel_fallbacks"] >= 1  # conv_in: K = 4 x 9
+    assert grouped["quantized_layers"] == w4["quantized_layers"]
+    # Same packed codes, plus one fp32 scale (symmetric: zero points too, all stored) per group.
+    assert w4["bytes"] < grouped["bytes"] < fp16["bytes"]

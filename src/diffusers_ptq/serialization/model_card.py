@@ -105,9 +105,12 @@ def _body(obj: Any, unet: nn.Module, qconfig: PTQQuantizationConfig, repo_id: st
         "",
     ]
     report = qconfig.report or {}
+    granularity = ptq.weights.granularity
+    if granularity == "per_group":
+        granularity += f" of {ptq.weights.group_size}"
     rows = [
         ("method", f"`{ptq.method}`"),
-        ("weights", f"{ptq.weights.bits}-bit, {ptq.weights.granularity}, {_grid(ptq.weights.symmetric)}"),
+        ("weights", f"{ptq.weights.bits}-bit, {granularity}, {_grid(ptq.weights.symmetric)}"),
         ("activations", _activations(ptq)),
         ("timestep groups", str(qconfig.num_timestep_groups or 1)),
     ]
