@@ -80,7 +80,8 @@ def test_group_wise_w4_checkpoint_reloads_bit_exact(grouped_sd, tmp_path):
             assert torch.equal(loaded.state_dict()[key], value), key
     x, t = mixed_inputs(unet)
     context = torch.randn(4, 6, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(loaded(x, t, context).sample, unet(x, t, context).sample)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, context).sample, unet(x, t, context).sample)
 
 
 def layer_out(unet, name: str) -> int:
@@ -97,3 +98,25 @@ def test_convert_agrees_with_fake_quant_for_group_wise_weights(grouped_sd):
     integer = [m for m in unet.modules() if isinstance(m, Int8Conv2d | Int8Linear)]
     assert sum(w.group_size == 32 for m in integer for w in m.weights) > 10
     assert_unet_agrees(unet(**inputs).sample, ref, float_ref)
+
+
+def test_reconstruction_learns_rounding_on_the_group_grid(tmp_path):
+    """AdaRound + step sizes through quantize_pipeline: baked codes on the per-group grid, saved bit-exact."""
+    pipe = tiny_sd_pipeline()
+    recon = {"enabled": True, "iterations": 4, "act_iterations": 2, "batch_size": 4, "cache_dtype": "float32"}
+    config = PTQConfig(weight_bits=4, act_bits=8, weights=GROUPED, activations=SEARCH, reconstruction=recon)
+    with pytest.warns(UserWarning, match=r"group_size=32"):
+        quantize_pipeline(pipe, config, prompts=PROMPTS, **FAST)
+    unet = pipe.unet
+    assert unet.ptq_state.reconstruction is not None
+    grouped = _grouped_layers(unet)
+    assert len(grouped) > 10
+    for m in grouped.values():  # the float weight was replaced by one on the group grid
+        for q, part in zip(m.weight_quantizers, m._weight_parts(m.weight.detach())):
+            assert torch.equal(q(part), part)
+    unet.save_pretrained(tmp_path / "unet")
+    loaded = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    x, t = mixed_inputs(unet)
+    context = torch.randn(4, 6, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, context).sample, unet(x, t, context).sample)
