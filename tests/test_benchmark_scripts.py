@@ -74,3 +74,22 @@ def test_plot_selector_sizes_refuses_another_study(tmp_path: Path) -> None:
     run = _selector_run(tmp_path / "groups", 128, study="groups")
     with pytest.raises(ValueError, match="'groups' study, not 'selectors'"):
         _load("plot_selector_sizes").load_rows([run])
+
+
+def test_group_conv_speed_rows_agree_with_fake_quant(tmp_path: Path) -> None:
+    script = _load("group_conv_speed")
+    out = tmp_path / "speed.json"
+    argv = ["--channels", "64", "--size", "6", "--group-sizes", "32", "--repeats", "1", "--output", str(out)]
+    result = script.main(argv)
+    assert json.loads(out.read_text()) == result
+    rows = {row["row"]: row for row in result["rows"]}
+    assert "fake quant" in rows and "per_group 32 int_mm" in rows and "per_channel int_mm" in rows
+    assert rows["per_group 32 int_mm"]["group_size_in_effect"] == 32
+    assert rows["per_channel int_mm"]["group_size_in_effect"] is None
+    assert all(row.get("max_abs_error", 0.0) < 1e-4 for row in result["rows"])
+
+
+def test_committed_group_conv_speed_result_has_group_rows() -> None:
+    result = json.loads((Path(__file__).parents[1] / "benchmarks/results/group_conv_speed.json").read_text())
+    groups = [row for row in result["rows"] if row["row"].startswith("per_group")]
+    assert groups and all(row["group_size_in_effect"] == int(row["row"].split()[1]) for row in groups)

@@ -1,64 +1,45 @@
-"""Integer GEMM with per-group weight scales applied inside the reduction (the im2col / Linear path).
+"""Per-group weight scales on the im2col / Linear path: the group scales applied inside the reduction.
 
-With weight scales s[n, g] and zero points z_w[n, g] per group g of `group_size` consecutive columns of K
-(`quantizers.groups`), the dot product over K splits into exact integer products per group, each scaled by
-its own group's scale:
+With weight codes w, scales s[n, g] and zero points z_w[n, g] per group g of `group_size` consecutive
+columns of K (`quantizers.groups`), the layer's dot product over K is
 
-    sum_g s[n, g] (a_g . w_g - z_w[n, g] sum_{k in g} a_k)
+    sum_k a_k s[n, g(k)] (w_nk - z_w[n, g(k)]) = a . W_n,   W = the group-dequantised weight,
 
-The per-group products are exact: on CUDA `torch._int_mm` per group; on CPU fp32 batched matmuls, exact
-because every partial sum of at most 512 products of an 8-bit activation code (|a| <= 255) and an 8-bit
-weight code (|w| <= 128) stays below 2^24. Only the scaled sum over groups rounds.
+so one fp32 GEMM of the integer activation codes with W applies every group's scale inside the sum (equal
+to exact per-group integer sums, each scaled, up to float rounding). W is rebuilt from the stored codes on
+each call, so only the packed codes stay resident. On CPU that makes a per-group layer about as fast as
+its fake-quant forward, several times slower than the per-channel int8 GEMM (W4A8 320 -> 320 3x3 conv,
+one thread: benchmarks/results/group_conv_speed.json): group scales buy accuracy and a small checkpoint
+there, not speed. (One exact int32 GEMM per group, scaled afterwards, was tried first and was about 5x
+slower than fake quant; it is not kept.) The Triton conv sums each group exactly in its K loop
+(`triton_conv.py`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from diffusers_ptq.integer.gemm import int_mm
 
-MAX_EXACT_GROUP = 512  # 512 * 255 * 128 < 2^24
-_CHUNK_ELEMENTS = 1 << 24  # bound on the (groups, M, N) temporary of one batched matmul
+def dequantize_groups(
+    codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
+    """fp32 (N, K) weight s[n, g] (w - z_w[n, g]) of (N, K) integer codes and (N, G) scales/zero points."""
+    n, k = codes.shape
+    groups = scale.shape[1]
+    if groups * group_size != k:
+        raise ValueError(f"{groups} groups of {group_size} do not cover K = {k}")
+    w = codes.float().view(n, groups, group_size)
+    if zero_point is not None:
+        w = w - zero_point.unsqueeze(-1)
+    return (w * scale.unsqueeze(-1)).view(n, k)
 
 
-def grouped_products(
+def grouped_matmul(
     a: torch.Tensor,
-    w: torch.Tensor,
+    codes: torch.Tensor,
     scale: torch.Tensor,
     zero_point: torch.Tensor | None,
     group_size: int,
 ) -> torch.Tensor:
-    """fp32 (M, N) sum over groups of s[n, g] (a_g . w_g - z_w[n, g] sum_{k in g} a_k).
-
-    `a`: (M, K) activation codes (int8 or uint8); `w`: (N, K) int8 weight codes; `scale`, `zero_point`:
-    (N, G) with G = K / group_size (`zero_point` None for a symmetric grid).
-    """
-    m, k = a.shape
-    n = w.shape[0]
-    groups = scale.shape[1]
-    if groups * group_size != k or w.shape[1] != k:
-        raise ValueError(f"{groups} groups of {group_size} do not cover K = {k} (weight K = {w.shape[1]})")
-    if group_size > MAX_EXACT_GROUP:
-        raise ValueError(f"group size {group_size} exceeds {MAX_EXACT_GROUP}, the largest exact in fp32")
-    out = torch.zeros((m, n), dtype=torch.float32, device=a.device)
-    step = max(1, _CHUNK_ELEMENTS // max(1, m * n))
-    for g0 in range(0, groups, step):
-        g1 = min(groups, g0 + step)
-        cols = slice(g0 * group_size, g1 * group_size)
-        products = _exact_products(a[:, cols], w[:, cols], g1 - g0, group_size)  # (c, M, N)
-        out += (products * scale[:, g0:g1].t().unsqueeze(1)).sum(dim=0)
-    if zero_point is not None:
-        sums = a.float().view(m, groups, group_size).sum(dim=2)  # exact: integers below 2^24
-        out -= sums @ (scale * zero_point).t()
-    return out
-
-
-def _exact_products(a: torch.Tensor, w: torch.Tensor, groups: int, group_size: int) -> torch.Tensor:
-    """(groups, M, N) fp32 integer products of each group's columns."""
-    m, n = a.shape[0], w.shape[0]
-    if a.device.type == "cuda":  # fp32 matmuls may run as TF32 there; int_mm is exact
-        spans = [slice(g * group_size, (g + 1) * group_size) for g in range(groups)]
-        return torch.stack([int_mm(a[:, c].contiguous(), w[:, c].contiguous()).float() for c in spans])
-    a3 = a.float().reshape(m, groups, group_size).transpose(0, 1)  # (c, M, gs)
-    w3 = w.float().reshape(n, groups, group_size).permute(1, 2, 0)  # (c, gs, N)
-    return torch.bmm(a3, w3)
+    """fp32 (M, N) sum_g s[n, g] (a_g . w_g - z_w[n, g] sum_(k in g) a_k) of (M, K) activation codes."""
+    return a.float() @ dequantize_groups(codes, scale, zero_point, group_size).t()

@@ -9,8 +9,8 @@ zero point z (per sample), the layer's dot product is
 so the GEMM runs on the raw codes and the zero points cost one per-channel constant `c` and, only for an
 affine weight grid, the row sums of the activation codes. (oneDNN applies z itself, so `c` is only kept
 for `torch._int_mm`.) Per-group weight scales (one per `group_size` columns of K) are applied inside the
-reduction (`grouped.py`), whatever the kernel; oneDNN's GEMM takes per-channel scales only, so it is not
-used for such a weight.
+reduction (`grouped.py`: an fp32 GEMM with the group-dequantised weight, whatever the kernel; oneDNN's
+int8 GEMM and `torch._int_mm` take per-channel scales only); the Triton conv sums each group exactly.
 
 Storage: 5-8 bits one int8 per weight, <= 4 bits two per byte (`nbytes`). oneDNN needs its own prepacked
 int8 layout, built for the GEMM's row count: by default it is kept (`cache_nbytes`: resident on top of the
@@ -30,7 +30,7 @@ from torch import nn
 from diffusers_ptq.integer import onednn
 from diffusers_ptq.integer.features import onednn_exact
 from diffusers_ptq.integer.gemm import int_mm
-from diffusers_ptq.integer.grouped import grouped_products
+from diffusers_ptq.integer.grouped import grouped_matmul
 from diffusers_ptq.integer.packing import pack_int4, unpack_int4
 
 PACKED_MAX_BITS = 4
@@ -118,7 +118,7 @@ class IntegerWeight(nn.Module):
     def group_matmul(self, a: torch.Tensor) -> torch.Tensor:
         """Per-group weights: sum_g s[n, g] (a_g.w_g - z_w[n, g] sum_(k in g) a_k), fp32 (M, N)."""
         zero_point = self.zero_point if self.asymmetric else None
-        return grouped_products(a, self.int8_codes(), self.scale, zero_point, self.group_size)
+        return grouped_matmul(a, self.int8_codes(), self.scale, zero_point, self.group_size)
 
     def nbytes(self) -> tuple[int, int]:
         """(bytes of the stored codes, bytes of the per-channel scale/correction/zero point)."""
