@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from diffusers_ptq import PTQConfig, QuantConv2d, convert, quantize_pipeline
+from diffusers_ptq import PTQConfig, PTQQuantizationConfig, QuantConv2d, convert, quantize_pipeline
 from diffusers_ptq.integer import Int8Conv2d, Int8Linear
 from diffusers_ptq.nn.layers import QuantLayerMixin
 from diffusers_ptq.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
@@ -120,3 +120,22 @@ def test_reconstruction_learns_rounding_on_the_group_grid(tmp_path):
     context = torch.randn(4, 6, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(loaded(x, t, context).sample, unet(x, t, context).sample)
+
+
+def test_weight_only_group_scales_while_loading_a_float_unet(tmp_path):
+    """PTQQuantizationConfig on `from_pretrained`: weight-only per-group quantization, no calibration."""
+    tiny_sd_pipeline().unet.save_pretrained(tmp_path / "float")
+    recipe = PTQConfig(weight_bits=4, act_bits=None, weights=GROUPED)
+    with pytest.warns(UserWarning, match=r"conv_in: K=36"):
+        unet = UNet2DConditionModel.from_pretrained(
+            tmp_path / "float", quantization_config=PTQQuantizationConfig(recipe)
+        )
+    assert len(_grouped_layers(unet)) > 10
+    unet.save_pretrained(tmp_path / "w4g32")
+    x, t = mixed_inputs(unet)
+    context = torch.randn(4, 6, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = unet(x, t, context).sample
+        assert torch.equal(
+            UNet2DConditionModel.from_pretrained(tmp_path / "w4g32")(x, t, context).sample, expected
+        )
