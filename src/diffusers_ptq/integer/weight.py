@@ -59,8 +59,8 @@ class IntegerWeight(nn.Module):
         self.low_memory = low_memory
         self.asymmetric = bool(zero_point.ne(0).any())
         groups = scale.shape[1] if scale.ndim == 2 else 1
-        # Per-group scales (N, G), G > 1: the group loop of `grouped.py` (or the Triton conv) instead of one
-        # GEMM; `correction` then already carries the scales, sum_g s[n, g] c[n, g].
+        # Per-group scales (N, G), G > 1: `grouped.py`'s GEMM (or the Triton conv's group sums) instead of
+        # the int8 GEMM; `correction` then already carries the scales, sum_g s[n, g] c[n, g].
         self.group_size = k // groups if groups > 1 else None
         shape = (n, groups) if self.group_size else (n,)
         self.register_buffer("scale", scale.float().reshape(shape).clone())
@@ -139,6 +139,8 @@ class IntegerWeight(nn.Module):
     def extra_repr(self) -> str:
         storage = "packed int4" if self.packed is not None else "int8"
         split = ", split in two exact halves" if self.split else ""
+        if self.group_size:
+            split += f", group_size={self.group_size}"
         return (
             f"out={self.out_features}, in={self.in_features}, bits={self.bits}, {storage}, "
             f"kernel={self.kernel}{split}"
