@@ -15,7 +15,7 @@ from torch import nn
 
 from diffusers_ptq.calibration import CalibrationSet
 from diffusers_ptq.config import PTQConfig
-from diffusers_ptq.gptq import gptq_quantize
+from diffusers_ptq.gptq import gptq_quantize, release_float_weights
 from diffusers_ptq.initialise import initialise_activations, initialise_weights, set_quant_state
 from diffusers_ptq.nn import QuantLayerMixin
 from diffusers_ptq.prepare import QuantPlan, install
@@ -172,6 +172,7 @@ class QuantizationJob:
             self.unet.ptq_state.reconstruction = report.to_dict()
             if self.progress:
                 print(report)
+        release_float_weights(self.unet)
 
     @contextlib.contextmanager
     def _search_timer(self) -> Iterator[None]:
@@ -196,6 +197,7 @@ class QuantizationJob:
             self.search.abort()
         for layer, weight in self.saved_weights:
             layer.weight = weight
+        release_float_weights(self.unet)
         if self.patch is not None:
             self.patch.restore()
         for name, value in self.saved_attributes.items():

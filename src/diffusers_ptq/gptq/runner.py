@@ -169,6 +169,14 @@ class _Saved:
     def undo(self) -> None:
         for layer, weight in self.weights:
             layer.weight = weight
+            layer.__dict__.pop("float_weight", None)
+
+
+def release_float_weights(unet: nn.Module) -> None:
+    """Drop the float weights GPTQ kept on its layers (done when the quantization job ends)."""
+    for m in unet.modules():
+        if isinstance(m, QuantLayerMixin):
+            m.__dict__.pop("float_weight", None)
 
 
 def gptq_quantize(
@@ -232,6 +240,7 @@ def gptq_quantize(
                 del accs
                 old = layer.weight
                 layer.weight = nn.Parameter(new.to(old.device, old.dtype), requires_grad=old.requires_grad)
+                layer.__dict__.setdefault("float_weight", old)  # never registered, never saved
                 report.layers += 1
                 bar.update()
             del cache
