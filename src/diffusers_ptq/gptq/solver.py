@@ -21,6 +21,7 @@ def _inverse_factor(h: torch.Tensor) -> torch.Tensor:
     if int(info) != 0:
         raise RankDeficientHessian("H is not positive definite")
     inverse = torch.cholesky_inverse(lower)
+    del lower  # at most three K x K matrices live here (H, H⁻¹, its factor)
     upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
     if int(info) != 0:
         raise RankDeficientHessian("H⁻¹ is not positive definite")
@@ -63,6 +64,7 @@ def gptq_round(
         w, h = w[:, perm], h[perm][:, perm]
         scale, zero_point = scale[:, perm], zero_point[:, perm]
     u = _inverse_factor(h)
+    del h
     out = torch.empty_like(w)
     for start in range(0, columns, block_size):
         end = min(start + block_size, columns)
