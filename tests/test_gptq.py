@@ -170,3 +170,16 @@ def test_too_few_inputs_name_the_layer_and_the_samples_needed():
     with pytest.raises(ValueError, match=r"down\.fc .*singular"):
         _solve("down.fc", layer, x, gptq_damp=0.0)
     assert _solve("down.fc", layer, x).shape == layer.weight.shape  # dampening makes it solvable
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_narrow_dtype_weights_land_on_the_grid_the_forward_uses(dtype):
+    layer = _linear(8, False)
+    with torch.no_grad():  # far from zero: grid points need more mantissa than bfloat16 has
+        layer.weight.add_(1.0)
+    layer.calibrate_weights()
+    layer.to(dtype)
+    x = _correlated(256, 48, seed=5)
+    out = _solve("fc", layer, x)
+    assert out.dtype == dtype
+    assert torch.equal(layer.weight_quantizers[0](out), out)

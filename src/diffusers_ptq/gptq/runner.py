@@ -138,7 +138,7 @@ def solve_layer(
         out = out.to(part.dtype)
         # The fake-quant forward and the saved integer codes must reproduce this weight exactly.
         if not torch.equal(fake_quantize(out.float(), scale, zero, q.qmin, q.qmax).to(part.dtype), out):
-            raise RuntimeError(f"{what}: the GPTQ weight is not on its grid; this is a bug in diffusers-ptq")
+            raise RuntimeError(f"{what}: the GPTQ weight in {part.dtype} is not a point of its grid")
         new_parts.append(out.reshape(part.shape))
     return new_parts[0] if len(new_parts) == 1 else torch.cat(new_parts, dim=1)
 
