@@ -11,12 +11,13 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from diffusers_ptq import PTQConfig, quantize_pipeline, quantize_unet
+from diffusers_ptq import PTQConfig, convert, quantize_pipeline, quantize_unet
 from diffusers_ptq.calibration import capture, get_pipeline_spec, planned_timesteps
 from diffusers_ptq.gptq import gptq_quantize, release_float_weights
 from diffusers_ptq.initialise import set_quant_state
 from diffusers_ptq.reconstruction.runner import _weights_on_grid
 from diffusers_ptq.tiny import tiny_unet2d
+from integer_helpers import assert_unet_agrees, unet_inputs
 from reconstruction_helpers import calibration_set
 
 PROMPTS = ["a photo of a cat", "a red car", "a watercolor of a tree", "a city at night"]
@@ -125,3 +126,15 @@ def test_too_few_samples_names_the_layer_and_leaves_the_unet_float():
         quantize_unet(unet, _config("gptq", gptq_damp=0.0), data, progress=False)
     after = unet.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@torch.no_grad()
+def test_gptq_weights_convert_to_integer_kernels(ddim_pipe):
+    """The GPTQ codes are plain integer weights: `convert` runs them and agrees with fake quant."""
+    pipe = quantize_pipeline(_fresh(ddim_pipe), _config("gptq"), **FAST)
+    unet = pipe.unet
+    inputs = unet_inputs(unet)
+    ref, float_ref = unet(**inputs).sample, ddim_pipe.unet(**inputs).sample  # the float weights are gone
+    report = convert(unet)
+    assert report.integer and not report.fallback
+    assert_unet_agrees(unet(**inputs).sample, ref, float_ref)
