@@ -15,6 +15,7 @@ from diffusers_ptq.config import (
     SCALE_SEARCHES,
     SPECIAL_LAYER_POLICIES,
     TIMESTEP_SAMPLERS,
+    WEIGHT_ROUNDINGS,
     ActivationQuantConfig,
     CalibrationConfig,
     GroupSearchConfig,
@@ -52,6 +53,10 @@ def _non_default_config() -> PTQConfig:
             lp_norm=3.0,
             num_candidates=50,
             percentile=99.5,
+            rounding="gptq",
+            gptq_damp=0.05,
+            gptq_act_order=True,
+            gptq_block_size=64,
         ),
         activations=ActivationQuantConfig(
             bits=6,
@@ -146,6 +151,8 @@ def test_defaults_validate_and_have_documented_values():
     cfg = PTQConfig()
     cfg.validate()
     assert cfg.weights.bits == 8
+    assert cfg.weights.rounding == "nearest" and cfg.weights.gptq_damp == 0.01
+    assert not cfg.weights.gptq_act_order and cfg.weights.gptq_block_size == 128
     assert cfg.activations.bits == 8
     assert cfg.activations.enabled
     assert cfg.method == "custom"
@@ -217,6 +224,11 @@ BAD_VALUES = [
     ("weights", "percentile", 50.0, "(50.0, 100.0]"),
     ("weights", "percentile", 100.5, "(50.0, 100.0]"),
     ("weights", "percentile", float("nan"), "(50.0, 100.0]"),
+    ("weights", "rounding", "adaround", "'nearest', 'gptq'"),
+    ("weights", "gptq_damp", -0.01, "[0.0, 1.0]"),
+    ("weights", "gptq_damp", 2.0, "[0.0, 1.0]"),
+    ("weights", "gptq_act_order", 1, "True or False"),
+    ("weights", "gptq_block_size", 0, "an integer >= 1"),
     ("activations", "bits", 1, "[2, 16]"),
     ("activations", "bits", 17, "[2, 16]"),
     ("activations", "bits", True, "[2, 16]"),
@@ -311,6 +323,7 @@ def test_bad_value_names_field_value_and_allowed(section, name, bad, expected):
     [
         ("weights", "granularity", GRANULARITIES),
         ("weights", "scale_search", SCALE_SEARCHES),
+        ("weights", "rounding", WEIGHT_ROUNDINGS),
         ("activations", "scale_search", SCALE_SEARCHES),
         ("calibration", "sampler", TIMESTEP_SAMPLERS),
         ("layers", "special_layers", SPECIAL_LAYER_POLICIES),

@@ -20,6 +20,7 @@ import diffusers_ptq.api as api
 import diffusers_ptq.calibration.selectors as selectors
 import diffusers_ptq.job as job
 from diffusers_ptq import PTQConfig, quantize_pipeline, quantize_unet
+from diffusers_ptq.gptq import runner as gptq_runner
 from diffusers_ptq.reconstruction import runner
 from diffusers_ptq.search import GroupSearch
 from diffusers_ptq.tiny import tiny_ddim_pipeline
@@ -41,11 +42,13 @@ class Injected(RuntimeError):
     """The failure the tests inject."""
 
 
-def _config(reconstruction: bool = False, search: bool = False, **calibration: Any) -> PTQConfig:
+def _config(
+    reconstruction: bool = False, search: bool = False, gptq: bool = False, **calibration: Any
+) -> PTQConfig:
     return PTQConfig(
         weight_bits=4,
         act_bits=8,
-        weights={"num_candidates": 10, "symmetric": False},
+        weights={"num_candidates": 10, "symmetric": False, "rounding": "gptq" if gptq else "nearest"},
         activations={"num_candidates": 10, "timestep_groups": 2},
         reconstruction=RECON if reconstruction else {"enabled": False},
         group_search=SEARCH if search else {"enabled": False},
@@ -182,15 +185,58 @@ def test_after_baking(monkeypatch):
     _fails_and_restores(_config(reconstruction=True))
 
 
+def _gptq_layers() -> int:
+    pipe = quantize_pipeline(tiny_ddim_pipeline(), _config(gptq=True), **FAST)
+    return pipe.unet.ptq_state.gptq["layers"]
+
+
+GPTQ_LAYERS = _gptq_layers()
+
+
+@pytest.mark.parametrize("index", [0, 1, GPTQ_LAYERS // 2, GPTQ_LAYERS - 1])
+def test_gptq_layer(monkeypatch, index):
+    # The layer's solve returns, then fails before its weight is set: `index` layers already hold GPTQ
+    # weights (new Parameters) and later layers' inputs came from them.
+    monkeypatch.setattr(gptq_runner, "solve_layer", _after(gptq_runner.solve_layer, fail_on_call=index + 1))
+    _fails_and_restores(_config(gptq=True))
+
+
+def test_gptq_hessian(monkeypatch):
+    monkeypatch.setattr(gptq_runner, "_hessians", _after(gptq_runner._hessians, fail_on_call=3))
+    _fails_and_restores(_config(gptq=True))
+
+
+def test_reconstruction_after_gptq(monkeypatch):
+    monkeypatch.setattr(runner, "train_unit", _after(runner.train_unit, fail_on_call=2))
+    _fails_and_restores(_config(reconstruction=True, gptq=True))
+
+
+def test_gptq_alone_gives_the_quantized_layers_their_weights_back(monkeypatch):
+    pipe = _pipe()
+    quantize_pipeline(pipe, _config(), **FAST)
+    unet = pipe.unet
+    data = calibration_set(unet, 6)
+    state = {k: v.clone() for k, v in unet.state_dict().items()}
+    weights = {n: p for n, p in unet.named_parameters()}
+    monkeypatch.setattr(gptq_runner, "solve_layer", _after(gptq_runner.solve_layer, fail_on_call=3))
+    with pytest.raises(Injected):
+        gptq_runner.gptq_quantize(unet, data, unet.ptq_state.config.weights, acts=True, progress=False)
+    assert all(p is weights[n] for n, p in unet.named_parameters())
+    after = unet.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+    assert not any("float_weight" in m.__dict__ for m in unet.modules())
+
+
 def test_report(monkeypatch):
     build = api.QuantizationReport.build
     monkeypatch.setattr(api.QuantizationReport, "build", _after(build))
     _fails_and_restores(_config(reconstruction=True, search=True))
 
 
-def test_attach(monkeypatch):
+@pytest.mark.parametrize("gptq", [False, True], ids=["nearest", "gptq"])
+def test_attach(monkeypatch, gptq):
     monkeypatch.setattr(api, "attach_quantizer", _after(api.attach_quantizer))
-    _fails_and_restores(_config(reconstruction=True))
+    _fails_and_restores(_config(reconstruction=True, gptq=gptq))
 
 
 def test_quantize_unet_attach(monkeypatch):

@@ -199,6 +199,7 @@ def quantize_pipeline(
             scheduler=type(pipe.scheduler).__name__,
             borrowed_groups=unet.ptq_state.borrowed_groups,
             seconds=time.perf_counter() - start,
+            gptq=unet.ptq_state.gptq,
         )
         unet.ptq_state.report = report
         unet.ptq_state.selection = selection.info

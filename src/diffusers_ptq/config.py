@@ -22,6 +22,7 @@ from diffusers_ptq.reconstruction.config import ReconstructionConfig
 SCALE_SEARCHES = ("minmax", "mse", "percentile")
 GRANULARITIES = ("per_channel", "per_tensor", "per_group")
 GROUP_SIZES = (32, 64, 128, 256, 512)
+WEIGHT_ROUNDINGS = ("nearest", "gptq")
 TIMESTEP_SAMPLERS = ("uniform", "normal", "skew_normal", "all")
 SAMPLE_SELECTORS = ("random", "density_diversity", "active")
 SPECIAL_LAYER_POLICIES = ("float", "8bit", "same")
@@ -73,6 +74,15 @@ class WeightQuantConfig:
     lp_norm: float = _field(2.4, "p of the |x - Q(x)|^p error minimised by the 'mse' search")
     num_candidates: int = _field(100, "'mse' search: candidate ranges min/max * (1 - 0.01 i), i < this")
     percentile: float = _field(99.99, "'percentile' search: clip at this percentile of the values")
+    rounding: str = _field(
+        "nearest",
+        "'nearest': round each weight to its nearest code; 'gptq': second-order rounding (GPTQ) on the "
+        "calibration inputs, layer by layer",
+        WEIGHT_ROUNDINGS,
+    )
+    gptq_damp: float = _field(0.01, "gptq: added to H's diagonal, as a fraction of its mean diagonal")
+    gptq_act_order: bool = _field(False, "gptq: quantize columns in order of decreasing H diagonal")
+    gptq_block_size: int = _field(128, "gptq: columns per lazy-batch block update")
 
     def validate(self, path: str = "weights") -> None:
         _check_int(f"{path}.bits", self.bits, 2, 8)
@@ -83,6 +93,10 @@ class WeightQuantConfig:
         _check_bool(f"{path}.strict_groups", self.strict_groups)
         _check_bool(f"{path}.symmetric", self.symmetric)
         _check_search(path, self)
+        _check_choice(f"{path}.rounding", self.rounding, WEIGHT_ROUNDINGS)
+        _check_float(f"{path}.gptq_damp", self.gptq_damp, 0.0, 1.0)
+        _check_bool(f"{path}.gptq_act_order", self.gptq_act_order)
+        _check_int(f"{path}.gptq_block_size", self.gptq_block_size, 1)
 
 
 @dataclass

@@ -15,7 +15,9 @@ from torch import nn
 
 from diffusers_ptq.calibration import CalibrationSet
 from diffusers_ptq.config import PTQConfig
+from diffusers_ptq.gptq import gptq_quantize, release_float_weights
 from diffusers_ptq.initialise import initialise_activations, initialise_weights, set_quant_state
+from diffusers_ptq.nn import QuantLayerMixin
 from diffusers_ptq.prepare import QuantPlan, install
 from diffusers_ptq.reconstruction import reconstruct
 from diffusers_ptq.report import QuantizationReport
@@ -50,6 +52,8 @@ class PTQState:
     selection: dict[str, Any] = field(default_factory=dict)
     # Group search summary (learning rate, loss per epoch, final entropies); None when it did not run.
     group_search: dict[str, Any] | None = None
+    # GPTQReport.to_dict() (layers solved, layers kept at nearest, settings); None when it did not run.
+    gptq: dict[str, Any] | None = None
     # ReconstructionReport.to_dict() (per unit and pass: iterations, losses); None when it did not run.
     reconstruction: dict[str, Any] | None = None
 
@@ -89,6 +93,8 @@ class QuantizationJob:
         self.search_seconds = 0.0
         self.reconstruction_checkpoint = reconstruction_checkpoint
         self.saved_attributes = {name: unet.__dict__.get(name, _ABSENT) for name in UNET_ATTRIBUTES}
+        # Quantized layers' weight Parameters before GPTQ rebinds them (the float layers' own; never written).
+        self.saved_weights: list[tuple[nn.Module, nn.Parameter]] = []
 
     def install(self, data: CalibrationSet) -> None:
         data.check_finite()
@@ -143,6 +149,18 @@ class QuantizationJob:
                 summary = self.search.finish(data)
             self.unet.ptq_state.group_search = {**summary, "seconds": round(self.search_seconds, 3)}
             set_quant_state(self.unet, weights=True, acts=True)
+        if self.config.weights.rounding == "gptq":
+            layers = [m for m in self.unet.modules() if isinstance(m, QuantLayerMixin)]
+            self.saved_weights = [(m, m.weight) for m in layers]
+            gptq = gptq_quantize(
+                self.unet,
+                data,
+                self.config.weights,
+                acts=self.config.activations.enabled,
+                batch_size=self.batch_size,
+                progress=self.progress,
+            )
+            self.unet.ptq_state.gptq = gptq.to_dict()
         if self.config.reconstruction.enabled:
             report = reconstruct(
                 self.unet,
@@ -154,6 +172,7 @@ class QuantizationJob:
             self.unet.ptq_state.reconstruction = report.to_dict()
             if self.progress:
                 print(report)
+        release_float_weights(self.unet)
 
     @contextlib.contextmanager
     def _search_timer(self) -> Iterator[None]:
@@ -176,6 +195,9 @@ class QuantizationJob:
         """Undo everything: the group search, the installed modules and the UNet attributes set since."""
         if self.search is not None:
             self.search.abort()
+        for layer, weight in self.saved_weights:
+            layer.weight = weight
+        release_float_weights(self.unet)
         if self.patch is not None:
             self.patch.restore()
         for name, value in self.saved_attributes.items():

@@ -25,6 +25,8 @@ class QuantizationReport:
     scheduler: str
     borrowed_groups: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    # GPTQReport.to_dict() when weights.rounding='gptq' ran; None for round-to-nearest.
+    gptq: dict[str, Any] | None = None
 
     @classmethod
     def build(cls, plan: QuantPlan, **kwargs: Any) -> QuantizationReport:
@@ -71,4 +73,10 @@ class QuantizationReport:
         lines.append(f"  rows per timestep group ({len(groups)} groups): {shown_groups}")
         if self.borrowed_groups:
             lines.append(f"  groups without samples (scales borrowed): {self.borrowed_groups}")
+        if self.gptq is not None:
+            kept = len(self.gptq["skipped"])
+            lines.append(
+                f"  weight rounding: GPTQ on {self.gptq['layers']} layers ({self.gptq['inputs']}, "
+                f"damp {self.gptq['damp']}), {kept} kept nearest, {self.gptq['seconds']:.1f} s"
+            )
         return "\n".join(lines)

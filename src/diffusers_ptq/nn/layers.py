@@ -4,6 +4,10 @@ They subclass the float layers, so `isinstance(m, nn.Conv2d)` still holds and th
 (`weight`, `bias`) stay where diffusers expects them. A conv may split its input channels in two
 (Q-Diffusion's shortcut-split): each part gets its own activation quantizer and its own weight quantizer
 on the matching input-channel slice (per-group weight scales are grouped within each slice).
+
+While a quantization job runs, second-order rounding (GPTQ) gives a layer a new on-grid `weight` and
+keeps the float one as the plain attribute `float_weight` (not a parameter: never saved), which the layer
+uses when its weight quantizers are off, so float targets stay float; the job drops it when it ends.
 """
 
 from __future__ import annotations
@@ -63,6 +67,9 @@ class QuantLayerMixin:
         return [weight[:, : self.split], weight[:, self.split :]]
 
     def quantized_weight(self) -> torch.Tensor:
+        float_weight = self.__dict__.get("float_weight")
+        if float_weight is not None and not any(q.enabled for q in self.weight_quantizers):
+            return float_weight  # weights off means the float model, also after GPTQ rebound `weight`
         parts = [q(w) for q, w in zip(self.weight_quantizers, self._weight_parts(self.weight))]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 

@@ -124,7 +124,8 @@ def _check_inputs(
         )
     if any(isinstance(m, AdaRoundQuantizer) for m in unet.modules()):
         raise ValueError("the UNet is in the middle of another reconstruction")
-    if _weights_on_grid(unet):
+    # GPTQ (inside the same job) leaves on-grid weights but keeps the float ones: reconstruction starts there.
+    if not any("float_weight" in m.__dict__ for m in unet.modules()) and _weights_on_grid(unet):
         raise ValueError(
             "every quantized weight of this UNet is already on its integer grid (a loaded checkpoint, or a "
             "model reconstructed before): reconstruction needs the float weights; quantize the float model "
