@@ -184,7 +184,8 @@ def install(
             setattr(parent, attr, new)
             patch.modules.append((parent, attr, original))
             if config.bias_correction == "layer":
-                new.bias_table = TimestepBiasTable(context, group_map, new.weight.shape[0]).to(group_map.device)
+                table = TimestepBiasTable(context, group_map, new.weight.shape[0])
+                new.bias_table = table.to(group_map.device)
         for attn_plan in plan.attentions:
             attn = unet.get_submodule(attn_plan.name)
             original = attn.processor
@@ -220,7 +221,8 @@ def _install_output_correction(
         )
     if OUTPUT_CORRECTION_ATTR in unet._modules:
         raise ValueError(f"the UNet already has a submodule named {OUTPUT_CORRECTION_ATTR!r}")
-    unet.add_module(OUTPUT_CORRECTION_ATTR, OutputCorrection(context, group_map, channels).to(group_map.device))
+    module = OutputCorrection(context, group_map, channels).to(group_map.device)
+    unet.add_module(OUTPUT_CORRECTION_ATTR, module)
     patch.output_module = True
     patch.output_hook = unet.register_forward_hook(apply_output_correction)
 

@@ -19,7 +19,8 @@ def correct_bias(
 ) -> dict[str, Any]:
     """Estimate the `mode` ('layer' or 'output') correction of `unet` on `data`; returns its summary."""
     if mode not in MODES:
-        raise ValueError(f"bias_correction={mode!r} is invalid; expected one of {', '.join(map(repr, MODES))}.")
+        valid = ", ".join(map(repr, MODES))
+        raise ValueError(f"bias_correction={mode!r} is invalid; expected one of {valid}.")
     if len(data) == 0:
         raise ValueError("bias correction needs calibration samples; the calibration set is empty")
     start = time.perf_counter()
