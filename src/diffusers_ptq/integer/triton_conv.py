@@ -8,7 +8,8 @@ never exist; the int32 tile is dequantised in registers,
 
     y = s_a s_w acc - s_a s_w z_a c + bias  [- s_a s_w z_w sum_k a_k]
 
-(per-sample s_a, z_a of the row's sample; the same formula as `IntegerLayer.part_output`), and written
+(per-sample s_a, z_a of the row's sample; `bias` per channel, or per sample and channel when a timestep
+bias table is folded in; the same formula as `IntegerLayer.part_output`), and written
 once in the output dtype. W4 weights are read two per byte and sign-extended in the kernel.
 
 The kernel runs on CUDA. Triton's interpreter (`TRITON_INTERPRET=1`) runs the same kernel on CPU tensors;
@@ -65,6 +66,7 @@ def _build(interpret: bool):
         PACKED: tl.constexpr,
         ASYM: tl.constexpr,
         HAS_BIAS: tl.constexpr,
+        BIAS_ROWS: tl.constexpr,
         ACCUMULATE: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -120,7 +122,11 @@ def _build(interpret: bool):
         mult = sa[:, None] * sw[None, :]
         const = -(mult * za[:, None]) * corr[None, :]
         if HAS_BIAS:
-            const += tl.load(bias_ptr + rn, mask=n_ok, other=0.0)[None, :]
+            if BIAS_ROWS:  # (B, N): each row's sample picks its own bias (a timestep group's table row)
+                b_ptrs = bias_ptr + (sample.to(tl.int64)[:, None] * N + rn[None, :])
+                const += tl.load(b_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            else:
+                const += tl.load(bias_ptr + rn, mask=n_ok, other=0.0)[None, :]
         y = acc.to(tl.float32) * mult + const
         if ASYM:
             zw = tl.load(zw_ptr + rn, mask=n_ok, other=0.0)
@@ -166,7 +172,7 @@ def conv2d_int8(
     """Dequantised (B * OH * OW, N) conv output of padded NHWC int8 `codes` (B, HP, WP, C).
 
     `weight` is an `IntegerWeight` (codes ordered (kh, kw, C) along K, int8 or packed int4); `scale`,
-    `zero_point` are per sample (B,). With `out` given, the result is added into it (a shortcut-split
+    `zero_point` are per sample (B,); `bias` is (N,) or per sample (B, N) fp32. With `out` given, the result is added into it (a shortcut-split
     conv's second part) and `out` is returned. Under `torch.compile` the launch is one opaque custom op.
     """
     b, hp, wp, c = codes.shape
@@ -177,6 +183,8 @@ def conv2d_int8(
         raise ValueError(f"weight has K = {weight.in_features}, the conv needs {kh} x {kw} x {c}")
     if max(m, n, hp * wp * c) > INT32_MAX:
         raise ValueError(f"conv too large for 32-bit tile indices (M = {m}, N = {n})")
+    if bias is not None and bias.shape not in ((n,), (b, n)):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({n},) or ({b}, {n})")
     accumulate = out is not None
     if out is None:
         out = torch.empty((m, n), dtype=out_dtype, device=codes.device)
@@ -251,6 +259,7 @@ def _launch(
         PACKED=w.dtype == torch.uint8,
         ASYM=w_zero_point is not None,
         HAS_BIAS=bias is not None,
+        BIAS_ROWS=bias is not None and bias.ndim == 2,
         ACCUMULATE=accumulate,
         **blocks,
     )
