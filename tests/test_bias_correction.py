@@ -109,9 +109,7 @@ def _layer_means(unet: nn.Module, data, quantized: bool, tables: bool = True) ->
     return means
 
 
-@pytest.mark.parametrize(
-    ("kind", "act_bits"), [("unet2d", 8), ("unet2d", None), ("sd", 8), ("sdxl", 8)]
-)
+@pytest.mark.parametrize(("kind", "act_bits"), [("unet2d", 8), ("unet2d", None), ("sd", 8), ("sdxl", 8)])
 def test_layer_correction_zeroes_each_layers_mean_error_per_group(kind, act_bits):
     """W4A8 and weight-only: with the tables, E[y_float - y_quant] per group and channel is float rounding."""
     unet, data = _quantized(kind, "layer", act_bits)
@@ -131,7 +129,7 @@ def test_layer_correction_zeroes_each_layers_mean_error_per_group(kind, act_bits
 
 
 def test_tables_are_per_sample_and_switch_off_with_quantization():
-    unet, data = _quantized("unet2d", "layer")
+    unet, _ = _quantized("unet2d", "layer")
     layer = next(m for m in unet.modules() if isinstance(m, QuantLayerMixin) and isinstance(m, nn.Conv2d))
     table = layer.bias_table
     assert table.table.shape == (2, layer.out_channels) and table.table.abs().sum() > 0
@@ -251,6 +249,12 @@ def test_checkpoint_reloads_bit_exact(mode, tmp_path):
         assert value.dtype == buffers[name].dtype and torch.equal(value, buffers[name]), name
     inputs = unet_inputs(unet)
     assert torch.equal(loaded(**inputs).sample, unet(**inputs).sample)
+    # A lower torch_dtype casts the model, never the calibrated tables (like the quantizer scales).
+    low = UNet2DModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    assert low.conv_in.weight.dtype == torch.bfloat16
+    for name, value in low.named_buffers():
+        if "bias_table" in name or "ptq_output_correction" in name:
+            assert value.dtype == buffers[name].dtype and torch.equal(value, buffers[name]), name
 
 
 @torch.no_grad()

@@ -172,8 +172,9 @@ def conv2d_int8(
     """Dequantised (B * OH * OW, N) conv output of padded NHWC int8 `codes` (B, HP, WP, C).
 
     `weight` is an `IntegerWeight` (codes ordered (kh, kw, C) along K, int8 or packed int4); `scale`,
-    `zero_point` are per sample (B,); `bias` is (N,) or per sample (B, N) fp32. With `out` given, the result is added into it (a shortcut-split
-    conv's second part) and `out` is returned. Under `torch.compile` the launch is one opaque custom op.
+    `zero_point` are per sample (B,); `bias` is (N,) or per sample (B, N) fp32. With `out` given, the
+    result is added into it (a shortcut-split conv's second part) and `out` is returned. Under
+    `torch.compile` the launch is one opaque custom op.
     """
     b, hp, wp, c = codes.shape
     (kh, kw), (sh, sw), (dh, dw) = kernel_size, stride, dilation
