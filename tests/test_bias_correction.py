@@ -9,6 +9,7 @@ both survive save / from_pretrained bit-exactly; `convert` applies the tables pe
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -170,6 +171,34 @@ def test_integer_layers_apply_the_table_per_sample(name, kernel):
     with context.use(MIXED_T):
         new = (Int8Conv2d if isinstance(layer, nn.Conv2d) else Int8Linear)(layer, kernel)
         assert_agrees(new(x), layer(x))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@pytest.mark.parametrize("name", ["conv3x3", "conv3x3_split", "conv3x3_dilated_nobias"])
+@torch.no_grad()
+def test_triton_epilogue_applies_the_table_per_sample(name):
+    """The implicit-GEMM kernel adds each row's table row in its epilogue (CUDA, or Triton's interpreter)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    layer, x, context = _tabled_layer(name)
+    layer, x, t = layer.to(device), x.to(device), MIXED_T.to(device)
+    with context.use(t):
+        new = Int8Conv2d(layer, "triton")
+        assert new.implicit_gemm
+        assert_agrees(new(x), layer(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@torch.no_grad()
+def test_converted_unet_with_tables_on_cuda_triton():
+    pipe = tiny_ddim_pipeline()
+    quantize_pipeline(pipe, _config("layer", groups=3), **FAST)
+    unet = pipe.unet.to("cuda")
+    inputs = {k: v.to("cuda") for k, v in unet_inputs(unet).items()}
+    ref, float_ref = unet(**inputs).sample, float_output(unet, inputs)
+    converted = copy.deepcopy(unet)
+    assert convert(converted, kernel="triton").integer
+    assert_unet_agrees(converted(**inputs).sample, ref, float_ref)
 
 
 @torch.no_grad()
