@@ -17,9 +17,15 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 from torch import nn
 
 from diffusers_ptq import PTQConfig, convert, quantize_pipeline, quantize_unet, set_quant_state
+from diffusers_ptq.benchmark.quality.sampling import (
+    ddim_pipeline,
+    noise_errors_per_step,
+    record_trajectory,
+)
 from diffusers_ptq.config import WeightQuantConfig
 from diffusers_ptq.integer import Int8Conv2d, Int8Linear
 from diffusers_ptq.nn.layers import QuantLayerMixin
+from diffusers_ptq.primitives import mean_error_rms
 from diffusers_ptq.quantizers import OutputCorrection, TimestepBiasTable
 from diffusers_ptq.tiny import tiny_ddim_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline, tiny_unet2d
 from integer_helpers import (
@@ -302,3 +308,31 @@ def test_weight_only_quantization_on_load_refuses_bias_correction(tmp_path):
     config = PTQQuantizationConfig(PTQConfig(weight_bits=8, act_bits=None, bias_correction="layer"))
     with pytest.raises(ValueError, match="bias_correction='layer' is estimated on calibration data"):
         UNet2DModel.from_pretrained(tmp_path, quantization_config=config)
+
+
+# -- the bias metric ----------------------------------------------------------------------------------------
+
+
+def test_mean_error_rms_is_the_norm_of_the_mean_error():
+    ref = torch.randn(6, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert mean_error_rms(ref, ref + 0.25) == pytest.approx(0.25, rel=1e-12)
+    signs = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])[:, None, None, None]
+    assert mean_error_rms(ref, ref + signs * torch.rand(1, 3, 4, 4).double()) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="one shape"):
+        mean_error_rms(ref, ref[:3])
+
+
+@torch.no_grad()
+def test_bench_bias_per_step_equals_an_independent_computation():
+    pipe = tiny_ddim_pipeline()
+    trajectory = record_trajectory(ddim_pipeline(pipe), 3, seed=0, num_inference_steps=3)
+    quantize_pipeline(pipe, _config("off"), **FAST)
+    errors = noise_errors_per_step(pipe.unet, trajectory)
+    assert len(errors.bias) == 3 and len(errors.sqnr) == 3
+    for step, value in enumerate(errors.bias):
+        x, t = trajectory.samples[step], trajectory.timesteps[step]
+        pred = pipe.unet(x, t).sample.numpy().astype("float64")
+        err = pred - trajectory.noise_pred[step].numpy().astype("float64")
+        per_element = err.sum(axis=0) / err.shape[0]
+        expected = float((per_element**2).sum() / per_element.size) ** 0.5
+        assert value == pytest.approx(expected, rel=1e-12) and value > 0
