@@ -336,3 +336,12 @@ def test_bench_bias_per_step_equals_an_independent_computation():
         per_element = err.sum(axis=0) / err.shape[0]
         expected = float((per_element**2).sum() / per_element.size) ** 0.5
         assert value == pytest.approx(expected, rel=1e-12) and value > 0
+
+
+def test_cli_rejects_a_bad_bias_correction_before_any_work(tmp_path):
+    from diffusers_ptq import cli
+
+    out = tmp_path / "q"
+    argv = ["quantize", "--model", "tiny:ddim", "--bias-correction", "nope", "--output", str(out)]
+    assert cli.main(argv) == 2
+    assert not out.exists()
