@@ -345,3 +345,10 @@ def test_cli_rejects_a_bad_bias_correction_before_any_work(tmp_path):
     argv = ["quantize", "--model", "tiny:ddim", "--bias-correction", "nope", "--output", str(out)]
     assert cli.main(argv) == 2
     assert not out.exists()
+
+
+def test_model_card_names_the_bias_correction():
+    from diffusers_ptq.serialization import build_model_card
+
+    unet, _ = _quantized("unet2d", "output", rows=5)
+    assert "| bias correction | `output` (per timestep group) |" in str(build_model_card(unet, "a/b"))
