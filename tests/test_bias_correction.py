@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 
+import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
@@ -352,3 +353,23 @@ def test_model_card_names_the_bias_correction():
 
     unet, _ = _quantized("unet2d", "output", rows=5)
     assert "| bias correction | `output` (per timestep group) |" in str(build_model_card(unet, "a/b"))
+
+
+@pytest.mark.parametrize("mode", ["layer", "output"])
+@pytest.mark.parametrize("build", [tiny_sd_pipeline, tiny_sdxl_pipeline], ids=["sd", "sdxl"])
+@torch.no_grad()
+def test_text_to_image_pipelines_quantize_with_bias_correction(build, mode):
+    """Through quantize_pipeline (CFG batches, SDXL's added conditions); the pipeline stays stock."""
+    pipe = build()
+    prompts = ["a photo of a cat", "a red car"]
+    quantize_pipeline(pipe, _config(mode), prompts=prompts, **FAST)
+    assert pipe.unet.ptq_state.bias_correction["mode"] == mode
+    gen = torch.Generator().manual_seed(0)
+    kwargs = {"num_inference_steps": 2, "output_type": "np", "generator": gen}
+    corrected = pipe(prompts, **kwargs).images
+    modules = [m for m in pipe.unet.modules() if isinstance(m, TimestepBiasTable | OutputCorrection)]
+    assert modules
+    for m in modules:
+        m.enabled = False
+    plain = pipe(prompts, **{**kwargs, "generator": torch.Generator().manual_seed(0)}).images
+    assert np.isfinite(corrected).all() and not np.array_equal(corrected, plain)
