@@ -355,8 +355,11 @@ def test_model_card_names_the_bias_correction():
     assert "| bias correction | `output` (per timestep group) |" in str(build_model_card(unet, "a/b"))
 
 
-@pytest.mark.parametrize("mode", ["layer", "output"])
-@pytest.mark.parametrize("build", [tiny_sd_pipeline, tiny_sdxl_pipeline], ids=["sd", "sdxl"])
+@pytest.mark.parametrize(
+    ("build", "mode"),
+    [(tiny_sd_pipeline, "layer"), (tiny_sd_pipeline, "output"), (tiny_sdxl_pipeline, "output")],
+    ids=["sd-layer", "sd-output", "sdxl-output"],  # SDXL's tables: the per-layer test above
+)
 @torch.no_grad()
 def test_text_to_image_pipelines_quantize_with_bias_correction(build, mode):
     """Through quantize_pipeline (CFG batches, SDXL's added conditions); the pipeline stays stock."""
