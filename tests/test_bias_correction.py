@@ -376,3 +376,16 @@ def test_text_to_image_pipelines_quantize_with_bias_correction(build, mode):
         m.enabled = False
     plain = pipe(prompts, **{**kwargs, "generator": torch.Generator().manual_seed(0)}).images
     assert np.isfinite(corrected).all() and not np.array_equal(corrected, plain)
+
+
+def test_no_recompile_across_timesteps_with_the_output_hook():
+    """The UNet forward hook and the per-sample table lookups compile into one graph for all timesteps."""
+    from test_compile import _run_compiled
+
+    pipe = tiny_ddim_pipeline()
+    config = _config("output", groups=4)
+    quantize_pipeline(pipe, config, num_samples=16, num_inference_steps=8, batch_size=8, progress=False)
+    outputs, expected, graphs = _run_compiled(pipe.unet, "eager")
+    assert graphs[0] > 0 and graphs == [graphs[0]] * len(graphs), f"graphs compiled per call: {graphs}"
+    for t in outputs:
+        torch.testing.assert_close(outputs[t], expected[t])
