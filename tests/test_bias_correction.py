@@ -24,6 +24,7 @@ from diffusers_ptq.benchmark.quality.sampling import (
     record_trajectory,
 )
 from diffusers_ptq.config import WeightQuantConfig
+from diffusers_ptq.initialise import quant_layers
 from diffusers_ptq.integer import Int8Conv2d, Int8Linear
 from diffusers_ptq.nn.layers import QuantLayerMixin
 from diffusers_ptq.primitives import mean_error_rms
@@ -389,3 +390,18 @@ def test_no_recompile_across_timesteps_with_the_output_hook():
     assert graphs[0] > 0 and graphs == [graphs[0]] * len(graphs), f"graphs compiled per call: {graphs}"
     for t in outputs:
         torch.testing.assert_close(outputs[t], expected[t])
+
+
+def test_a_layer_that_runs_twice_per_forward_is_refused(monkeypatch):
+    import diffusers_ptq.job as job
+    from diffusers_ptq.correction import correct_layers
+
+    monkeypatch.setattr(job, "correct_bias", lambda *args, **kwargs: {})  # tables installed, not filled
+    unet = tiny_unet2d()
+    data = calibration_set(unet, rows=5)
+    quantize_unet(unet, _config("layer"), data, batch_size=5, progress=False)
+    first, second = unet.mid_block.resnets  # same widths: one quantized conv called from both places
+    second.conv1 = first.conv1
+    with pytest.raises(ValueError, match=r"mid_block\.resnets\.0\.conv1 runs more than once"):
+        correct_layers(unet, data, batch_size=5, acts=True, progress=False)
+    assert all(float(m.bias_table.table.abs().max()) == 0 for _, m in quant_layers(unet))

@@ -73,13 +73,21 @@ def float_layer_means(
     """Per-group float output sums of every layer in `layers`, and the order in which the UNet calls them."""
     order: list[str] = []
     stats: dict[str, GroupChannelSums] = {}
-    handles = []
+    calls: dict[str, int] = {}  # per UNet forward: a layer's pass stops at its first call, so one call only
+    handles = [unet.register_forward_pre_hook(lambda module, args: calls.clear())]
     for name, layer in layers.items():
         table = layer.bias_table
         stats[name] = GroupChannelSums(table.num_groups, table.table.shape[1], table.table.device)
         record = _recorder(layer, stats[name], "float", stop=False)
 
         def hook(module, args, output, name=name, record=record) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            if calls[name] > 1:
+                raise ValueError(
+                    f"bias_correction='layer': {name} runs more than once per UNet forward (a module shared "
+                    "by two places?); its table cannot hold one correction per call. Exclude it "
+                    "(layers.exclude) or use bias_correction='output'"
+                )
             if name not in order:
                 order.append(name)
             record(module, args, output)
