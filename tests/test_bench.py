@@ -123,6 +123,8 @@ def test_benchmark_rows_are_paired_and_leave_the_float_model_alone(ddim_pipe, tm
         "q-diffusion-w8a8.png",
     ]
     assert (tmp_path / "sqnr_per_step.png").stat().st_size > 0
+    assert (tmp_path / "noise_bias_per_step.png").stat().st_size > 0
+    assert len(w8.bias_per_step) == 4 and "noise bias" in table
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["rows"][1]["sqnr_db"] == pytest.approx(w8.sqnr_db)
 

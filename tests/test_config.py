@@ -480,7 +480,7 @@ def test_non_default_config_really_differs_everywhere():
 @pytest.mark.parametrize(("label", "cfg"), _all_configs(), ids=[label for label, _ in _all_configs()])
 def test_dict_and_json_round_trip_exactly(label, cfg):
     data = cfg.to_dict()
-    assert set(data) == {*SECTIONS, "method"}
+    assert set(data) == {*SECTIONS, "method", "bias_correction"}
     assert json.loads(json.dumps(data)) == data  # plain JSON types only
     again = PTQConfig.from_dict(data)
     assert again == cfg
@@ -817,7 +817,10 @@ def test_presets_are_fresh_objects(name):
 def test_describe_fields_covers_every_field_with_help():
     rows = describe_fields()
     names = [name for name, _, _ in rows]
-    expected = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in fields(cls)} | {"method"}
+    expected = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in fields(cls)} | {
+        "method",
+        "bias_correction",
+    }
     assert set(names) == expected
     assert len(names) == len(set(names))
     default = PTQConfig()

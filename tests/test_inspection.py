@@ -72,3 +72,23 @@ def test_inspect_command_on_a_text_pipeline(tmp_path: Path, capsys: pytest.Captu
         == 2
     )
     assert not (tmp_path / "x").exists()
+
+
+def test_inspect_reports_noise_sqnr_and_bias_of_a_quantized_unet(tmp_path: Path, capsys) -> None:
+    from diffusers_ptq import PTQConfig, quantize_pipeline
+    from diffusers_ptq.inspection import noise_error_by_step
+    from diffusers_ptq.tiny import tiny_ddim_pipeline
+
+    pipe = tiny_ddim_pipeline()  # the same weights as --model tiny:ddim
+    config = PTQConfig(weight_bits=4, act_bits=8, weights={"num_candidates": 10}, bias_correction="output")
+    quantize_pipeline(pipe, config, num_samples=6, num_inference_steps=3, batch_size=6, progress=False)
+    pipe.unet.save_pretrained(tmp_path / "unet")
+    out = tmp_path / "inspect"
+    argv = ["inspect", "--model", "tiny:ddim", "--num-images", "2", "--num-inference-steps", "3"]
+    assert cli.main([*argv, "--quantized", str(tmp_path / "unet"), "--output", str(out)]) == 0
+    assert {"noise_error.json", "noise_error_per_step.png"} <= {p.name for p in out.iterdir()}
+    data = json.loads((out / "noise_error.json").read_text())
+    expected = noise_error_by_step(tiny_ddim_pipeline(), pipe.unet, num_images=2, num_inference_steps=3)
+    assert data == expected  # the checkpoint reloads bit-exactly, so the numbers are identical
+    assert len(data["bias"]) == 3 and all(b > 0 for b in data["bias"])
+    assert "largest bias" in capsys.readouterr().out

@@ -18,6 +18,8 @@ from diffusers.models.attention_processor import Attention
 
 import diffusers_ptq.api as api
 import diffusers_ptq.calibration.selectors as selectors
+import diffusers_ptq.correction.layer as correction_layer
+import diffusers_ptq.correction.output as correction_output
 import diffusers_ptq.job as job
 from diffusers_ptq import PTQConfig, quantize_pipeline, quantize_unet
 from diffusers_ptq.gptq import runner as gptq_runner
@@ -43,9 +45,14 @@ class Injected(RuntimeError):
 
 
 def _config(
-    reconstruction: bool = False, search: bool = False, gptq: bool = False, **calibration: Any
+    reconstruction: bool = False,
+    search: bool = False,
+    gptq: bool = False,
+    bias: str = "off",
+    **calibration: Any,
 ) -> PTQConfig:
     return PTQConfig(
+        bias_correction=bias,
         weight_bits=4,
         act_bits=8,
         weights={"num_candidates": 10, "symmetric": False, "rounding": "gptq" if gptq else "nearest"},
@@ -225,6 +232,32 @@ def test_gptq_alone_gives_the_quantized_layers_their_weights_back(monkeypatch):
     after = unet.state_dict()
     assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
     assert not any("float_weight" in m.__dict__ for m in unet.modules())
+
+
+@pytest.mark.parametrize("bias", ["layer", "output"])
+def test_after_bias_correction(monkeypatch, bias):
+    # After the tables / the output correction were filled (and the output hook ran in every forward).
+    monkeypatch.setattr(job, "correct_bias", _after(job.correct_bias))
+    _fails_and_restores(_config(reconstruction=True, bias=bias))
+
+
+def test_bias_correction_float_pass(monkeypatch):
+    monkeypatch.setattr(correction_layer, "float_layer_means", _after(correction_layer.float_layer_means))
+    _fails_and_restores(_config(bias="layer"))
+
+
+def test_bias_correction_layer_passes(monkeypatch):
+    # The float sweep is call 1; call 3 ends the second layer's pass, after the first layer's table is set.
+    monkeypatch.setattr(correction_layer, "_sweep", _after(correction_layer._sweep, fail_on_call=3))
+    _fails_and_restores(_config(bias="layer"))
+
+
+def test_output_correction_fit(monkeypatch):
+    # Fails on the last quant-state switch, after k and b were written.
+    calls = len(range(0, FAST["num_samples"], FAST["batch_size"])) * 2 + 1
+    switch = _after(correction_output.set_quant_state, fail_on_call=calls)
+    monkeypatch.setattr(correction_output, "set_quant_state", switch)
+    _fails_and_restores(_config(bias="output"))
 
 
 def test_report(monkeypatch):

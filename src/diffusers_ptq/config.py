@@ -26,6 +26,7 @@ WEIGHT_ROUNDINGS = ("nearest", "gptq")
 TIMESTEP_SAMPLERS = ("uniform", "normal", "skew_normal", "all")
 SAMPLE_SELECTORS = ("random", "density_diversity", "active")
 SPECIAL_LAYER_POLICIES = ("float", "8bit", "same")
+BIAS_CORRECTIONS = ("off", "layer", "output")
 
 # The method presets depend on this module, never the reverse: `diffusers_ptq.methods.registry` hands its
 # builder to `set_preset_builder` when it is imported (`import diffusers_ptq` imports it), and
@@ -255,6 +256,12 @@ class PTQConfig:
         default_factory=ReconstructionConfig, metadata={"help": "block reconstruction after calibration"}
     )
     method: str = field(default="custom", metadata={"help": "the preset this recipe came from, for reports"})
+    bias_correction: str = _field(
+        "off",
+        "timestep-aware bias correction after calibration: per layer and timestep group ('layer'), or of "
+        "the noise prediction, PTQD-style ('output')",
+        BIAS_CORRECTIONS,
+    )
     weight_bits: InitVar[int] = _UNSET
     act_bits: InitVar[int | None] = _UNSET
 
@@ -277,6 +284,7 @@ class PTQConfig:
             section.validate(name)
         if not isinstance(self.method, str):
             _fail("method", self.method, "a string")
+        _check_choice("bias_correction", self.bias_correction, BIAS_CORRECTIONS)
         self._validate_combination()
 
     def _validate_combination(self) -> None:
@@ -316,21 +324,23 @@ class PTQConfig:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {name: _section_to_dict(getattr(self, name)) for name in _SECTIONS}
         out["method"] = self.method
+        out["bias_correction"] = self.bias_correction
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PTQConfig:
         if not isinstance(data, dict):
             raise TypeError(f"PTQConfig.from_dict expects a dict, got {type(data).__name__}")
-        valid = [*_SECTIONS, "method"]
+        valid = [*_SECTIONS, "method", "bias_correction"]
         unknown = sorted(set(data) - set(valid))
         if unknown:
             raise ValueError(f"unknown PTQConfig key(s) {unknown}; valid keys: {valid}")
         kwargs = {
             name: _section_from_dict(name, _SECTIONS[name], data[name]) for name in _SECTIONS if name in data
         }
-        if "method" in data:
-            kwargs["method"] = data["method"]
+        for name in ("method", "bias_correction"):
+            if name in data:
+                kwargs[name] = data[name]
         return cls(**kwargs)
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -369,8 +379,8 @@ def apply_overrides(config: PTQConfig, overrides: dict[str, Any]) -> None:
             config.weights.bits = value
         elif key == "act_bits":
             config.activations.bits = value
-        elif key == "method":
-            config.method = value
+        elif key in ("method", "bias_correction"):
+            setattr(config, key, value)
         elif key in _SECTIONS:
             section_cls = _SECTIONS[key]
             if isinstance(value, section_cls):
@@ -381,7 +391,7 @@ def apply_overrides(config: PTQConfig, overrides: dict[str, Any]) -> None:
             else:
                 _fail(key, value, f"a {section_cls.__name__} or a dict of its fields")
         else:
-            valid = ["weight_bits", "act_bits", "method", *_SECTIONS]
+            valid = ["weight_bits", "act_bits", "method", "bias_correction", *_SECTIONS]
             raise ValueError(f"unknown override {key!r}; valid overrides: {valid}")
 
 

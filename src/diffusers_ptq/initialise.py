@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from diffusers_ptq.calibration import CalibrationSet
 from diffusers_ptq.nn import QuantAttnProcessor, QuantLayerMixin
-from diffusers_ptq.quantizers import GroupObserver, TimestepActQuantizer
+from diffusers_ptq.quantizers import GroupObserver, OutputCorrection, TimestepActQuantizer
 
 
 def quant_layers(unet: nn.Module) -> list[tuple[str, QuantLayerMixin]]:
@@ -26,6 +26,8 @@ def set_quant_state(unet: nn.Module, weights: bool = True, acts: bool = True) ->
     for m in unet.modules():
         if isinstance(m, QuantLayerMixin | QuantAttnProcessor):
             m.set_quant_state(weights, acts)
+        elif isinstance(m, OutputCorrection):  # corrects the quantized UNet: off when it runs float
+            m.enabled = weights or acts
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Activation ranges across timesteps, per layer: the figure that motivates timestep-aware quantization."""
+"""Activation ranges across timesteps, per layer: the figure that motivates timestep-aware quantization;
+and, for a quantized UNet, its noise-prediction error per sampling step (SQNR and bias)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,12 @@ import torch
 from torch import nn
 
 from diffusers_ptq.benchmark.plotting import pyplot
+from diffusers_ptq.benchmark.quality.sampling import (
+    ddim_pipeline,
+    ddim_text_pipeline,
+    noise_errors_per_step,
+    record_trajectory,
+)
 from diffusers_ptq.calibration import get_pipeline_spec
 from diffusers_ptq.timestep import TimestepContext
 
@@ -134,3 +141,54 @@ def plot_activation_ranges(ranges: ActivationRanges, path: str | Path, max_layer
     fig.savefig(path)
     plt.close(fig)
     return [ranges.layers[i] for i in order]
+
+
+@torch.no_grad()
+def noise_error_by_step(
+    pipe: Any,
+    quantized_unet: nn.Module,
+    *,
+    prompts: list[str] | None = None,
+    num_images: int = 4,
+    num_inference_steps: int = 50,
+    guidance_scale: float | None = None,
+    seed: int = 0,
+) -> dict[str, list[float]]:
+    """Per DDIM step of the float `pipe`'s trajectory: `quantized_unet`'s noise SQNR (dB), MSE and bias.
+
+    The bias of a step is `primitives.mean_error_rms`: the RMS over (C, H, W) of the per-element mean over
+    the step's samples of eps_q - eps. Text-conditioned pipelines take one image per prompt.
+    """
+    spec = get_pipeline_spec(pipe)
+    if spec.text_conditioned and not prompts:
+        raise ValueError(f"{spec.name} is text-conditioned: pass prompts to inspect it")
+    ddim = ddim_text_pipeline(pipe) if spec.text_conditioned else ddim_pipeline(pipe)
+    count = len(prompts) if spec.text_conditioned else num_images
+    trajectory = record_trajectory(ddim, count, seed, num_inference_steps, prompts, guidance_scale)
+    errors = noise_errors_per_step(quantized_unet, trajectory)
+    return {
+        "timesteps": [int(t) for t in trajectory.timesteps.tolist()],
+        "sqnr_db": errors.sqnr,
+        "mse": errors.mse,
+        "bias": errors.bias,
+    }
+
+
+def plot_noise_error(steps: dict[str, list[float]], path: str | Path) -> None:
+    """PNG: noise SQNR (top) and noise bias (bottom, log scale) per sampling step."""
+    plt = pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), dpi=110, sharex=True)
+    t = steps["timesteps"]
+    top.plot(t, steps["sqnr_db"], marker=".", color="tab:blue")
+    top.set_ylabel("noise SQNR vs float (dB)", fontsize=8)
+    bottom.plot(t, steps["bias"], marker=".", color="tab:red")
+    bottom.set_yscale("log")
+    bottom.set_ylabel("bias: RMS of E_samples[eps_q - eps]", fontsize=8)
+    bottom.set_xlabel("timestep (sampling runs left to right)", fontsize=8)
+    top.invert_xaxis()  # shared with the bottom axis
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -15,6 +15,7 @@ from torch import nn
 
 from diffusers_ptq.calibration import CalibrationSet
 from diffusers_ptq.config import PTQConfig
+from diffusers_ptq.correction import correct_bias
 from diffusers_ptq.gptq import gptq_quantize, release_float_weights
 from diffusers_ptq.initialise import initialise_activations, initialise_weights, set_quant_state
 from diffusers_ptq.nn import QuantLayerMixin
@@ -56,6 +57,8 @@ class PTQState:
     gptq: dict[str, Any] | None = None
     # ReconstructionReport.to_dict() (per unit and pass: iterations, losses); None when it did not run.
     reconstruction: dict[str, Any] | None = None
+    # Summary of the bias correction (mode, per-group fits, seconds); None when it did not run.
+    bias_correction: dict[str, Any] | None = None
 
 
 class QuantizationJob:
@@ -172,6 +175,15 @@ class QuantizationJob:
             self.unet.ptq_state.reconstruction = report.to_dict()
             if self.progress:
                 print(report)
+        if self.config.bias_correction != "off":  # last: it corrects the model as it will run
+            self.unet.ptq_state.bias_correction = correct_bias(
+                self.unet,
+                data,
+                self.config.bias_correction,
+                self.batch_size,
+                acts=self.config.activations.enabled,
+                progress=self.progress,
+            )
         release_float_weights(self.unet)
 
     @contextlib.contextmanager

@@ -25,7 +25,8 @@ from diffusers_ptq.nn import (
     QuantLinear,
 )
 from diffusers_ptq.nn.layers import QuantLayerMixin
-from diffusers_ptq.quantizers import TimestepActQuantizer
+from diffusers_ptq.quantizers import OutputCorrection, TimestepActQuantizer, TimestepBiasTable
+from diffusers_ptq.quantizers.bias import OUTPUT_CORRECTION_ATTR, apply_output_correction
 from diffusers_ptq.timestep import TimestepContext
 
 SPECIAL_PREFIXES = ("time_embedding.", "class_embedding.", "add_embedding.")
@@ -186,8 +187,16 @@ class Patch:
         self.context = context
         self.modules: list[tuple[nn.Module, str, nn.Module]] = []
         self.processors: list[tuple[Attention, object]] = []
+        self.output_hook: torch.utils.hooks.RemovableHandle | None = None
+        self.output_module = False  # whether install added the UNet's OutputCorrection
 
     def restore(self) -> None:
+        if self.output_hook is not None:
+            self.output_hook.remove()
+            self.output_hook = None
+        if self.output_module:
+            del self.unet._modules[OUTPUT_CORRECTION_ATTR]
+            self.output_module = False
         for parent, attr, original in reversed(self.modules):
             setattr(parent, attr, original)
         for attn, original in reversed(self.processors):
@@ -217,6 +226,9 @@ def install(
                 new = QuantLinear.from_float(original, weight_config, factory)
             setattr(parent, attr, new)
             patch.modules.append((parent, attr, original))
+            if config.bias_correction == "layer":
+                table = TimestepBiasTable(context, group_map, new.weight.shape[0])
+                new.bias_table = table.to(group_map.device)
         for attn_plan in plan.attentions:
             attn = unet.get_submodule(attn_plan.name)
             original = attn.processor
@@ -234,10 +246,28 @@ def install(
             processor = QuantAttnProcessor(make("q"), make("k"), make("v"), softmax, original=original)
             attn.set_processor(processor.to(group_map.device))
             patch.processors.append((attn, original))
+        if config.bias_correction == "output":
+            _install_output_correction(unet, patch, context, group_map)
     except BaseException:
         patch.restore()
         raise
     return patch
+
+
+def _install_output_correction(
+    unet: nn.Module, patch: Patch, context: TimestepContext, group_map: torch.Tensor
+) -> None:
+    channels = getattr(unet.config, "out_channels", None)
+    if not isinstance(channels, int):
+        raise ValueError(
+            f"bias_correction='output' needs the UNet's config.out_channels; {type(unet).__name__} has none"
+        )
+    if OUTPUT_CORRECTION_ATTR in unet._modules:
+        raise ValueError(f"the UNet already has a submodule named {OUTPUT_CORRECTION_ATTR!r}")
+    module = OutputCorrection(context, group_map, channels).to(group_map.device)
+    unet.add_module(OUTPUT_CORRECTION_ATTR, module)
+    patch.output_module = True
+    patch.output_hook = unet.register_forward_hook(apply_output_correction)
 
 
 def _act_factory(

@@ -115,3 +115,19 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
     if noise == 0:
         return float("inf")
     return float(10.0 * torch.log10(signal / noise))
+
+
+def mean_error_rms(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """The systematic part of `approx`'s error: RMS over the per-element (C, H, W) mean over samples.
+
+    sqrt(mean_{c,h,w} (mean_n (approx - reference)[n, c, h, w])^2) for (N, C, H, W) tensors (any trailing
+    shape): the norm of E_samples[approx - reference] per element, which random, zero-mean errors average
+    out of and a bias does not. In the units of the tensors (not dB).
+    """
+    if reference.shape != approx.shape or reference.ndim < 2:
+        raise ValueError(
+            f"mean_error_rms needs two batched tensors of one shape, got {tuple(reference.shape)} and "
+            f"{tuple(approx.shape)}"
+        )
+    mean = (approx.double() - reference.double()).mean(dim=0)
+    return float(mean.pow(2).mean().sqrt())

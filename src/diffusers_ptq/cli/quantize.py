@@ -57,6 +57,12 @@ _OVERRIDES = [
     ),
     ("--num-samples", int, "N", "calibration.num_samples, the recorded (trajectory, step) pairs"),
     (
+        "--bias-correction",
+        str,
+        "{off,layer,output}",
+        "bias_correction: per layer and timestep group ('layer'), of the noise prediction ('output')",
+    ),
+    (
         "--num-inference-steps",
         int,
         "N",
@@ -173,6 +179,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["act_bits"] = None if args.act_bits == "none" else args.act_bits
     if args.timestep_groups is not None:
         overrides["activations"] = {"timestep_groups": args.timestep_groups}
+    if args.bias_correction is not None:
+        overrides["bias_correction"] = args.bias_correction
     names = ("num_samples", "num_inference_steps", "batch_size", "seed", "guidance_scale")
     calib = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if calib:

@@ -59,6 +59,13 @@ class IntegerLayer(nn.Module):
         self.act_quantizers = nn.ModuleList(acts)
         # A buffer: the integer path is inference-only, and out= kernels refuse tensors that need grad.
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float())
+        # The fake-quant layer's own per-timestep-group bias table (bias_correction='layer'), or None.
+        self.bias_table = layer.bias_table
+
+    def bias_rows(self, batch: int) -> torch.Tensor | None:
+        """(batch, N) fp32 bias-table rows of each sample, or None without an active table."""
+        table = self.bias_table
+        return None if table is None or not table.enabled else table.rows(batch)
 
     def part_qparams(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample (scale, zero point in the kernel's code origin) of part `i`'s input `x`."""
@@ -69,7 +76,8 @@ class IntegerLayer(nn.Module):
     ) -> torch.Tensor:
         """Dequantised fp32 (M, N) output of part `i` for (M, K) codes, M = B x rows; bias in part 0.
 
-        s_a s_w (a.w - z c) [+ bias] [- s_a s_w z_w sum_k a_k]   (see IntegerWeight for c).
+        s_a s_w (a.w - z c) [+ bias] [+ table[g(sample)]] [- s_a s_w z_w sum_k a_k]   (see IntegerWeight
+        for c); the bias table's row is each sample's, by its timestep group.
 
         oneDNN computes s_a s_w (a - z).w + bias itself; an affine weight grid then still needs
         - s_a s_w z_w sum_k (a_k - z).
@@ -77,20 +85,27 @@ class IntegerLayer(nn.Module):
         w: IntegerWeight = self.weights[i]
         b, n = scale.shape[0], w.out_features
         bias = self.bias if i == 0 else None
+        rows = self.bias_rows(b) if i == 0 else None
         if w.group_size is not None:
             # s_a (sum_g s_wg (a_g.w_g - z_wg sum a_g) - z c), c = sum_g s_wg c_g: any kernel's code origin.
             acc = w.group_matmul(codes).view(b, -1, n)
             y = (acc - zero_point[:, None, None] * w.correction) * scale[:, None, None]
             if bias is not None:
                 y = y + bias
+            if rows is not None:
+                y = y + rows[:, None, :]
             return y.view(-1, n)
         if w.kernel == "onednn":
             y = onednn.int8_linear(codes, scale, zero_point, bias, w.handle, n)
+            if rows is not None:
+                y.view(b, -1, n).add_(rows[:, None, :])
         else:
             mult = scale[:, None] * w.scale[None, :]
             const = -(mult * zero_point[:, None]) * w.correction[None, :]
             if bias is not None:
                 const = const + bias[None, :]
+            if rows is not None:
+                const = const + rows
             acc = w.int_matmul(codes).view(b, -1, n)
             y = torch.addcmul(const[:, None, :], acc, mult[:, None, :]).view(-1, n)
         if w.asymmetric:

@@ -68,6 +68,9 @@ class Int8Conv2d(IntegerLayer):
         out_dtype = dtype if len(self.in_slices) == 1 else torch.float32
         args = (self.kernel_size, self.stride, self.dilation, scale, zero_point)
         bias = self.bias if i == 0 else None
+        rows = self.bias_rows(codes.shape[0]) if i == 0 else None
+        if rows is not None:  # per-sample bias: the table's row plus the layer's bias, added in the epilogue
+            bias = (rows if bias is None else rows + bias[None, :]).contiguous()
         return conv2d_int8(codes, self.weights[i], *args, bias, out=out, out_dtype=out_dtype)
 
     def extra_repr(self) -> str:

@@ -8,7 +8,8 @@ never exist; the int32 tile is dequantised in registers,
 
     y = s_a s_w acc - s_a s_w z_a c + bias  [- s_a s_w z_w sum_k a_k]
 
-(per-sample s_a, z_a of the row's sample; the same formula as `IntegerLayer.part_output`), and written
+(per-sample s_a, z_a of the row's sample; `bias` per channel, or per sample and channel when a timestep
+bias table is folded in; the same formula as `IntegerLayer.part_output`), and written
 once in the output dtype. W4 weights are read two per byte and sign-extended in the kernel. Per-group
 weight scales (`quantizers.groups`) are applied inside the reduction: at the end of each group the int32
 tile is scaled by that group's weight scales into an fp32 sum and restarted.
@@ -68,6 +69,7 @@ def _build(interpret: bool):
         PACKED: tl.constexpr,
         ASYM: tl.constexpr,
         HAS_BIAS: tl.constexpr,
+        BIAS_ROWS: tl.constexpr,
         ACCUMULATE: tl.constexpr,
         GROUP_K: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -133,17 +135,23 @@ def _build(interpret: bool):
         sa = tl.load(sa_ptr + sample, mask=m_ok, other=0.0)
         za = tl.load(za_ptr + sample, mask=m_ok, other=0.0)
         corr = tl.load(corr_ptr + rn, mask=n_ok, other=0.0)
+        if HAS_BIAS:
+            if BIAS_ROWS:  # (B, N): each row's sample picks its own bias (a timestep group's table row)
+                b_ptrs = bias_ptr + (sample.to(tl.int64)[:, None] * N + rn[None, :])
+                bias_tile = tl.load(b_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            else:
+                bias_tile = tl.load(bias_ptr + rn, mask=n_ok, other=0.0)[None, :]
         if GROUP_K > 0:
             # corr = sum_g s_wg c_g already carries the weight scales (IntegerWeight).
             y = sa[:, None] * (accf - za[:, None] * corr[None, :])
             if HAS_BIAS:
-                y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0)[None, :]
+                y += bias_tile
         else:
             sw = tl.load(sw_ptr + rn, mask=n_ok, other=0.0)
             mult = sa[:, None] * sw[None, :]
             const = -(mult * za[:, None]) * corr[None, :]
             if HAS_BIAS:
-                const += tl.load(bias_ptr + rn, mask=n_ok, other=0.0)[None, :]
+                const += bias_tile
             y = acc.to(tl.float32) * mult + const
             if ASYM:
                 zw = tl.load(zw_ptr + rn, mask=n_ok, other=0.0)
@@ -204,8 +212,9 @@ def conv2d_int8(
 
     `weight` is an `IntegerWeight` (codes ordered (kh, kw, C) along K, int8 or packed int4; per-channel
     scales, or per-group scales applied in the K loop when `supports_groups`); `scale`, `zero_point` are
-    per sample (B,). With `out` given, the result is added into it (a shortcut-split
-    conv's second part) and `out` is returned. Under `torch.compile` the launch is one opaque custom op.
+    per sample (B,); `bias` is (N,) or per sample (B, N) fp32. With `out` given, the result is added into
+    it (a shortcut-split conv's second part) and `out` is returned. Under `torch.compile` the launch is one
+    opaque custom op.
     """
     b, hp, wp, c = codes.shape
     (kh, kw), (sh, sw), (dh, dw) = kernel_size, stride, dilation
@@ -217,6 +226,8 @@ def conv2d_int8(
         raise ValueError(f"per-group weight scales of {weight.group_size} channels do not tile {c} channels")
     if max(m, n, hp * wp * c) > INT32_MAX:
         raise ValueError(f"conv too large for 32-bit tile indices (M = {m}, N = {n})")
+    if bias is not None and bias.shape not in ((n,), (b, n)):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({n},) or ({b}, {n})")
     accumulate = out is not None
     if out is None:
         out = torch.empty((m, n), dtype=out_dtype, device=codes.device)
@@ -294,6 +305,7 @@ def _launch(
         PACKED=w.dtype == torch.uint8,
         ASYM=w_zero_point is not None,
         HAS_BIAS=bias is not None,
+        BIAS_ROWS=bias is not None and bias.ndim == 2,
         ACCUMULATE=accumulate,
         GROUP_K=group_k,
         **blocks,

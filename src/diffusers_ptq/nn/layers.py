@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusers_ptq.config import WeightQuantConfig
-from diffusers_ptq.quantizers import TimestepActQuantizer, WeightQuantizer
+from diffusers_ptq.quantizers import TimestepActQuantizer, TimestepBiasTable, WeightQuantizer
 
 ActFactory = Callable[[str], TimestepActQuantizer]
 
@@ -30,11 +30,14 @@ class QuantLayerMixin:
     weight_quantizers: nn.ModuleList
     act_quantizers: nn.ModuleList
     split: int | None
+    # Set by `install` with bias_correction='layer': per-timestep-group output correction.
+    bias_table: TimestepBiasTable | None
 
     def _init_quantizers(
         self, weight_config: WeightQuantConfig, act_factory: ActFactory | None, split: int | None
     ) -> None:
         self.split = split
+        self.bias_table = None
         parts = 1 if split is None else 2
         out_channels = self.weight.shape[0]
         # Each part gets its own K (a split conv's halves), so per-group scales never straddle the halves.
@@ -55,6 +58,8 @@ class QuantLayerMixin:
             q.enabled = weights
         for q in self.act_quantizers:
             q.enabled = acts
+        if self.bias_table is not None:  # it corrects the quantized layer: off when the layer runs float
+            self.bias_table.enabled = weights or acts
 
     @torch.no_grad()
     def calibrate_weights(self) -> None:
@@ -126,7 +131,8 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
+        y = self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
+        return y if self.bias_table is None else self.bias_table(y, 1)
 
 
 class QuantLinear(QuantLayerMixin, nn.Linear):
@@ -146,4 +152,5 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
+        y = F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
+        return y if self.bias_table is None else self.bias_table(y, -1)

@@ -24,7 +24,13 @@ from torch import nn
 from diffusers_ptq.initialise import initialise_weights, set_quant_state
 from diffusers_ptq.job import PTQState
 from diffusers_ptq.prepare import AttentionPlan, LayerPlan, QuantPlan, install, plan_quantization
-from diffusers_ptq.quantizers import TimestepActQuantizer, WeightQuantizer, contiguous_group_map
+from diffusers_ptq.quantizers import (
+    OutputCorrection,
+    TimestepActQuantizer,
+    TimestepBiasTable,
+    WeightQuantizer,
+    contiguous_group_map,
+)
 from diffusers_ptq.quantizers.groups import expand_qparam
 from diffusers_ptq.report import QuantizationReport
 from diffusers_ptq.serialization.layout import (
@@ -152,13 +158,14 @@ class CheckpointReader:
     def __init__(self, manifest: Manifest, model: nn.Module) -> None:
         self.manifest = manifest
         self.layers = {r.name: r for r in manifest.layers}
-        self.quantizer_modules = {
-            name for name, m in model.named_modules() if isinstance(m, WeightQuantizer | TimestepActQuantizer)
-        }
+        # Bias tables count as quantizers: their buffers are restored exactly too, whatever torch_dtype is.
+        exact = WeightQuantizer | TimestepActQuantizer | TimestepBiasTable | OutputCorrection
+        self.quantizer_modules = {name for name, m in model.named_modules() if isinstance(m, exact)}
         self.shared_map_users = [
             name
             for name, m in model.named_modules()
-            if isinstance(m, TimestepActQuantizer) and f"{name}.group_map" not in manifest.checksums
+            if isinstance(m, TimestepActQuantizer | TimestepBiasTable | OutputCorrection)
+            and f"{name}.group_map" not in manifest.checksums
         ]
         self.seen: set[str] = set()
         self.pending: dict[str, torch.Tensor] = {}  # layer -> packed codes waiting for their scales
@@ -320,6 +327,11 @@ def finalize(
 def quantize_weights_on_load(model: nn.Module, qconfig: PTQQuantizationConfig) -> None:
     """Weight-only quantization of a just-loaded float UNet (weights need no calibration data)."""
     ptq = qconfig.ptq
+    if ptq.bias_correction != "off":
+        raise ValueError(
+            f"bias_correction={ptq.bias_correction!r} is estimated on calibration data: load a checkpoint "
+            "saved after quantize_pipeline, or pass bias_correction='off' to quantize while loading"
+        )
     if ptq.activations.enabled:
         raise ValueError(
             "activation quantization needs calibration data: load a checkpoint saved after "

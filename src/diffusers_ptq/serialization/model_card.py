@@ -114,6 +114,8 @@ def _body(obj: Any, unet: nn.Module, qconfig: PTQQuantizationConfig, repo_id: st
         ("activations", _activations(ptq)),
         ("timestep groups", str(qconfig.num_timestep_groups or 1)),
     ]
+    if ptq.bias_correction != "off":
+        rows.append(("bias correction", f"`{ptq.bias_correction}` (per timestep group)"))
     if report:
         rows.append(("layers by bits", ", ".join(f"{n} at {b}" for b, n in report["layers_by_bits"].items())))
         rows.append(("shortcut-split convs", str(report["shortcut_splits"])))

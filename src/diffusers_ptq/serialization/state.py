@@ -16,7 +16,7 @@ from diffusers_ptq.nn import QuantAttnProcessor
 from diffusers_ptq.nn.layers import QuantLayerMixin
 from diffusers_ptq.prepare import LayerPlan
 from diffusers_ptq.primitives import quantize
-from diffusers_ptq.quantizers import TimestepActQuantizer
+from diffusers_ptq.quantizers import OutputCorrection, TimestepActQuantizer, TimestepBiasTable
 from diffusers_ptq.serialization.layout import (
     PACKED_SUFFIX,
     SHARED_GROUP_MAP_KEY,
@@ -32,6 +32,8 @@ logger = logging.getLogger("diffusers_ptq")
 
 # int16 holds any group index (PTQConfig allows at most 1000 groups) in a quarter of int64's bytes.
 GROUP_MAP_DTYPE = torch.int16
+# Modules with a `group_map` buffer that may be the model's shared one.
+GROUP_MAP_HOLDERS = (TimestepActQuantizer, TimestepBiasTable, OutputCorrection)
 
 
 def checkpoint_state_dict(
@@ -137,11 +139,14 @@ def _attention_record(
 
 
 def _share_group_maps(model: nn.Module, out: dict[str, torch.Tensor], shared: torch.Tensor) -> None:
-    """Store one copy of the timestep -> group map every activation quantizer shares (in place)."""
+    """Store one copy of the timestep -> group map every activation quantizer shares (in place).
+
+    Bias tables and the output correction index the same map and share it the same way.
+    """
     shared = shared.detach().cpu().long()
     dropped = False
     for name, module in model.named_modules():
-        if not isinstance(module, TimestepActQuantizer):
+        if not isinstance(module, GROUP_MAP_HOLDERS):
             continue
         key = f"{name}.group_map"
         if key not in out:

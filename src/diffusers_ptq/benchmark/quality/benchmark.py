@@ -23,7 +23,7 @@ from diffusers_ptq.benchmark.quality.sampling import (
     ddim_text_pipeline,
     fresh_pipeline,
     image_prompts,
-    noise_error_per_step,
+    noise_errors_per_step,
     pooled_sqnr_db,
     record_trajectory,
     sample_images,
@@ -67,6 +67,8 @@ class RowResult:
     sqnr_db: float | None = None
     sqnr_per_step: list[float] = field(default_factory=list)
     mse_per_step: list[float] = field(default_factory=list)
+    # Per step: RMS over (C, H, W) of the mean over samples of eps_q - eps (`primitives.mean_error_rms`).
+    bias_per_step: list[float] = field(default_factory=list)
     calibration_s: float = 0.0  # all of quantize_pipeline: capture, scales, group search, reconstruction
     search_s: float | None = None  # the APQ-DM group search's share of calibration_s; None: no search ran
     sampling_s: float = 0.0
@@ -203,7 +205,8 @@ def run_row(
             "reconstruction": getattr(state, "reconstruction", None),
         }
     if pipe is not float_pipe:
-        row.mse_per_step, row.sqnr_per_step = noise_error_per_step(pipe.unet, trajectory)
+        errors = noise_errors_per_step(pipe.unet, trajectory)
+        row.mse_per_step, row.sqnr_per_step, row.bias_per_step = errors.mse, errors.sqnr, errors.bias
         row.sqnr_db = pooled_sqnr_db(trajectory, row.mse_per_step)
     grid = torch.empty(0)
     prompts = settings.prompts

@@ -1,4 +1,5 @@
-"""The quality benchmark's outputs: a markdown table, a PNG sample grid per row, a PNG SQNR-per-step plot."""
+"""The quality benchmark's outputs: a markdown table, a PNG sample grid per row, PNG per-step plots of the
+noise SQNR and of the noise bias."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def markdown_table(result: BenchResult) -> str:
     """One line per row: FD (mean ± sd over seeds), gap to float, IS, extra metrics, noise error, times."""
     float_fd = result.rows[0].mean("FD")
     extra = sorted({name for row in result.rows for name in row.metrics} - {"FD", "IS"})
-    head = ["row", "FD ↓", "FD vs float", "IS ↑", *extra, "noise MSE ↓", "noise SQNR (dB) ↑"]
+    head = ["row", "FD ↓", "FD vs float", "IS ↑", *extra, "noise MSE ↓", "noise SQNR (dB) ↑", "noise bias ↓"]
     searched = any(row.search_s is not None for row in result.rows)
     head += ["calibration (s)", *(["search (s, in calibration)"] if searched else []), "sampling (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -53,6 +54,7 @@ def markdown_table(result: BenchResult) -> str:
             *(_fmt(row.mean(name)) for name in extra),
             "–" if not row.mse_per_step else f"{np.mean(row.mse_per_step):.2e}",
             _fmt(row.sqnr_db),
+            "–" if not row.bias_per_step else f"{np.mean(row.bias_per_step):.2e}",
             "–" if row.preset is None else f"{row.calibration_s:.1f}",
             *([_fmt(row.search_s, 1)] if searched else []),
             f"{row.sampling_s:.1f}",
@@ -109,6 +111,26 @@ def save_sqnr_plot(result: BenchResult, path: Path) -> None:
     plt.close(fig)
 
 
+def save_bias_plot(result: BenchResult, path: Path) -> None:
+    """Noise-prediction bias per sampling step (`mean_error_rms`), one line per quantized row, log scale."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    for row in result.rows:
+        if row.bias_per_step:
+            style = "-" if row.preset == result.settings.presets[0] else "--"
+            ax.plot(result.timesteps, row.bias_per_step, style, label=row.name, linewidth=1.3)
+    ax.set_xlabel("timestep t (sampling runs left to right)")
+    ax.set_ylabel("RMS over (C, H, W) of mean over samples of eps_q - eps")
+    ax.set_title("Per-step bias of the quantized UNet's noise prediction on float DDIM trajectories")
+    ax.set_yscale("log")
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def write_tables_and_grids(
     directory: Path, data: dict, table: str, notes: list[str], grids: dict[str, torch.Tensor], header: str
 ) -> None:
@@ -124,8 +146,11 @@ def write_tables_and_grids(
 
 
 def write_outputs(result: BenchResult, directory: Path, header: str = "") -> None:
-    """results.json, table.md, sqnr_per_step.png and grids/<row>.png into `directory` (which exists)."""
+    """results.json, table.md, sqnr_per_step.png, noise_bias_per_step.png and grids/<row>.png into
+    `directory` (which exists)."""
     table = markdown_table(result)
     write_tables_and_grids(directory, result.to_dict(), table, result.notes, result.grids, header)
     if any(row.sqnr_per_step for row in result.rows):
         save_sqnr_plot(result, directory / "sqnr_per_step.png")
+    if any(row.bias_per_step for row in result.rows):
+        save_bias_plot(result, directory / "noise_bias_per_step.png")

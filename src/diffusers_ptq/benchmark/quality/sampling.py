@@ -17,7 +17,7 @@ import torch
 from diffusers import DDIMPipeline, DDIMScheduler
 from tqdm.auto import tqdm
 
-from diffusers_ptq.primitives import sqnr_db
+from diffusers_ptq.primitives import mean_error_rms, sqnr_db
 
 _SEED_STRIDE = 1_000_003  # a prime well above any sample count, so (seed, index) pairs never collide
 # Above any calibration seed: calibration trajectories (seeded with small integers) never reuse an
@@ -199,19 +199,39 @@ def record_trajectory(
     )
 
 
+@dataclass
+class NoiseErrors:
+    """Per sampling step: MSE, SQNR (dB) and bias (`mean_error_rms`) of a noise prediction vs float."""
+
+    mse: list[float]
+    sqnr: list[float]
+    bias: list[float]
+
+
 @torch.no_grad()
-def noise_error_per_step(unet: torch.nn.Module, trajectory: Trajectory) -> tuple[list[float], list[float]]:
-    """Per-step (MSE, SQNR dB) of `unet`'s noise prediction against the float one on the float trajectory."""
-    mse, sqnr = [], []
+def noise_errors_per_step(unet: torch.nn.Module, trajectory: Trajectory) -> NoiseErrors:
+    """`unet`'s noise prediction against the float one on the float trajectory, step by step.
+
+    The bias of a step is `mean_error_rms` over that step's UNet batch: the RMS over (C, H, W) of the
+    per-element mean over samples of eps_q - eps (with classifier-free guidance the batch holds both halves).
+    """
+    out = NoiseErrors([], [], [])
     param = next(unet.parameters())
     conditioning = trajectory.conditioning or [{}] * len(trajectory.timesteps)
     steps = zip(trajectory.timesteps, trajectory.samples, trajectory.noise_pred, conditioning)
     for t, x, eps, cond in steps:
         kwargs = _to(cond, param.device, param.dtype)
         pred = unet(x.to(param.device, param.dtype), t.to(param.device), **kwargs).sample.float().cpu()
-        mse.append(float((pred - eps).pow(2).mean()))
-        sqnr.append(sqnr_db(eps, pred))
-    return mse, sqnr
+        out.mse.append(float((pred - eps).pow(2).mean()))
+        out.sqnr.append(sqnr_db(eps, pred))
+        out.bias.append(mean_error_rms(eps, pred))
+    return out
+
+
+def noise_error_per_step(unet: torch.nn.Module, trajectory: Trajectory) -> tuple[list[float], list[float]]:
+    """Per-step (MSE, SQNR dB) of `unet`'s noise prediction against the float one on the float trajectory."""
+    errors = noise_errors_per_step(unet, trajectory)
+    return errors.mse, errors.sqnr
 
 
 def pooled_sqnr_db(trajectory: Trajectory, mse: list[float]) -> float:
