@@ -69,6 +69,8 @@ def test_max_layers_promotes_exactly_the_top_ranked(ddim_pipe, metric):
     assert {unet.get_submodule(n).weight_bits for n in others} == {4}
     assert {unet.get_submodule(n).act_bits for n in others} == {6}
     assert unet.conv_in.weight_bits == 8  # special layers keep their own policy and are never counted
+    # The report counts the promoted layers at their new bits (4 special layers are W8A8 already).
+    assert unet.ptq_state.report.layers_by_bits["W8A8"] == 4 + 3
 
 
 def test_average_bits_budget_is_respected_and_a_prefix_of_the_ranking(ddim_pipe):
