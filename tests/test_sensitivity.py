@@ -114,7 +114,7 @@ def test_cli_inspect_sensitivity_writes_table_json_and_plot(tmp_path, capsys):
     argv = ["inspect", "--sensitivity", "--model", "tiny:ddim", "--num-samples", "8"]
     argv += ["--num-inference-steps", "4", "--weight-bits", "4", "--max-rows", "4", "--no-progress"]
     assert cli.main([*argv, "--output", str(out)]) == 0
-    assert {p.name for p in out.iterdir()} == {"sensitivity.png", "sensitivity.json", "sensitivity.md"}
+    assert {p.name for p in out.iterdir()} == {"sensitivity.png", "sensitivity.json", "table.md"}
     data = json.loads((out / "sensitivity.json").read_text())
     assert data["tag"] == "w4a8" and data["rows"] == 4
     scores = [u["mse"] for u in data["units"]]

@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Quantize one layer (or one group: special layers, embeddings, attention, time path, each block) "
         "at a time on top of the float UNet, with the recipe's bits and calibrated scales, and rank them by "
         "the noise-prediction error and its bias per step. Writes sensitivity.png, sensitivity.json and "
-        "sensitivity.md. --num-inference-steps and --seed set the calibration run.",
+        "table.md. --num-inference-steps and --seed set the calibration run.",
     )
     group.add_argument("--sensitivity", action="store_true", help="rank layers by quantization sensitivity.")
     recipe = group.add_mutually_exclusive_group()
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
             f"{report.rows} calibration rows)\n\n## Layers\n\n{report.table(('layer', 'attention'))}\n\n"
             f"## Groups\n\n{report.table('group')}\n"
         )
-        (tmp / "sensitivity.md").write_text(text, encoding="utf-8")
+        (tmp / "table.md").write_text(text, encoding="utf-8")
     layers = report.ranked(("layer", "attention"))
     print(f"diffusers-ptq: sensitivity of {len(layers)} layers at {report.tag}, ranked by {report.metric}")
     for rank, unit in enumerate(layers[:5], start=1):
