@@ -13,6 +13,7 @@ from diffusers_ptq import PTQConfig, PTQQuantizationConfig, quantize_pipeline
 from diffusers_ptq.nn.layers import QuantLayerMixin
 from diffusers_ptq.prepare import is_quantized
 from diffusers_ptq.sensitivity import measure_sensitivity
+from diffusers_ptq.serialization.model_card import build_model_card
 
 SEARCH = {"num_candidates": 20}
 CALIB = {"num_samples": 16, "num_inference_steps": 4, "batch_size": 8}
@@ -114,6 +115,8 @@ def test_promoted_float_layers_save_and_reload_bit_exact(ddim_pipe, tmp_path):
     t = torch.tensor([900, 20])
     with torch.no_grad():
         assert torch.equal(loaded(x, t).sample, unet(x, t).sample)
+    card = str(build_model_card(loaded, "user/tiny-mixed"))
+    assert "| mixed precision | (max_layers=2, by mse): 2 layer(s) promoted: " in card
 
 
 def test_sdxl_mixed_bits_save_and_reload_bit_exact(sdxl_pipe, prompts, tmp_path):
