@@ -105,7 +105,8 @@ def test_promoted_float_layers_save_and_reload_bit_exact(ddim_pipe, tmp_path):
     for name in promoted:
         assert type(unet.get_submodule(name)) in (nn.Conv2d, nn.Linear)
     kept = dict(unet.ptq_state.plan.kept_float)
-    assert all("mixed precision: sensitivity rank" in kept[name] for name in promoted)
+    assert all("among the most sensitive layers" in kept[name] for name in promoted)
+    assert "kept float: 2 - among the most sensitive layers" in str(unet.ptq_state.report)
 
     unet.save_pretrained(tmp_path / "unet")
     loaded = UNet2DModel.from_pretrained(tmp_path / "unet")

@@ -90,7 +90,7 @@ def allocate(
     return promoted
 
 
-def promote(plan: QuantPlan, promoted: dict[str, int | None], ranks: dict[str, int]) -> QuantPlan:
+def promote(plan: QuantPlan, promoted: dict[str, int | None]) -> QuantPlan:
     """A new plan with each promoted layer at its new bits (activations too, never lowered) or float."""
     layers: list[LayerPlan] = []
     kept_float = list(plan.kept_float)
@@ -100,8 +100,8 @@ def promote(plan: QuantPlan, promoted: dict[str, int | None], ranks: dict[str, i
             continue
         bits = promoted[layer.name]
         if bits is None:
-            reason = f"mixed precision: sensitivity rank {ranks[layer.name]} kept float ({PATH})"
-            kept_float.append((layer.name, reason))
+            # One reason for all of them, so the report groups them; their ranks are in its summary.
+            kept_float.append((layer.name, f"among the most sensitive layers ({PATH}.high_bits=None)"))
             continue
         act = None if layer.act_bits is None else max(layer.act_bits, bits)
         layers.append(dataclasses.replace(layer, weight_bits=bits, act_bits=act))
@@ -136,9 +136,8 @@ def choose_mixed_precision(
         )
     scores = {u.name: (e.total_mse if mp.metric == "mse" else e.mean_bias) for u, e in zip(units, errors)}
     ranking = sorted(scores, key=lambda n: (-scores[n], n))
-    ranks = {name: i + 1 for i, name in enumerate(ranking)}
     promoted = allocate(ranking, unet, plan, mp)
-    new_plan = promote(plan, promoted, ranks)
+    new_plan = promote(plan, promoted)
     summary = {
         **mp.to_dict(),
         "rows": len(rows),
