@@ -3,8 +3,9 @@
 Quantizes the shipped Fashion-MNIST DDPM (or a tiny pipeline) at W4A8 once per row, with
 `layers.mixed_precision` off, then with the N most sensitive layers promoted to W8A8 and kept float; saves
 each with `save_pretrained` (size: every `*.safetensors` file), runs `convert` on int8 kernels and times the
-UNet forward on a fixed batch (median of --repeats). Also prints the promoted layers and the average weight
-bits. A small calibration keeps it to minutes on one CPU thread; sizes and speeds do not depend on it.
+UNet forward on a fixed batch (median of --repeats; the rows are timed round-robin, so a change in machine
+load hits them alike), fake-quant and int8. Also records the promoted layers and the average weight bits. A
+small calibration keeps it to minutes on one CPU thread; sizes and speeds do not depend on it.
 
     OMP_NUM_THREADS=1 python benchmarks/mixed_precision_cost.py --layers 4 \
         --json benchmarks/results/mixed_precision_cost.json
@@ -42,18 +43,21 @@ def checkpoint_bytes(directory: Path) -> int:
 
 
 @torch.no_grad()
-def median_ms(unet: torch.nn.Module, batch: int, repeats: int) -> float:
-    cfg = unet.config
+def interleaved_median_ms(unets: list[torch.nn.Module], batch: int, repeats: int) -> list[float]:
+    """Median forward time of each UNet, timed round-robin so that a change in machine load hits all alike."""
+    cfg = unets[0].config
     shape = (batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     t = torch.full((batch,), 500)
-    unet(x, t)  # warm-up: oneDNN prepacks on the first call
-    times = []
+    for unet in unets:
+        unet(x, t)  # warm-up: oneDNN prepacks on the first call
+    times: list[list[float]] = [[] for _ in unets]
     for _ in range(repeats):
-        start = time.perf_counter()
-        unet(x, t)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for unet, row in zip(unets, times):
+            start = time.perf_counter()
+            unet(x, t)
+            row.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(row) for row in times]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -70,7 +74,9 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--layers, --batch, --repeats, --num-samples and --num-inference-steps must be >= 1")
     torch.set_flush_denormal(True)
     base_pipe = load_pipeline(args.model, torch.device("cpu"), torch.float32)
-    results = []
+    results: list[dict] = []
+    fake_unets: list[torch.nn.Module] = []
+    int8_unets: list[torch.nn.Module] = []
     with tempfile.TemporaryDirectory(prefix="mixed_cost_") as tmp:
         for label, mixed in rows_for(args.layers):
             pipe = copy.deepcopy(base_pipe)
@@ -88,17 +94,15 @@ def main(argv: list[str] | None = None) -> dict:
             folder = Path(tmp) / str(len(results))
             pipe.unet.save_pretrained(folder)
             size = checkpoint_bytes(folder)
-            fake_ms = median_ms(pipe.unet, args.batch, args.repeats)
+            fake_unets.append(copy.deepcopy(pipe.unet))
             conversion = convert(pipe.unet)
-            int8_ms = median_ms(pipe.unet, args.batch, args.repeats)
+            int8_unets.append(pipe.unet)
             summary = report.mixed_precision or {}
             results.append(
                 {
                     "row": label,
                     "bytes": size,
                     "quantize_seconds": round(seconds, 1),
-                    "fake_quant_ms": round(fake_ms, 2),
-                    "int8_ms": round(int8_ms, 2),
                     "integer_layers": len(conversion.integer),
                     "split_w8_layers": sum(info.split_for_saturation for info in conversion.integer),
                     "layers_by_bits": report.layers_by_bits,
@@ -106,7 +110,10 @@ def main(argv: list[str] | None = None) -> dict:
                     "average_weight_bits": summary.get("average_weight_bits"),
                 }
             )
-            print(f"{label}: {size / 1e6:.2f} MB, int8 {int8_ms:.1f} ms, quantized in {seconds:.0f} s")
+            print(f"{label}: {size / 1e6:.2f} MB, quantized in {seconds:.0f} s")
+    for key, unets in (("fake_quant_ms", fake_unets), ("int8_ms", int8_unets)):
+        for row, ms in zip(results, interleaved_median_ms(unets, args.batch, args.repeats)):
+            row[key] = round(ms, 2)
     base = results[0]
     print()
     head = f"row ({args.model}, batch {args.batch}, {torch.get_num_threads()} threads)"
