@@ -182,3 +182,20 @@ def test_config_round_trips_with_mixed_precision():
     config = _config(mode="avg_weight_bits", avg_weight_bits=5.5, high_bits=None, metric="bias")
     assert PTQConfig.from_json(config.to_json()) == config
     assert config.to_dict()["layers"]["mixed_precision"]["avg_weight_bits"] == 5.5
+
+
+def test_failure_in_the_sensitivity_pass_restores_the_float_unet(ddim_pipe, monkeypatch):
+    import diffusers_ptq.sensitivity.mixed as mixed
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    before = {k: v.clone() for k, v in ddim_pipe.unet.state_dict().items()}
+    monkeypatch.setattr(mixed, "measure_units", fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        quantize_pipeline(ddim_pipe, _config(mode="max_layers", max_layers=1), **FAST)
+    unet = ddim_pipe.unet
+    assert not is_quantized(unet) and not hasattr(unet, "ptq_state")
+    assert not unet._forward_pre_hooks  # the probe's timestep hook is gone
+    after = unet.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
