@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from dataclasses import fields
+from dataclasses import MISSING, fields, is_dataclass
 
 import pytest
 
@@ -88,6 +88,14 @@ def _non_default_config() -> PTQConfig:
             exclude=["*attn*"],
             special_layers="float",
             shortcut_split=False,
+            mixed_precision={
+                "mode": "avg_weight_bits",
+                "avg_weight_bits": 4.5,
+                "max_layers": 3,
+                "high_bits": 6,
+                "metric": "bias",
+                "num_samples": 16,
+            },
         ),
         selection=SelectionConfig(
             feature_module="down_blocks.1.attentions.0",
@@ -817,18 +825,24 @@ def test_presets_are_fresh_objects(name):
 def test_describe_fields_covers_every_field_with_help():
     rows = describe_fields()
     names = [name for name, _, _ in rows]
-    expected = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in fields(cls)} | {
-        "method",
-        "bias_correction",
-    }
+    expected = {"method", "bias_correction"}
+    for s, cls in SECTIONS.items():
+        for f in fields(cls):
+            default = f.default_factory() if f.default is MISSING else f.default
+            # A nested section (layers.mixed_precision) is described field by field.
+            nested = [f"{s}.{f.name}.{g.name}" for g in fields(default)] if is_dataclass(default) else []
+            expected |= set(nested) or {f"{s}.{f.name}"}
     assert set(names) == expected
     assert len(names) == len(set(names))
     default = PTQConfig()
     for name, value, help_text in rows:
         assert isinstance(help_text, str) and help_text.strip(), name
         if "." in name:
-            section, attr = name.split(".")
-            assert value == getattr(getattr(default, section), attr), name
+            owner = default
+            *path, attr = name.split(".")
+            for part in path:
+                owner = getattr(owner, part)
+            assert value == getattr(owner, attr), name
         else:
             assert value == getattr(default, name)
     by_name = {name: help_text for name, _, help_text in rows}

@@ -29,6 +29,7 @@ from diffusers_ptq.quantizers import TimestepActQuantizer, WeightQuantizer
 from diffusers_ptq.reconstruction import ReconstructionConfig, ReconstructionReport, reconstruct
 from diffusers_ptq.report import QuantizationReport
 from diffusers_ptq.search import GroupSearch
+from diffusers_ptq.sensitivity import SensitivityReport, measure_sensitivity
 from diffusers_ptq.serialization import (
     CheckpointError,
     PTQQuantizationConfig,
@@ -68,6 +69,9 @@ __all__ = [
     "ReconstructionReport",
     "CalibrationSet",
     "GroupSearch",
+    # per-layer sensitivity (the ranking behind layers.mixed_precision)
+    "measure_sensitivity",
+    "SensitivityReport",
     # save, load and publish (stock diffusers save_pretrained / from_pretrained work after import)
     "push_to_hub",
     "PTQQuantizationConfig",

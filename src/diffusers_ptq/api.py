@@ -29,6 +29,7 @@ from diffusers_ptq.prepare import is_quantized, plan_quantization
 from diffusers_ptq.quantizers import contiguous_group_map, nearest_step_group_map
 from diffusers_ptq.report import QuantizationReport
 from diffusers_ptq.search import NoiseTargets, resolve_target, sample_clean_images
+from diffusers_ptq.sensitivity.mixed import check_budget
 from diffusers_ptq.serialization import attach_quantizer
 from diffusers_ptq.serialization.model_card import infer_base_model
 
@@ -124,6 +125,7 @@ def quantize_pipeline(
     step_timesteps = planned_timesteps(pipe, steps)
     group_map = build_group_map(config.activations.timestep_groups, num_train, step_timesteps)
     plan = plan_quantization(unet, config)
+    check_budget(unet, plan, config)
     if not plan.layers and not plan.attentions:
         raise ValueError(
             "the layer selection matches no Conv2d/Linear layer of the UNet; check layers.include"
@@ -189,7 +191,7 @@ def quantize_pipeline(
         data = selection.data
         job.finish(data)
         report = QuantizationReport.build(
-            plan,
+            job.plan,  # with layers.mixed_precision, the plan its sensitivity pass promoted layers in
             method=config.method,
             tag=config.tag,
             calibration_samples=calib.num_samples,
@@ -200,6 +202,7 @@ def quantize_pipeline(
             borrowed_groups=unet.ptq_state.borrowed_groups,
             seconds=time.perf_counter() - start,
             gptq=unet.ptq_state.gptq,
+            mixed_precision=job.mixed_precision,
         )
         unet.ptq_state.report = report
         unet.ptq_state.selection = selection.info
@@ -238,6 +241,7 @@ def quantize_unet(
         config.activations.timestep_groups, data.num_train_timesteps, data.step_timesteps
     )
     plan = plan_quantization(unet, config)
+    check_budget(unet, plan, config)
     if config.group_search.enabled:
         resolve_target(config.group_search.target, None, None)
     _check_checkpoint_dir(config, reconstruction_checkpoint)

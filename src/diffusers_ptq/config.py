@@ -13,6 +13,7 @@ from dataclasses import MISSING, InitVar, dataclass, field, fields, is_dataclass
 from typing import Any
 
 from diffusers_ptq.config_fields import _check_bool, _check_choice, _check_float, _check_int, _fail, _field
+from diffusers_ptq.config_mixed import MixedPrecisionConfig
 from diffusers_ptq.config_search import (
     GroupSearchConfig,
     SelectionConfig,
@@ -202,12 +203,18 @@ class LayerSelectionConfig:
     shortcut_split: bool = _field(
         True, "Q-Diffusion shortcut-split: separate quantizers for the two halves of up-block skip concats"
     )
+    mixed_precision: MixedPrecisionConfig = field(
+        default_factory=MixedPrecisionConfig,
+        metadata={"help": "sensitivity-driven mixed precision: a budget of layers kept at higher bits"},
+    )
 
     def __post_init__(self) -> None:
         # Tuples are accepted for convenience; lists keep equality and JSON round-trips exact.
         for name in ("include", "exclude"):
             if isinstance(getattr(self, name), tuple):
                 setattr(self, name, list(getattr(self, name)))
+        if isinstance(self.mixed_precision, dict):
+            self.mixed_precision = MixedPrecisionConfig.from_value(self.mixed_precision)
 
     def validate(self, path: str = "layers") -> None:
         for name in ("include", "exclude"):
@@ -216,6 +223,13 @@ class LayerSelectionConfig:
                 _fail(f"{path}.{name}", value, "a list of fnmatch pattern strings")
         _check_choice(f"{path}.special_layers", self.special_layers, SPECIAL_LAYER_POLICIES)
         _check_bool(f"{path}.shortcut_split", self.shortcut_split)
+        if not isinstance(self.mixed_precision, MixedPrecisionConfig):
+            _fail(
+                f"{path}.mixed_precision",
+                self.mixed_precision,
+                "a MixedPrecisionConfig or a dict of its fields",
+            )
+        self.mixed_precision.validate(f"{path}.mixed_precision")
 
 
 _SECTIONS = {
@@ -290,6 +304,7 @@ class PTQConfig:
     def _validate_combination(self) -> None:
         """Checks across sections: the active selector and the group search need each other's parts."""
         search, acts, recon = self.group_search, self.activations, self.reconstruction
+        self.layers.mixed_precision.check_against(self.weights.bits)
         if recon.enabled and acts.bits is None and not recon.learns_rounding:
             _fail(
                 "reconstruction.weight_rounding",
@@ -399,6 +414,8 @@ def _section_to_dict(section: Any) -> dict[str, Any]:
     out = {}
     for f in fields(section):
         value = getattr(section, f.name)
+        if is_dataclass(value):  # a nested section (layers.mixed_precision)
+            value = _section_to_dict(value)
         out[f.name] = list(value) if isinstance(value, tuple | list) else value
     return out
 

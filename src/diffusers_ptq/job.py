@@ -23,6 +23,7 @@ from diffusers_ptq.prepare import QuantPlan, install
 from diffusers_ptq.reconstruction import reconstruct
 from diffusers_ptq.report import QuantizationReport
 from diffusers_ptq.search import FloatTargets, GroupSearch, NoiseTargets
+from diffusers_ptq.sensitivity.mixed import choose_mixed_precision
 from diffusers_ptq.timestep import TimestepContext
 
 # Instance attributes a job (or `attach_quantizer` after it) sets on the UNet; `restore()` puts back what was
@@ -94,6 +95,8 @@ class QuantizationJob:
         self.search: GroupSearch | None = None
         # Wall time of the group search (target sampling, start, every fit, finish), for reports.
         self.search_seconds = 0.0
+        # layers.mixed_precision: what the sensitivity pass promoted (None when it did not run).
+        self.mixed_precision: dict[str, Any] | None = None
         self.reconstruction_checkpoint = reconstruction_checkpoint
         self.saved_attributes = {name: unet.__dict__.get(name, _ABSENT) for name in UNET_ATTRIBUTES}
         # Quantized layers' weight Parameters before GPTQ rebinds them (the float layers' own; never written).
@@ -104,6 +107,11 @@ class QuantizationJob:
         unet, config = self.unet, self.config
         context = TimestepContext(data.num_train_timesteps)
         device = next(unet.parameters()).device
+        if config.layers.mixed_precision.enabled:
+            # Measured on a calibrated probe that is removed again; the real install then uses the new plan.
+            self.plan, self.mixed_precision = choose_mixed_precision(
+                unet, self.plan, config, self.group_map, data, self.batch_size, self.seed, self.progress
+            )
         self.patch = install(unet, self.plan, config, context, self.group_map.to(device))
         initialise_weights(unet, self.progress)
         borrowed: dict[int, int] = {}

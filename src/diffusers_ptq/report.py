@@ -27,6 +27,9 @@ class QuantizationReport:
     seconds: float = 0.0
     # GPTQReport.to_dict() when weights.rounding='gptq' ran; None for round-to-nearest.
     gptq: dict[str, Any] | None = None
+    # layers.mixed_precision: its config, `promoted` [[layer, bits or None (float)], ...] and `ranking`
+    # [[layer, score], ...] (both most sensitive first), `average_weight_bits` [before, after].
+    mixed_precision: dict[str, Any] | None = None
 
     @classmethod
     def build(cls, plan: QuantPlan, **kwargs: Any) -> QuantizationReport:
@@ -71,6 +74,8 @@ class QuantizationReport:
         groups = self.samples_per_group
         shown_groups = ", ".join(map(str, groups[:16])) + (", ..." if len(groups) > 16 else "")
         lines.append(f"  rows per timestep group ({len(groups)} groups): {shown_groups}")
+        if self.mixed_precision is not None:
+            lines.append(mixed_precision_line(self.mixed_precision))
         if self.borrowed_groups:
             lines.append(f"  groups without samples (scales borrowed): {self.borrowed_groups}")
         if self.gptq is not None:
@@ -80,3 +85,16 @@ class QuantizationReport:
                 f"damp {self.gptq['damp']}), {kept} kept nearest, {self.gptq['seconds']:.1f} s"
             )
         return "\n".join(lines)
+
+
+def mixed_precision_line(summary: dict[str, Any]) -> str:
+    """One report line: the budget, the promoted layers and the average weight bits before and after."""
+    budget = summary["mode"] + "=" + str(summary.get(summary["mode"]))
+    promoted = summary.get("promoted", [])
+    names = [f"{n} ({'float' if b is None else f'W{b}'})" for n, b in promoted]
+    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    before, after = summary.get("average_weight_bits", [None, None])
+    return (
+        f"  mixed precision ({budget}, by {summary['metric']}): {len(promoted)} layer(s) promoted: "
+        f"{shown or '-'}; average weight bits {before} -> {after}"
+    )

@@ -9,6 +9,7 @@ from typing import Any
 
 from diffusers_ptq.benchmark.plotting import pyplot
 from diffusers_ptq.calibration import get_pipeline_spec
+from diffusers_ptq.cli import inspect_sensitivity
 from diffusers_ptq.cli.common import (
     DEFAULT_MODEL,
     DEFAULT_PROMPTS,
@@ -60,9 +61,12 @@ def add_parser(sub: Any) -> None:
     )
     i.add_argument("--output", required=True, metavar="DIR", help="output directory (required).")
     i.add_argument("--overwrite", action="store_true", help="replace a non-empty --output. Default: refuse.")
+    inspect_sensitivity.add_arguments(i)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.sensitivity:
+        return inspect_sensitivity.run(args)
     try:
         for name in ("num_images", "num_inference_steps", "max_layers"):
             if getattr(args, name) < 1:

@@ -337,6 +337,11 @@ def quantize_weights_on_load(model: nn.Module, qconfig: PTQQuantizationConfig) -
             "activation quantization needs calibration data: load a checkpoint saved after "
             "quantize_pipeline, or pass a weight-only recipe (act_bits=None) to quantize while loading"
         )
+    if ptq.layers.mixed_precision.enabled:
+        raise ValueError(
+            "layers.mixed_precision ranks layers on calibration data: quantize with quantize_pipeline and "
+            "load the saved checkpoint, or set layers.mixed_precision.mode='off' to quantize while loading"
+        )
     plan = plan_quantization(model, ptq)
     if not plan.layers:
         raise ValueError(

@@ -16,6 +16,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
 
+from diffusers_ptq.report import mixed_precision_line
 from diffusers_ptq.serialization.quant_config import PTQQuantizationConfig
 from diffusers_ptq.serialization.quantizer import is_ptq_model
 
@@ -121,6 +122,9 @@ def _body(obj: Any, unet: nn.Module, qconfig: PTQQuantizationConfig, repo_id: st
         rows.append(("shortcut-split convs", str(report["shortcut_splits"])))
         rows.append(("attention blocks with quantized matmuls", str(report["attention_blocks"])))
         rows.append(("layers kept float", str(len(report["kept_float"]))))
+        if report.get("mixed_precision"):
+            line = mixed_precision_line(report["mixed_precision"]).strip()
+            rows.append(("mixed precision", line.removeprefix("mixed precision ")))
     lines += _table(("", ""), rows)
     lines += ["", "## Calibration", ""]
     if report:

@@ -1,0 +1,87 @@
+"""Config of sensitivity-driven mixed precision (`layers.mixed_precision`): a budget of promoted layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from diffusers_ptq.config_fields import _check_choice, _check_float, _check_int, _fail, _field
+
+MIXED_PRECISION_MODES = ("off", "avg_weight_bits", "max_layers")
+SENSITIVITY_METRICS = ("mse", "bias")
+# The most an average can be: a layer kept float in float32.
+MAX_AVERAGE_BITS = 32.0
+
+
+@dataclass
+class MixedPrecisionConfig:
+    """Keep the layers whose quantization hurts the noise prediction most at higher bits, within a budget."""
+
+    mode: str = _field(
+        "off",
+        "'off'; 'avg_weight_bits': promote layers (most sensitive first) while the parameter-weighted "
+        "average weight bits of the quantized layers stay <= avg_weight_bits; 'max_layers': promote the "
+        "max_layers most sensitive layers",
+        MIXED_PRECISION_MODES,
+    )
+    avg_weight_bits: float | None = _field(
+        None, "'avg_weight_bits' budget: average weight bits over the planned layers (float counts its dtype)"
+    )
+    max_layers: int | None = _field(None, "'max_layers' budget: at most this many layers promoted")
+    high_bits: int | None = _field(
+        8,
+        "bits of a promoted layer's weights (its input activations get max(activations.bits, high_bits)); "
+        "None keeps promoted layers float",
+    )
+    metric: str = _field(
+        "mse",
+        "ranking: per-layer noise-prediction 'mse', or 'bias' (norm of the per-step mean error, averaged "
+        "over steps)",
+        SENSITIVITY_METRICS,
+    )
+    num_samples: int = _field(
+        32,
+        "calibration rows (evenly spaced over the calibration set) each layer's sensitivity is measured on",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+    def validate(self, path: str = "layers.mixed_precision") -> None:
+        _check_choice(f"{path}.mode", self.mode, MIXED_PRECISION_MODES)
+        if self.avg_weight_bits is not None or self.mode == "avg_weight_bits":
+            _check_float(f"{path}.avg_weight_bits", self.avg_weight_bits, 2.0, MAX_AVERAGE_BITS)
+        if self.max_layers is not None or self.mode == "max_layers":
+            _check_int(f"{path}.max_layers", self.max_layers, 1)
+        if self.high_bits is not None:
+            _check_int(f"{path}.high_bits", self.high_bits, 3, 8)
+        _check_choice(f"{path}.metric", self.metric, SENSITIVITY_METRICS)
+        _check_int(f"{path}.num_samples", self.num_samples, 1)
+
+    def check_against(self, weight_bits: int, path: str = "layers.mixed_precision") -> None:
+        """Errors that need the target weight bits: promotion must raise a layer's precision."""
+        if not self.enabled or self.high_bits is None:
+            return
+        if self.high_bits <= weight_bits:
+            _fail(
+                f"{path}.high_bits",
+                self.high_bits,
+                f"an integer in [{weight_bits + 1}, 8] (above weights.bits={weight_bits}), or None for float",
+            )
+
+    @classmethod
+    def from_value(cls, value: Any, path: str = "layers.mixed_precision") -> MixedPrecisionConfig:
+        """A MixedPrecisionConfig from itself or a dict of its fields (missing fields take their defaults)."""
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            _fail(path, value, "a MixedPrecisionConfig or a dict of its fields")
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(value) - set(names))
+        if unknown:
+            raise ValueError(f"unknown key(s) {[f'{path}.{k}' for k in unknown]}; valid keys: {names}")
+        return cls(**value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

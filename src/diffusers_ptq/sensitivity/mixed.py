@@ -1,0 +1,153 @@
+"""Sensitivity-driven mixed precision: the most sensitive layers stay at higher bits or float, in a budget.
+
+`check_budget` runs on the plan before any calibration; `choose_mixed_precision` measures each planned layer
+alone with calibrated scales on the calibration set and returns the plan with the top-ranked layers promoted.
+Promotion is a prefix of the ranking: the first layer that does not fit the budget ends it, so the promoted
+layers are always exactly the most sensitive ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffusers_ptq.calibration import CalibrationSet
+from diffusers_ptq.config import PTQConfig
+from diffusers_ptq.config_fields import _fail
+from diffusers_ptq.config_mixed import MixedPrecisionConfig
+from diffusers_ptq.prepare import LayerPlan, QuantPlan
+from diffusers_ptq.sensitivity.measure import calibrated_probe, even_rows, measure_units
+from diffusers_ptq.sensitivity.units import layer_units
+
+PATH = "layers.mixed_precision"
+
+
+def _float_bits(unet: nn.Module, name: str) -> int:
+    return unet.get_submodule(name).weight.element_size() * 8
+
+
+def _sizes(unet: nn.Module, plan: QuantPlan) -> dict[str, int]:
+    return {layer.name: unet.get_submodule(layer.name).weight.numel() for layer in plan.layers}
+
+
+def average_weight_bits(
+    unet: nn.Module, plan: QuantPlan, promoted: dict[str, int | None] | None = None
+) -> float:
+    """Parameter-weighted average weight bits over the planned layers; a promoted layer counts its new bits
+    (None: float, its dtype's bits)."""
+    promoted = promoted or {}
+    sizes = _sizes(unet, plan)
+    total = 0.0
+    for layer in plan.layers:
+        bits = promoted.get(layer.name, layer.weight_bits)
+        bits = _float_bits(unet, layer.name) if bits is None else bits
+        total += bits * sizes[layer.name]
+    return total / max(1, sum(sizes.values()))
+
+
+def eligible(plan: QuantPlan, mp: MixedPrecisionConfig) -> list[str]:
+    """Layers that promotion would raise: below high_bits (every layer when promoted layers stay float)."""
+    return [layer.name for layer in plan.layers if mp.high_bits is None or layer.weight_bits < mp.high_bits]
+
+
+def check_budget(unet: nn.Module, plan: QuantPlan, config: PTQConfig) -> None:
+    """Budget errors that need the model, raised before calibration (ValueError naming field and value)."""
+    mp = config.layers.mixed_precision
+    if not mp.enabled:
+        return
+    if not eligible(plan, mp):
+        _fail(
+            f"{PATH}.high_bits", mp.high_bits, "bits above some planned layer's weight bits (none is lower)"
+        )
+    if mp.mode == "avg_weight_bits":
+        base = average_weight_bits(unet, plan)
+        if mp.avg_weight_bits < base:
+            _fail(
+                f"{PATH}.avg_weight_bits",
+                mp.avg_weight_bits,
+                f"a number >= {base:.4f}, the average weight bits of the plan before any promotion",
+            )
+
+
+def allocate(
+    ranking: list[str], unet: nn.Module, plan: QuantPlan, mp: MixedPrecisionConfig
+) -> dict[str, int | None]:
+    """{layer: new weight bits (None: float)} for the longest prefix of `ranking` the budget allows."""
+    allowed = set(eligible(plan, mp))
+    candidates = [name for name in ranking if name in allowed]
+    promoted: dict[str, int | None] = {}
+    if mp.mode == "max_layers":
+        return {name: mp.high_bits for name in candidates[: mp.max_layers]}
+    for name in candidates:
+        trial = {**promoted, name: mp.high_bits}
+        if average_weight_bits(unet, plan, trial) > mp.avg_weight_bits + 1e-9:
+            break
+        promoted = trial
+    return promoted
+
+
+def promote(plan: QuantPlan, promoted: dict[str, int | None]) -> QuantPlan:
+    """A new plan with each promoted layer at its new bits (activations too, never lowered) or float."""
+    layers: list[LayerPlan] = []
+    kept_float = list(plan.kept_float)
+    for layer in plan.layers:
+        if layer.name not in promoted:
+            layers.append(layer)
+            continue
+        bits = promoted[layer.name]
+        if bits is None:
+            # One reason for all of them, so the report groups them; their ranks are in its summary.
+            kept_float.append((layer.name, f"among the most sensitive layers ({PATH}.high_bits=None)"))
+            continue
+        act = None if layer.act_bits is None else max(layer.act_bits, bits)
+        layers.append(dataclasses.replace(layer, weight_bits=bits, act_bits=act))
+    return QuantPlan(layers=layers, attentions=list(plan.attentions), kept_float=kept_float)
+
+
+def choose_mixed_precision(
+    unet: nn.Module,
+    plan: QuantPlan,
+    config: PTQConfig,
+    group_map: torch.Tensor,
+    data: CalibrationSet,
+    batch_size: int,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[QuantPlan, dict[str, Any]]:
+    """(the promoted plan, a summary for the report) from each layer's sensitivity on `data`."""
+    mp = config.layers.mixed_precision
+    start = time.perf_counter()
+    allowed = set(eligible(plan, mp))
+    units = [u for u in layer_units(plan, attentions=False) if u.name in allowed]
+    rows = even_rows(len(data), mp.num_samples)
+    with calibrated_probe(unet, plan, config, group_map, data, batch_size, seed, progress):
+        errors = measure_units(
+            unet,
+            data,
+            units,
+            acts=config.activations.enabled,
+            rows=rows,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    scores = {u.name: (e.total_mse if mp.metric == "mse" else e.mean_bias) for u, e in zip(units, errors)}
+    ranking = sorted(scores, key=lambda n: (-scores[n], n))
+    promoted = allocate(ranking, unet, plan, mp)
+    new_plan = promote(plan, promoted)
+    summary = {
+        **mp.to_dict(),
+        "rows": len(rows),
+        # Lists, not dicts: the order (most sensitive first) survives config.json, whose keys are sorted.
+        "promoted": [[name, promoted[name]] for name in ranking if name in promoted],
+        "average_weight_bits": [
+            round(average_weight_bits(unet, plan), 4),
+            round(average_weight_bits(unet, plan, promoted), 4),
+        ],
+        "ranking": [[name, float(f"{scores[name]:.6g}")] for name in ranking],
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    return new_plan, summary

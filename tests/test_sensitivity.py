@@ -1,0 +1,124 @@
+"""Per-layer sensitivity (`measure_sensitivity`, `inspect --sensitivity`) on tiny offline pipelines."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from diffusers_ptq import PTQConfig, cli, quantize_unet, set_quant_state
+from diffusers_ptq.prepare import is_quantized
+from diffusers_ptq.sensitivity import measure_sensitivity
+from diffusers_ptq.sensitivity.run import capture_for_sensitivity
+
+SEARCH = {"num_candidates": 20}  # a short range search keeps calibration quick; tested in test_primitives
+CALIB = {"num_samples": 16, "num_inference_steps": 4, "batch_size": 8}
+SENSITIVE = "down_blocks.1.resnets.0.conv1"
+
+
+def _config(**overrides) -> PTQConfig:
+    base = PTQConfig(weight_bits=4, act_bits=8, weights=SEARCH, activations=SEARCH, calibration=CALIB)
+    return base.replace(**overrides)
+
+
+def _make_sensitive(unet: torch.nn.Module, name: str, factor: float = 40.0) -> None:
+    """One outlier weight per output channel: its 4-bit grid becomes so coarse that the rest round to zero.
+
+    The rest are made positive, so what rounding removes is a systematic shift (bias), not only noise.
+    """
+    with torch.no_grad():
+        weight = unet.get_submodule(name).weight
+        flat = weight.view(weight.shape[0], -1)
+        flat.abs_()
+        flat[:, 0] = flat.amax(dim=1) * factor
+
+
+def test_deliberately_sensitive_layer_ranks_first(ddim_pipe):
+    _make_sensitive(ddim_pipe.unet, SENSITIVE)
+    before = {k: v.clone() for k, v in ddim_pipe.unet.state_dict().items()}
+    report = measure_sensitivity(ddim_pipe, _config(), groups=False, progress=False)
+    for metric in ("mse", "bias"):
+        assert report.ranked("layer", metric)[0].name == SENSITIVE, metric
+    # The UNet is left float and untouched.
+    assert not is_quantized(ddim_pipe.unet)
+    after = ddim_pipe.unet.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_per_step_numbers_equal_an_independent_computation(ddim_pipe):
+    config = _config()
+    data = capture_for_sensitivity(ddim_pipe, config, None, None, None, None, None, False)
+    float_unet = copy.deepcopy(ddim_pipe.unet)
+    report = measure_sensitivity(float_unet, config, data=data, groups=False, progress=False)
+
+    # Independently: the real recipe's quantized UNet, with every quantizer off but the layer's own.
+    unet = quantize_unet(copy.deepcopy(ddim_pipe.unet), config, data, batch_size=8, progress=False)
+    set_quant_state(unet, weights=False, acts=False)
+    with torch.no_grad():
+        ref = torch.cat([unet(**data.unet_kwargs(slice(i, i + 8))).sample for i in range(0, len(data), 8)])
+        unet.get_submodule(SENSITIVE).set_quant_state(True, True)
+        out = torch.cat([unet(**data.unet_kwargs(slice(i, i + 8))).sample for i in range(0, len(data), 8)])
+    err = (out - ref).double()
+    unit = report.get(SENSITIVE)
+    assert report.steps == sorted(set(data.step_index.tolist()))
+    for j, step in enumerate(report.steps):
+        rows = data.step_index == step
+        mse = float(err[rows].pow(2).mean())
+        bias = float(err[rows].mean(dim=0).pow(2).mean().sqrt())
+        sqnr = float(10 * torch.log10(ref[rows].double().pow(2).sum() / err[rows].pow(2).sum()))
+        assert unit.mse_per_step[j] == pytest.approx(mse, rel=1e-9)
+        assert unit.bias_per_step[j] == pytest.approx(bias, rel=1e-9)
+        assert unit.sqnr_per_step[j] == pytest.approx(sqnr, rel=1e-9)
+    assert unit.mse == pytest.approx(float(err.pow(2).mean()), rel=1e-9)
+    assert unit.bias == pytest.approx(sum(unit.bias_per_step) / len(report.steps), rel=1e-12)
+
+
+def test_groups_cover_special_layers_attention_time_path_and_blocks(ddim_pipe):
+    report = measure_sensitivity(ddim_pipe, _config(), max_rows=4, progress=False)
+    groups = {u.name: u for u in report.units if u.kind == "group"}
+    expected = {"special layers", "embeddings", "attention", "time path", "mid_block", "all"}
+    expected |= {f"down_blocks.{i}" for i in range(len(ddim_pipe.unet.down_blocks))}
+    expected |= {f"up_blocks.{i}" for i in range(len(ddim_pipe.unet.up_blocks))}
+    assert set(groups) == expected
+    assert groups["special layers"].size == 4  # conv_in, conv_out, time_embedding.linear_1/2
+    assert groups["all"].mse == max(u.mse for u in report.units)
+    assert report.rows == 4
+
+
+@pytest.mark.parametrize("fixture", ["sd_pipe", "sdxl_pipe"])
+def test_text_to_image_pipelines(fixture, request, prompts):
+    pipe = request.getfixturevalue(fixture)
+    config = _config(calibration={**CALIB, "num_samples": 4})
+    report = measure_sensitivity(pipe, config, prompts=prompts, max_rows=2, progress=False)
+    layers = report.ranked(("layer", "attention"))
+    assert len(layers) > 10 and all(u.mse >= 0 and len(u.bias_per_step) == len(report.steps) for u in layers)
+    assert any(u.kind == "attention" for u in layers)
+    assert not is_quantized(pipe.unet)
+
+
+def test_bad_input_errors_before_work(ddim_pipe):
+    with pytest.raises(ValueError, match="metric='sqnr'"):
+        measure_sensitivity(ddim_pipe, _config(), metric="sqnr")
+    with pytest.raises(ValueError, match="max_rows=0"):
+        measure_sensitivity(ddim_pipe, _config(), max_rows=0)
+    with pytest.raises(ValueError, match="data=CalibrationSet"):
+        measure_sensitivity(ddim_pipe.unet, _config())
+    with pytest.raises(TypeError, match="PTQConfig"):
+        measure_sensitivity(ddim_pipe, {"weights": {}})
+
+
+def test_cli_inspect_sensitivity_writes_table_json_and_plot(tmp_path, capsys):
+    out = tmp_path / "sens"
+    argv = ["inspect", "--sensitivity", "--model", "tiny:ddim", "--num-samples", "8"]
+    argv += ["--num-inference-steps", "4", "--weight-bits", "4", "--max-rows", "4", "--no-progress"]
+    assert cli.main([*argv, "--output", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"sensitivity.png", "sensitivity.json", "table.md"}
+    data = json.loads((out / "sensitivity.json").read_text())
+    assert data["tag"] == "w4a8" and data["rows"] == 4
+    scores = [u["mse"] for u in data["units"]]
+    assert scores == sorted(scores, reverse=True)
+    assert "1. " in capsys.readouterr().out
+    assert cli.main([*argv, "--top", "0", "--output", str(tmp_path / "bad")]) == 2
+    assert "--top=0" in capsys.readouterr().err
