@@ -19,7 +19,7 @@ from diffusers_ptq.config import WeightQuantConfig
 from diffusers_ptq.integer import Int8Conv2d, Int8Linear
 from diffusers_ptq.prepare import plan_quantization, shortcut_splits
 from diffusers_ptq.primitives import fake_quantize, search_range
-from diffusers_ptq.quantizers import WeightQuantizer
+from diffusers_ptq.quantizers import TimestepBiasTable, WeightQuantizer
 from diffusers_ptq.reconstruction.rounding import bake_layers, wrap_layer
 from integer_helpers import KERNELS, MIXED_T, act_factory, assert_agrees, context_and_map
 
@@ -330,4 +330,18 @@ def test_compiled_triton_conv_with_group_scales_on_wide_layers(group_size):
     with context.use(MIXED_T.cuda()):
         new = Int8Conv2d(layer, "triton")
         assert new.implicit_gemm
+        assert_agrees(new(x), layer(x))
+
+
+@pytest.mark.parametrize("kernel", [*KERNELS, *(["triton"] if importlib.util.find_spec("triton") else [])])
+@pytest.mark.parametrize("name", ["conv3x3", "conv3x3_split"])
+@torch.no_grad()
+def test_group_scales_and_a_timestep_bias_table_together(name, kernel):
+    """Both per-group weight scales and a per-sample bias row in one layer (a mixed-timestep batch)."""
+    layer, x, context = _quant_layer(name, 4, False)
+    layer.bias_table = TimestepBiasTable(context, context_and_map()[1], layer.weight.shape[0])
+    layer.bias_table.table.copy_(torch.randn(layer.bias_table.table.shape) * 3)  # groups far apart
+    with context.use(MIXED_T):
+        new = Int8Conv2d(layer, kernel)
+        assert new.weights[0].group_size == 32
         assert_agrees(new(x), layer(x))
