@@ -68,8 +68,8 @@ def add_parser(sub: Any) -> None:
         "Fashion-MNIST classifier, so they are measured for --model fashion only; other unconditional\n"
         "models get the noise SQNR alone. Text-to-image models (Stable Diffusion 1.x/2.x, SDXL) take\n"
         "--prompts FILE and get the CLIP score when torchmetrics and cached CLIP weights are present.\n"
-        "--ablation groups|selectors runs the timestep-group or the calibration-selector ablation\n"
-        "instead (its own table.md, results.json, plot and grids).",
+        "--ablation groups|selectors|w4 runs the timestep-group, the calibration-selector or the\n"
+        "4-bit-weight ablation instead (its own table.md, results.json, plot and grids).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     default = BenchSettings()
@@ -237,16 +237,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 # --ablation: options, which study each applies to, and the run.
-ABLATION_ONLY = (
-    "--groups",
-    "--selectors",
-    "--sizes",
-    "--search-epochs",
-    "--search-images",
-    "--search-lambda",
-    "--search-init-logit",
-    "--feature-samples",
-)
+_SEARCH_OPTIONS = ("--search-epochs", "--search-images", "--search-lambda", "--search-init-logit")
+ABLATION_ONLY = ("--groups", "--selectors", "--sizes", *_SEARCH_OPTIONS, "--feature-samples")
 _STUDY_OPTIONS = {
     "--groups": "groups",
     "--selectors": "selectors",
@@ -259,11 +251,13 @@ def add_ablation_arguments(b: argparse.ArgumentParser) -> None:
     default = AblationSettings()
     b.add_argument(
         "--ablation",
-        metavar="{groups,selectors}",
+        metavar="{groups,selectors,w4}",
         help="run an ablation instead of the preset rows: 'groups' (timestep groups G at each bit setting; "
-        "--bits default W6A6,W8A8) or 'selectors' (calibration-sample selectors x calibration sizes; --bits "
-        "default W6A6). Writes table.md, results.json, a plot and grids/ into --output; "
-        "--calibration-samples sets the groups study's calibration size. Default sampling: "
+        "--bits default W6A6,W8A8), 'selectors' (calibration-sample selectors x calibration sizes; --bits "
+        "default W6A6) or 'w4' (nearest vs GPTQ, group scales 128/64, bias correction off/layer/output, "
+        "G = 1/8/per-step with and without bias correction, the default recipe; --bits default W4A8). "
+        "Writes table.md, results.json, a plot and grids/ into --output; "
+        "--calibration-samples sets the groups and w4 studies' calibration size. Default sampling: "
         f"{default.num_samples} images x seeds {','.join(map(str, default.seeds))}.",
     )
     b.add_argument(
@@ -336,6 +330,10 @@ def _ablation_settings(args: argparse.Namespace) -> AblationSettings:
     for option, owner in _STUDY_OPTIONS.items():
         if owner != study and getattr(args, option.lstrip("-").replace("-", "_")) is not None:
             raise ValueError(f"{option} applies to --ablation {owner}, not --ablation {study}")
+    if study == "w4":
+        for option in _SEARCH_OPTIONS:
+            if getattr(args, option.lstrip("-").replace("-", "_")) is not None:
+                raise ValueError(f"{option} does not apply to --ablation w4 (its rows run no group search)")
     if study == "selectors" and args.calibration_samples is not None:
         raise ValueError("--calibration-samples does not apply to --ablation selectors; use --sizes")
     overrides: dict[str, Any] = {}

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from diffusers_ptq.benchmark.ablation.settings import PER_STEP, AblationSettings
+from diffusers_ptq.benchmark.ablation.w4 import W4_ROWS, w4_notes, w4_recipe
 from diffusers_ptq.benchmark.quality.benchmark import (
     Fidelity,
     RowResult,
@@ -176,11 +177,24 @@ def selector_rows(settings: AblationSettings) -> list[AblationRow]:
     return rows
 
 
+def w4_rows(settings: AblationSettings) -> list[AblationRow]:
+    """Per bit setting, one row per 4-bit part (`ablation/w4.py`), then the default recipe."""
+    rows = []
+    for tag, w, a in _bits(settings):
+        for label in W4_ROWS:
+            config = w4_recipe(label, w, a, settings.num_inference_steps, settings.calibration_samples)
+            groups = config.activations.timestep_groups
+            rows.append(AblationRow(f"{tag} {label}", w, a, groups=groups, config=config))
+    return rows
+
+
+_STUDY_ROWS = {"groups": group_rows, "selectors": selector_rows, "w4": w4_rows}
+
+
 def ablation_rows(settings: AblationSettings) -> list[AblationRow]:
     """The float row, then the study's rows; every recipe is built (so validated) here."""
     settings.validate()
-    rows = group_rows(settings) if settings.study == "groups" else selector_rows(settings)
-    return [AblationRow("float"), *rows]
+    return [AblationRow("float"), *_STUDY_ROWS[settings.study](settings)]
 
 
 @dataclass
@@ -209,6 +223,8 @@ class AblationResult:
 
 def study_notes(settings: AblationSettings) -> list[str]:
     """What the table's rows hold fixed and vary, in the words a reader needs."""
+    if settings.study == "w4":
+        return w4_notes(settings.calibration_samples)
     search = PTQConfig.preset(BASE_PRESET).group_search
     epochs = settings.search_epochs if settings.search_epochs is not None else search.epochs
     images = settings.search_images or search.num_images

@@ -16,12 +16,13 @@ import numpy as np
 
 from diffusers_ptq.benchmark.ablation.benchmark import SEARCH_LABEL, AblationResult, AblationRow
 from diffusers_ptq.benchmark.ablation.settings import PER_STEP
+from diffusers_ptq.benchmark.ablation.w4 import describe_recipe
 from diffusers_ptq.benchmark.plotting import pyplot
 from diffusers_ptq.benchmark.quality.benchmark import RowResult
 from diffusers_ptq.benchmark.quality.report import _fmt, _spread, write_tables_and_grids
 from diffusers_ptq.benchmark.quality.settings import parse_bits
 
-PLOT_FILES = {"groups": "fd_vs_groups.png", "selectors": "fd_vs_calibration_size.png"}
+PLOT_FILES = {"groups": "fd_vs_groups.png", "selectors": "fd_vs_calibration_size.png", "w4": "w4_parts.png"}
 
 
 def _at_bits(result: AblationResult, bits: str) -> list[tuple[AblationRow, RowResult]]:
@@ -39,7 +40,13 @@ def _groups_label(g: int | str | None) -> str:
 def ablation_table(result: AblationResult) -> str:
     """One line per row: what the row varies, FD (mean ± sd over seeds), gap to float, IS, SQNR, times."""
     float_fd = result.results[0].mean("FD")
-    if result.settings.study == "groups":
+    w4 = result.settings.study == "w4"
+    if w4:
+        varied = ["rounding", "weight scales", "bias correction", "G"]
+
+        def cells_of(spec: AblationRow) -> list[str]:
+            return ["–"] * 4 if spec.config is None else describe_recipe(spec.config)
+    elif result.settings.study == "groups":
         varied = ["G", "group search"]
 
         def cells_of(spec: AblationRow) -> list[str]:
@@ -61,6 +68,7 @@ def ablation_table(result: AblationResult) -> str:
         "FD vs float",
         "IS ↑",
         "noise SQNR (dB) ↑",
+        *(["noise bias ↓"] if w4 else []),
         "calibration (s)",
         "search (s, in calibration)",
     ]
@@ -79,11 +87,18 @@ def ablation_table(result: AblationResult) -> str:
             gap,
             _fmt(row.mean("IS")),
             _fmt(row.sqnr_db),
+            *([_mean_bias(row)] if w4 else []),
             "–" if spec.config is None else f"{row.calibration_s:.1f}",
             "–" if row.search_s is None else f"{row.search_s:.1f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _mean_bias(row: RowResult) -> str:
+    """The noise bias averaged over steps, or '–' (the float row, or no trajectory)."""
+    steps = row.bias_per_step
+    return "–" if not steps or row.weight_bits is None else f"{float(np.mean(steps)):.4f}"
 
 
 def _metric(row: RowResult, name: str) -> tuple[float, float]:
@@ -162,9 +177,31 @@ def save_selectors_plot(result: AblationResult, path: Path) -> None:
     )
 
 
+def save_w4_plot(result: AblationResult, path: Path) -> None:
+    """FD and SQNR of every row as bars (one colour per bit setting), float FD as a dotted line."""
+    quantized = [(spec, row) for spec, row in result.pairs() if spec.config is not None]
+
+    def draw(ax: object, metric: str) -> None:
+        for bits in result.settings.bit_settings:
+            w, a = parse_bits(bits)
+            index = [i for i, (s, _) in enumerate(quantized) if (s.weight_bits, s.act_bits) == (w, a)]
+            stats = [_metric(quantized[i][1], metric) for i in index]
+            ax.bar(
+                index,
+                [m for m, _ in stats],
+                yerr=[sd for _, sd in stats],
+                capsize=2,
+                label=bits.upper(),
+            )
+        ax.set_xticks(range(len(quantized)), [row.name for _, row in quantized], rotation=60, ha="right")
+
+    _plot(result, path, draw, "", "4-bit weights: rounding, group scales, bias correction, timestep groups")
+
+
 def write_ablation_outputs(result: AblationResult, directory: Path, header: str = "") -> None:
     """results.json, table.md, the study's plot and grids/<row>.png into `directory` (which exists)."""
     table = ablation_table(result)
     write_tables_and_grids(directory, result.to_dict(), table, result.notes, result.grids, header)
-    plot = save_groups_plot if result.settings.study == "groups" else save_selectors_plot
+    plots = {"groups": save_groups_plot, "selectors": save_selectors_plot, "w4": save_w4_plot}
+    plot = plots[result.settings.study]
     plot(result, directory / PLOT_FILES[result.settings.study])

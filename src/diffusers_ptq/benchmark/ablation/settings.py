@@ -4,6 +4,7 @@ Two studies reproduce the seed papers' ablations in miniature (recipes: `benchma
 
 - "groups": timestep groups G (1, 4, 8, 16, per-step) at each bit setting (APQ-DM Table 5).
 - "selectors": calibration-sample selectors at each calibration size (APQ-DM Fig. 5 / EDA-DM Table 6).
+- "w4": GPTQ, group-wise scales, bias correction and timestep groups at 4-bit weights (`ablation/w4.py`).
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from math import inf
 
 from diffusers_ptq.benchmark.quality.settings import BenchSettings, parse_bits
 
-STUDIES = ("groups", "selectors")
+STUDIES = ("groups", "selectors", "w4")
 # Row labels of the selectors study; "random+search" is added next to "active" (its fair baseline).
 SELECTORS = ("random", "normal", "uniform", "density_diversity", "active")
 PER_STEP = "per_step"
 MAX_GROUPS = 1000  # activations.timestep_groups' own limit
-DEFAULT_BITS = {"groups": ["W6A6", "W8A8"], "selectors": ["W6A6"]}
+DEFAULT_BITS = {"groups": ["W6A6", "W8A8"], "selectors": ["W6A6"], "w4": ["W4A8"]}
 _GROUPS_EXPECTED = f"an integer in [1, {MAX_GROUPS}] or 'per_step'"
 
 
@@ -45,10 +46,10 @@ def _positive_int(value: object) -> bool:
 class AblationSettings:
     """Settings of `diffusers-ptq bench --ablation`; `AblationSettings.quick(study)`: smoke-test size."""
 
-    study: str = field(default="groups", metadata=_help("which ablation: 'groups' or 'selectors'"))
+    study: str = field(default="groups", metadata=_help("which ablation: 'groups', 'selectors' or 'w4'"))
     bits: list[str] | None = field(
         default=None,
-        metadata=_help("bit settings (None: W6A6,W8A8 for 'groups', W6A6 for 'selectors')"),
+        metadata=_help("bit settings (None: W6A6,W8A8 for 'groups', W6A6 for 'selectors', W4A8 for 'w4')"),
     )
     groups: list[int | str] = field(
         default_factory=lambda: [1, 4, 8, 16, PER_STEP],
@@ -62,7 +63,10 @@ class AblationSettings:
         metadata=_help("'selectors': calibration sizes (calibration.num_samples)"),
     )
     calibration_samples: int | None = field(
-        default=None, metadata=_help("'groups': calibration samples of every row (None: apq-dm's 1,024)")
+        default=None,
+        metadata=_help(
+            "'groups' / 'w4': calibration samples of every row (None: apq-dm's 1,024 / the default recipe's)"
+        ),
     )
     search_epochs: int | None = field(
         default=None, metadata=_help("group-search epochs after selection (None: apq-dm's 10)")
@@ -133,7 +137,7 @@ class AblationSettings:
         self.sampling().validate()
         if self.study == "groups":
             self._validate_groups()
-        else:
+        elif self.study == "selectors":
             self._validate_selectors()
         for name in ("calibration_samples", "search_images", "feature_samples"):
             value = getattr(self, name)

@@ -73,8 +73,8 @@ class RowResult:
     search_s: float | None = None  # the APQ-DM group search's share of calibration_s; None: no search ran
     sampling_s: float = 0.0
     config: dict[str, Any] | None = None
-    # What the selector chose (samples per step, TDAC scores, active picks); group search and reconstruction
-    # summaries (None when they did not run).
+    # What the selector chose (samples per step, TDAC scores, active picks); group search, reconstruction,
+    # GPTQ, bias-correction and mixed-precision summaries (None when they did not run).
     calibration_info: dict[str, Any] = field(default_factory=dict)
 
     def mean(self, metric: str) -> float | None:
@@ -203,6 +203,9 @@ def run_row(
             "selection": state.selection,
             "group_search": state.group_search,
             "reconstruction": getattr(state, "reconstruction", None),
+            "gptq": state.gptq,
+            "bias_correction": state.bias_correction,
+            "mixed_precision": None if state.report is None else state.report.mixed_precision,
         }
     if pipe is not float_pipe:
         errors = noise_errors_per_step(pipe.unet, trajectory)

@@ -1,0 +1,87 @@
+"""The 'w4' study: each 4-bit-weight part switched on over one base, on paired noise.
+
+Base: the default recipe (`PTQConfig(weight_bits=w, act_bits=a)`) with block reconstruction off,
+calibrated on the run's DDIM steps. Rows switch on, one at a time or in the pairs the question needs:
+second-order rounding (GPTQ), group-wise weight scales (128, 64 inputs per scale, on GPTQ), timestep-aware
+bias correction (`layer` tables, PTQD-style `output`), and timestep groups (G = 8 contiguous groups without
+search, per-step scales) with and without `layer` correction: whether timestep groups pay once the bias
+is corrected. The last row is the default recipe itself, whatever it is when the study runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffusers_ptq.config import PTQConfig
+
+GPTQ: dict[str, Any] = {"rounding": "gptq"}
+G8: dict[str, Any] = {"timestep_groups": 8}
+DEFAULT_LABEL = "default recipe"
+# Row label -> overrides of the base recipe (weights / activations sections and bias_correction).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "nearest": {},
+    "gptq": {"weights": GPTQ},
+    "gptq group 128": {"weights": {**GPTQ, "granularity": "per_group", "group_size": 128}},
+    "gptq group 64": {"weights": {**GPTQ, "granularity": "per_group", "group_size": 64}},
+    "gptq bias=layer": {"weights": GPTQ, "bias_correction": "layer"},
+    "gptq bias=output": {"weights": GPTQ, "bias_correction": "output"},
+    "gptq G=8": {"weights": GPTQ, "activations": G8},
+    "gptq G=8 bias=layer": {"weights": GPTQ, "activations": G8, "bias_correction": "layer"},
+    "gptq per-step": {"weights": GPTQ, "activations": {"timestep_groups": "per_step"}},
+    "gptq per-step bias=layer": {
+        "weights": GPTQ,
+        "activations": {"timestep_groups": "per_step"},
+        "bias_correction": "layer",
+    },
+}
+W4_ROWS = (*VARIANTS, DEFAULT_LABEL)
+
+
+def w4_recipe(label: str, w: int, a: int, num_inference_steps: int, num_samples: int | None) -> PTQConfig:
+    """The recipe of row `label` at W`w`A`a`; ValueError naming the valid labels for an unknown one."""
+    if label not in W4_ROWS:
+        raise ValueError(f"w4 row {label!r} is not valid; expected one of {', '.join(W4_ROWS)}")
+    calibration: dict[str, Any] = {"num_inference_steps": num_inference_steps}
+    if num_samples is not None:
+        calibration["num_samples"] = num_samples
+    if label == DEFAULT_LABEL:
+        return PTQConfig(weight_bits=w, act_bits=a, calibration=calibration)
+    variant = VARIANTS[label]
+    return PTQConfig(
+        weight_bits=w,
+        act_bits=a,
+        method="ablation-w4",
+        weights=dict(variant.get("weights", {})),
+        activations=dict(variant.get("activations", {})),
+        calibration=calibration,
+        reconstruction={"enabled": False},
+        bias_correction=variant.get("bias_correction", "off"),
+    )
+
+
+def describe_recipe(config: PTQConfig) -> list[str]:
+    """The table cells the study varies: rounding, weight scales, bias correction, timestep groups."""
+    weights = config.weights
+    scales = f"group {weights.group_size}" if weights.granularity == "per_group" else weights.granularity
+    groups = config.activations.timestep_groups
+    return [
+        weights.rounding,
+        scales,
+        config.bias_correction,
+        "per-step" if groups == "per_step" else str(groups),
+    ]
+
+
+def w4_notes(calibration_samples: int | None) -> list[str]:
+    n = calibration_samples or PTQConfig().calibration.num_samples
+    return [
+        "Base recipe: the default PTQConfig at the row's bits, block reconstruction off, "
+        f"{n} calibration samples on the run's DDIM steps; each row switches on what its name says "
+        "(GPTQ with damp 0.01, no act order; groups of 128 / 64 inputs per weight scale, layers whose input "
+        "size is not a multiple keep per-channel scales; bias correction 'layer' = per-layer, per-group "
+        "output-mean tables, 'output' = PTQD-style correction of the noise prediction; G = 8 contiguous "
+        "timestep groups without search, per-step = one activation scale per sampling step).",
+        f"'{DEFAULT_LABEL}': PTQConfig(weight_bits, act_bits) as shipped, unchanged.",
+        "noise bias: per step, the RMS over (C, H, W) of the mean over samples of eps_q - eps, averaged over "
+        "steps (the systematic error DDIM adds up; lower is better).",
+    ]

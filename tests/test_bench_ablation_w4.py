@@ -1,0 +1,109 @@
+"""`diffusers-ptq bench --ablation w4`: the 4-bit-weight parts as rows over one base recipe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from diffusers_ptq import cli
+from diffusers_ptq.benchmark.ablation.benchmark import ablation_rows
+from diffusers_ptq.benchmark.ablation.settings import AblationSettings
+from diffusers_ptq.benchmark.ablation.w4 import DEFAULT_LABEL, VARIANTS, W4_ROWS, w4_recipe
+from diffusers_ptq.config import PTQConfig
+
+
+def _parts(config: PTQConfig) -> dict:
+    data = config.to_dict()
+    weights = data["weights"]
+    return {
+        "rounding": weights["rounding"],
+        "granularity": weights["granularity"],
+        "group_size": weights["group_size"] if weights["granularity"] == "per_group" else None,
+        "bias": data["bias_correction"],
+        "groups": data["activations"]["timestep_groups"],
+    }
+
+
+def _rest(config: PTQConfig) -> dict:
+    """Everything a w4 row does not vary: it must equal the base recipe's."""
+    data = config.to_dict()
+    for key in ("rounding", "granularity", "group_size"):
+        data["weights"].pop(key)
+    data["activations"].pop("timestep_groups")
+    data.pop("bias_correction")
+    return data
+
+
+def test_w4_rows_vary_exactly_their_part():
+    rows = {row.name: row for row in ablation_rows(AblationSettings(study="w4", calibration_samples=64))}
+    assert list(rows) == ["float", *(f"W4A8 {label}" for label in W4_ROWS)]
+    base = rows["W4A8 nearest"].config
+    expected = {
+        "nearest": ("nearest", "per_channel", None, "off", 1),
+        "gptq": ("gptq", "per_channel", None, "off", 1),
+        "gptq group 128": ("gptq", "per_group", 128, "off", 1),
+        "gptq group 64": ("gptq", "per_group", 64, "off", 1),
+        "gptq bias=layer": ("gptq", "per_channel", None, "layer", 1),
+        "gptq bias=output": ("gptq", "per_channel", None, "output", 1),
+        "gptq G=8": ("gptq", "per_channel", None, "off", 8),
+        "gptq G=8 bias=layer": ("gptq", "per_channel", None, "layer", 8),
+        "gptq per-step": ("gptq", "per_channel", None, "off", "per_step"),
+        "gptq per-step bias=layer": ("gptq", "per_channel", None, "layer", "per_step"),
+    }
+    assert set(expected) == set(VARIANTS)
+    for label, parts in expected.items():
+        config = rows[f"W4A8 {label}"].config
+        assert tuple(_parts(config).values()) == parts, label
+        assert _rest(config) == _rest(base), label
+        assert config.weights.bits == 4 and config.activations.bits == 8
+        assert config.calibration.num_samples == 64 and not config.reconstruction.enabled
+    default = rows[f"W4A8 {DEFAULT_LABEL}"].config
+    shipped = PTQConfig(weight_bits=4, act_bits=8)
+    assert default.to_dict()["weights"] == shipped.to_dict()["weights"]
+    assert default.bias_correction == shipped.bias_correction
+    assert default.reconstruction == shipped.reconstruction
+
+
+def test_unknown_w4_row_names_the_valid_ones():
+    with pytest.raises(ValueError, match="w4 row 'gptq G=4' is not valid; expected one of nearest, gptq"):
+        w4_recipe("gptq G=4", 4, 8, 20, None)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--search-epochs", "2"], "--search-epochs does not apply to --ablation w4"),
+        (["--groups", "1,8"], "--groups applies to --ablation groups, not --ablation w4"),
+        (["--bits", "W9A8"], "weights.bits=9 is invalid"),
+    ],
+)
+def test_bad_w4_input_is_rejected_before_any_work(extra, message, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "w4"
+    argv = ["bench", "--model", "tiny:ddim", "--ablation", "w4", *extra, "--output", str(out)]
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_quick_w4_ablation_on_a_tiny_model(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "w4"
+    argv = ["bench", "--model", "tiny:ddim", "--ablation", "w4", "--quick", "--num-inference-steps", "3"]
+    argv += ["--num-samples", "2", "--sqnr-samples", "2", "--calibration-samples", "12"]
+    argv += ["--output", str(out), "--no-progress"]
+    assert cli.main(argv) == 0
+    assert "W4A8 gptq group 64" in capsys.readouterr().out
+    assert {p.name for p in out.iterdir()} == {"table.md", "results.json", "w4_parts.png", "grids"}
+    assert (out / "w4_parts.png").stat().st_size > 0
+    data = json.loads((out / "results.json").read_text())
+    rows = {r["name"]: r for r in data["rows"]}
+    assert list(rows) == ["float", *(f"W4A8 {label}" for label in W4_ROWS)]
+    assert rows["W4A8 gptq"]["calibration_info"]["gptq"]["layers"] > 0
+    assert rows["W4A8 nearest"]["calibration_info"].get("gptq") is None
+    assert rows["W4A8 gptq bias=layer"]["calibration_info"]["bias_correction"] is not None
+    assert all(r["calibration_s"] > 0 for name, r in rows.items() if name != "float")
+    table = (out / "table.md").read_text()
+    assert "| rounding | weight scales | bias correction | G |" in table and "noise bias ↓" in table
+    assert "| W4A8 gptq group 64 | gptq | group 64 | off | 1 |" in table
+    assert "| W4A8 gptq per-step bias=layer | gptq | per_channel | layer | per-step |" in table
