@@ -8,8 +8,10 @@ from typing import Any
 
 @dataclass
 class UnitReport:
-    """One unit in one pass. Losses are the block output error on a fixed set of cached rows with hard
-    rounding (`loss_before`: round-to-nearest / initial step sizes)."""
+    """One unit in one pass. Losses are the block output error with hard rounding, `*_before` at the unit's
+    starting point and `*_after` when its training ended: `loss_*` on up to 64 of the rows it trained on,
+    `holdout_*` on `holdout_rows` cached rows it never trained on. A unit whose held-out loss did not go
+    down is 'reverted': it is back at its starting point exactly, whatever it learned is dropped."""
 
     unit: str
     kind: str
@@ -20,7 +22,12 @@ class UnitReport:
     rounding_binary: float | None = None  # share of h(V) at 0 or 1 when training stopped
     seconds: float = 0.0
     train_seconds: float = 0.0
-    status: str = "trained"  # "trained" | "resumed" (from the checkpoint) | "skipped" (budget exhausted)
+    # "trained" (kept) | "reverted" (held-out loss not lower: starting point restored) | "resumed" (from the
+    # checkpoint) | "skipped" (not started: the time budget left it no iteration)
+    status: str = "trained"
+    holdout_before: float | None = None
+    holdout_after: float | None = None
+    holdout_rows: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,5 +66,18 @@ class ReconstructionReport:
             losses = ""
             if u.loss_before is not None and u.loss_after is not None:
                 losses = f"loss {u.loss_before:.4g} -> {u.loss_after:.4g}"
+            if u.holdout_before is not None and u.holdout_after is not None:
+                losses += f", held out {u.holdout_before:.4g} -> {u.holdout_after:.4g}"
             lines.append(f"  {u.phase:7s} {u.unit:55s} {u.status:8s} {u.iterations:6d} it  {losses}")
+        reverted = self.reverted
+        if reverted:
+            lines.append(
+                f"  {len(reverted)} reverted to their starting point (held-out loss not lower): "
+                + ", ".join(f"{u.phase} {u.unit}" for u in reverted)
+            )
         return "\n".join(lines)
+
+    @property
+    def reverted(self) -> list[UnitReport]:
+        """The unit passes that kept nothing: their held-out loss did not go down."""
+        return [u for u in self.units if u.status == "reverted"]

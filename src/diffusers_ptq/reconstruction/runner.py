@@ -300,28 +300,34 @@ class _Run:
     def step(self, phase: Phase, unit: Unit, index: int, weight: int) -> UnitReport:
         """Resume, skip (budget spent) or train `unit` in `phase`; `weight` is its configured iterations."""
         started = time.perf_counter()
-        report = self._step(phase, unit, index, weight)
+        report, cached = self._step(phase, unit, index, weight)
         overhead = None
-        if report.status == "trained":  # caching and evaluation: what later units will also spend
+        if cached:  # caching, timing and evaluation: what later units will also spend
             overhead = time.perf_counter() - started - report.train_seconds
         self.budget.spend(weight, overhead)
         return report
 
-    def _step(self, phase: Phase, unit: Unit, index: int, weight: int) -> UnitReport:
+    def _skip(self, phase: Phase, unit: Unit) -> UnitReport:
+        if not self.skipped_any:  # once: the report lists every skipped unit
+            logger.warning(
+                "reconstruction: the time budget leaves %s no iteration; it and every unit the budget "
+                "cannot fit keep their current rounding and scales (status 'skipped' in the report)",
+                unit.name,
+            )
+        self.skipped_any = True
+        return UnitReport(unit.name, unit.kind, phase.name, 0, status="skipped")
+
+    def _step(self, phase: Phase, unit: Unit, index: int, weight: int) -> tuple[UnitReport, bool]:
         unet, config, budget, checkpoint = self.unet, self.config, self.budget, self.checkpoint
         entry = checkpoint.entry(phase.name, unit.name) if checkpoint is not None else None
         if entry is not None:
-            _restore(unet, unit, phase, checkpoint, entry)
-            return UnitReport.from_dict({**entry["report"], "status": "resumed"})
+            stored = entry["report"]
+            if stored.get("status") != "reverted":  # a reverted unit stayed at its starting point
+                _restore(unet, unit, phase, checkpoint, entry)
+            status = "reverted" if stored.get("status") == "reverted" else "resumed"
+            return UnitReport.from_dict({**stored, "status": status}), False
         if budget.exhausted():
-            if not self.skipped_any:  # once: every later unit is skipped too, and the report lists them
-                logger.warning(
-                    "reconstruction: time budget spent at %s; it and the units after it keep their current "
-                    "rounding and scales (status 'skipped' in the report)",
-                    unit.name,
-                )
-            self.skipped_any = True
-            return UnitReport(unit.name, unit.kind, phase.name, 0, status="skipped")
+            return self._skip(phase, unit), False
         cache = build_cache(
             unet,
             unit,
@@ -345,10 +351,13 @@ class _Run:
             phase,
             config,
             iterations,
+            configured=weight,
             desc=f"{phase.name} {index + 1}/{self.total} {unit.name}",
             progress=self.progress,
         )
         del cache
+        if result.status == "skipped":  # not started: nothing to record, a resumed run may train it
+            return self._skip(phase, unit), True
         unit_report = UnitReport(
             unit=unit.name,
             kind=unit.kind,
@@ -359,18 +368,23 @@ class _Run:
             rounding_binary=result.rounding_binary,
             seconds=result.seconds,
             train_seconds=result.train_seconds,
+            status=result.status,
+            holdout_before=result.holdout_before,
+            holdout_after=result.holdout_after,
+            holdout_rows=result.holdout_rows,
         )
         logger.info(
-            "reconstruction: %s %d/%d %s: %d it, loss %.4g -> %.4g",
+            "reconstruction: %s %d/%d %s: %d it, held-out loss %.4g -> %.4g%s",
             phase.name,
             index + 1,
             self.total,
             unit.name,
             result.iterations,
-            result.loss_before,
-            result.loss_after,
+            result.holdout_before,
+            result.holdout_after,
+            " (not lower: reverted to its starting point)" if result.status == "reverted" else "",
         )
         if checkpoint is not None:
-            tensors, shapes = _learned(unet, unit, phase)
+            tensors, shapes = _learned(unet, unit, phase) if result.status == "trained" else ({}, {})
             checkpoint.save(phase.name, index, unit.name, tensors, shapes, unit_report.to_dict())
-        return unit_report
+        return unit_report, True
