@@ -43,6 +43,11 @@ class ReconstructionReport:
     rows: int
     units: list[UnitReport] = field(default_factory=list)
     seconds: float = 0.0
+    # Mean squared distance of the UNet's output from the float UNet's on the held-out calibration rows,
+    # before and after the run; `model_reverted`: it rose, and the whole run was undone.
+    holdout_error_before: float | None = None
+    holdout_error_after: float | None = None
+    model_reverted: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -50,12 +55,23 @@ class ReconstructionReport:
             "rows": self.rows,
             "units": [u.to_dict() for u in self.units],
             "seconds": self.seconds,
+            "holdout_error_before": self.holdout_error_before,
+            "holdout_error_after": self.holdout_error_after,
+            "model_reverted": self.model_reverted,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReconstructionReport:
         units = [UnitReport.from_dict(u) for u in data["units"]]
-        return cls(config=data["config"], rows=data["rows"], units=units, seconds=data["seconds"])
+        return cls(
+            config=data["config"],
+            rows=data["rows"],
+            units=units,
+            seconds=data["seconds"],
+            holdout_error_before=data.get("holdout_error_before"),
+            holdout_error_after=data.get("holdout_error_after"),
+            model_reverted=data.get("model_reverted", False),
+        )
 
     def __str__(self) -> str:
         lines = [
@@ -74,6 +90,16 @@ class ReconstructionReport:
             lines.append(
                 f"  {len(reverted)} reverted to their starting point (held-out loss not lower): "
                 + ", ".join(f"{u.phase} {u.unit}" for u in reverted)
+            )
+        if self.holdout_error_before is not None and self.holdout_error_after is not None:
+            lines.append(
+                f"  UNet output error on held-out rows {self.holdout_error_before:.4g} -> "
+                f"{self.holdout_error_after:.4g}"
+                + (
+                    ": higher, the whole run was undone (the UNet is as calibrated)"
+                    if self.model_reverted
+                    else ""
+                )
             )
         return "\n".join(lines)
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from diffusers_ptq.calibration import CalibrationSet
+from diffusers_ptq.initialise import set_quant_state
 from diffusers_ptq.nn.layers import QuantLayerMixin
 from diffusers_ptq.primitives import fake_quantize
 from diffusers_ptq.quantizers import TimestepActQuantizer, WeightQuantizer
@@ -37,6 +38,7 @@ from diffusers_ptq.reconstruction.config import ReconstructionConfig
 from diffusers_ptq.reconstruction.lsq import restore_scales, snapshot_scales
 from diffusers_ptq.reconstruction.report import ReconstructionReport, UnitReport
 from diffusers_ptq.reconstruction.rounding import bake_layers, restore_rounding, unwrap_layer, wrapped_layers
+from diffusers_ptq.reconstruction.safeguard import mean_squared_error, model_outputs, split_rows
 from diffusers_ptq.reconstruction.trainer import Phase, seeded, train_unit
 from diffusers_ptq.reconstruction.units import Unit
 
@@ -253,6 +255,12 @@ def reconstruct(
         )
         checkpoint = ResumeCheckpoint(checkpoint_dir, identity)
     weights = [config.act_iterations if phase.name == "acts" else config.iterations for phase, _ in steps]
+    # The same rows are held out of every unit, so the whole run can be judged on them too.
+    split_gen = torch.Generator().manual_seed(seeded(config.seed, "holdout"))
+    split = split_rows(len(rows), config.holdout, split_gen)
+    holdout_rows = rows[split[1]]
+    report = ReconstructionReport(config=config.to_dict(), rows=len(rows))
+    saved = _SavedState(unet)
     run = _Run(
         unet=unet,
         data=calibration_set,
@@ -262,17 +270,31 @@ def reconstruct(
         checkpoint=checkpoint,
         total=len(steps),
         progress=progress,
+        split=split,
     )
-    report = ReconstructionReport(config=config.to_dict(), rows=len(rows))
-    saved = _SavedState(unet)
     done = False
     try:
         unet.eval()
+        reference, report.holdout_error_before = _holdout_error(unet, calibration_set, holdout_rows, config)
         for p in unet.parameters():
             p.requires_grad_(False)
         for index, ((phase, unit), weight) in enumerate(zip(steps, weights)):
             report.units.append(run.step(phase, unit, index, weight))
         bake_layers(wrapped_layers(unet))
+        saved.restore_switches()
+        _, report.holdout_error_after = _holdout_error(
+            unet, calibration_set, rows[split[1]], config, reference
+        )
+        if report.holdout_error_after > report.holdout_error_before:
+            logger.warning(
+                "reconstruction: the UNet's noise-prediction error on %d held-out calibration rows rose "
+                "(%.4g -> %.4g); every unit is put back to where the run started",
+                len(split[1]),
+                report.holdout_error_before,
+                report.holdout_error_after,
+            )
+            saved.undo()
+            report.model_reverted = True
         done = True
     finally:
         if not done:
@@ -281,6 +303,28 @@ def reconstruct(
     report.seconds = time.perf_counter() - started
     logger.info("%s", report)
     return report
+
+
+@torch.no_grad()
+def _holdout_error(
+    unet: nn.Module,
+    data: CalibrationSet,
+    rows: torch.Tensor,
+    config: ReconstructionConfig,
+    reference: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, float]:
+    """(float outputs on `rows`, mean squared error of the UNet's outputs, as it is switched, from them)."""
+    switches = [
+        (m, m.enabled) for m in unet.modules() if isinstance(m, TimestepActQuantizer | WeightQuantizer)
+    ]
+    if reference is None:
+        set_quant_state(unet, weights=False, acts=False)
+        try:
+            reference = model_outputs(unet, data, rows, config.cache_batch_size)
+        finally:
+            for m, enabled in switches:
+                m.enabled = enabled
+    return reference, mean_squared_error(model_outputs(unet, data, rows, config.cache_batch_size), reference)
 
 
 @dataclass
@@ -295,6 +339,7 @@ class _Run:
     checkpoint: ResumeCheckpoint | None
     total: int
     progress: bool
+    split: tuple[torch.Tensor, torch.Tensor]
     skipped_any: bool = False
 
     def step(self, phase: Phase, unit: Unit, index: int, weight: int) -> UnitReport:
@@ -352,6 +397,7 @@ class _Run:
             config,
             iterations,
             configured=weight,
+            split=self.split,
             desc=f"{phase.name} {index + 1}/{self.total} {unit.name}",
             progress=self.progress,
         )

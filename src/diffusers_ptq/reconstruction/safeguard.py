@@ -6,6 +6,12 @@ starting point: the quantizers as they were, round-to-nearest or the rounding a 
 after (hard rounding, no QDrop: the unit as it will be deployed), on the same cached inputs, which come
 from the model quantized so far exactly as in training. The unit keeps what it learned only if that loss
 went down; otherwise `StartingPoint.restore` puts back its weight quantizers and step sizes exactly.
+
+`reconstruct` holds out the same calibration rows from every unit, so they are unseen by the whole run, and
+checks the model as a whole on them too: units that each improved can still add up to a worse UNet (they
+were judged one at a time, the weight pass with activations float). If the reconstructed UNet's noise
+prediction is further from the float UNet's on those rows than the calibrated UNet's was, the whole run is
+undone.
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from diffusers_ptq.calibration import CalibrationSet
 from diffusers_ptq.quantizers import TimestepActQuantizer
+from diffusers_ptq.reconstruction.units import main_output
 
 HOLDOUT_MAX_ROWS = 64
 
@@ -46,3 +54,18 @@ class StartingPoint:
             q.scale.requires_grad_(False)
             q.scale.grad = None
             q.scale.copy_(scale)
+
+
+@torch.no_grad()
+def model_outputs(unet: nn.Module, data: CalibrationSet, rows: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The UNet's outputs (float32, CPU) on the calibration `rows`, in its current quantization state."""
+    param = next(unet.parameters())
+    outputs = []
+    for start in range(0, len(rows), batch_size):
+        kwargs = data.unet_kwargs(rows[start : start + batch_size], param.device, param.dtype)
+        outputs.append(main_output(unet(**kwargs)).float().cpu())
+    return torch.cat(outputs)
+
+
+def mean_squared_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).pow(2).mean())

@@ -117,11 +117,13 @@ def train_unit(
     iterations: int | Callable[[float], int],
     *,
     configured: int | None = None,
+    split: tuple[torch.Tensor, torch.Tensor] | None = None,
     desc: str = "",
     progress: bool = True,
 ) -> TrainResult:
     """Optimise `cache.unit` for `iterations` steps (or as many as the callback allows given the measured
     seconds per step), then keep the result only if the held-out block loss went down (`safeguard.py`).
+    `split` is (training rows, held-out rows) of the cache; None: `config.holdout` of them, seeded.
 
     Every schedule (warm-up, beta, learning-rate decay) spans the iterations actually run. When they are
     fewer than `configured` (the pass's configured iterations, cut by a time budget), the AdaRound learning
@@ -137,8 +139,9 @@ def train_unit(
     step = _Step(unet, cache, phase, config.layer_loss_weight)
     inner = config.layer_loss_weight > 0 and bool(unit.inner_layers)
     n = len(cache)
-    split_gen = torch.Generator().manual_seed(seeded(config.seed, "holdout", unit.name))
-    train_rows, holdout = split_rows(n, config.holdout, split_gen)
+    if split is None:
+        split = split_rows(n, config.holdout, torch.Generator().manual_seed(seeded(config.seed, "holdout")))
+    train_rows, holdout = split
     batch_size = min(config.batch_size, len(train_rows))
     drop = unit.executed_act_quantizers(unet) if phase.qdrop_prob > 0 else []
 
