@@ -209,3 +209,9 @@ def test_a_run_that_worsens_the_whole_unet_on_held_out_rows_is_undone(monkeypatc
     assert any(u.status == "trained" for u in report.units)
     assert _same(unet, start), "every unit is back where the run started"
     assert "the whole run was undone" in str(report) and report.to_dict()["model_reverted"]
+
+
+@pytest.mark.parametrize("bad", [0.0, 0.6, -0.1, "0.2", True])
+def test_holdout_is_validated(bad):
+    with pytest.raises(ValueError, match=r"reconstruction\.holdout="):
+        fast_config(holdout=bad).validate()
