@@ -371,7 +371,7 @@ class _Run:
                 _restore(unet, unit, phase, checkpoint, entry)
             status = "reverted" if stored.get("status") == "reverted" else "resumed"
             return UnitReport.from_dict({**stored, "status": status}), False
-        if budget.exhausted():
+        if budget.exhausted() or budget.share(weight) <= 0:  # no time left for it: not even cached
             return self._skip(phase, unit), False
         cache = build_cache(
             unet,
