@@ -198,14 +198,16 @@ def test_no_unit_is_left_half_trained_when_the_budget_runs_out(monkeypatch):
         assert _same(unet, start, units[u.unit].layers)
 
 
-def test_a_run_that_worsens_the_whole_unet_on_held_out_rows_is_undone(monkeypatch):
+@pytest.mark.parametrize("errors", [[(1.0, 1.0), (2.0, 1.0)], [(1.0, 1.0), (0.5, 1.5)]], ids=["mse", "bias"])
+def test_a_run_that_worsens_the_whole_unet_on_held_out_rows_is_undone(monkeypatch, errors):
     # Units are judged one at a time; the whole UNet is judged on the same held-out rows at the end.
-    errors = iter([1.0, 2.0])  # before the run, after it: higher
-    monkeypatch.setattr(runner, "mean_squared_error", lambda a, b: next(errors))
+    measured = iter(errors)  # before the run, after it: the error or its mean over the rows higher
+    monkeypatch.setattr(runner, "output_errors", lambda a, b: next(measured))
     unet, data = quantized("unet2d", rows=ROWS)
     start = _snapshot(unet)
     report = reconstruct(unet, data, fast_config(cache_batch_size=ROWS, iterations=10), progress=False)
-    assert report.model_reverted and (report.holdout_error_before, report.holdout_error_after) == (1.0, 2.0)
+    assert report.model_reverted
+    assert (report.holdout_error_after, report.holdout_bias_after) == errors[1]
     assert any(u.status == "trained" for u in report.units)
     assert _same(unet, start), "every unit is back where the run started"
     assert "the whole run was undone" in str(report) and report.to_dict()["model_reverted"]

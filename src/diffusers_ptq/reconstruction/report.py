@@ -43,10 +43,13 @@ class ReconstructionReport:
     rows: int
     units: list[UnitReport] = field(default_factory=list)
     seconds: float = 0.0
-    # Mean squared distance of the UNet's output from the float UNet's on the held-out calibration rows,
-    # before and after the run; `model_reverted`: it rose, and the whole run was undone.
+    # Mean squared distance of the UNet's output from the float UNet's on the held-out calibration rows, and
+    # the mean square of that error's mean over the rows (bias), before and after the run;
+    # `model_reverted`: one of them rose, and the whole run was undone.
     holdout_error_before: float | None = None
     holdout_error_after: float | None = None
+    holdout_bias_before: float | None = None
+    holdout_bias_after: float | None = None
     model_reverted: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -57,6 +60,8 @@ class ReconstructionReport:
             "seconds": self.seconds,
             "holdout_error_before": self.holdout_error_before,
             "holdout_error_after": self.holdout_error_after,
+            "holdout_bias_before": self.holdout_bias_before,
+            "holdout_bias_after": self.holdout_bias_after,
             "model_reverted": self.model_reverted,
         }
 
@@ -70,6 +75,8 @@ class ReconstructionReport:
             seconds=data["seconds"],
             holdout_error_before=data.get("holdout_error_before"),
             holdout_error_after=data.get("holdout_error_after"),
+            holdout_bias_before=data.get("holdout_bias_before"),
+            holdout_bias_after=data.get("holdout_bias_after"),
             model_reverted=data.get("model_reverted", False),
         )
 
@@ -91,15 +98,17 @@ class ReconstructionReport:
                 f"  {len(reverted)} reverted to their starting point (held-out loss not lower): "
                 + ", ".join(f"{u.phase} {u.unit}" for u in reverted)
             )
-        if self.holdout_error_before is not None and self.holdout_error_after is not None:
+        if None not in (
+            self.holdout_error_before,
+            self.holdout_error_after,
+            self.holdout_bias_before,
+            self.holdout_bias_after,
+        ):
+            undone = ": higher, the whole run was undone (the UNet is as calibrated)"
             lines.append(
                 f"  UNet output error on held-out rows {self.holdout_error_before:.4g} -> "
-                f"{self.holdout_error_after:.4g}"
-                + (
-                    ": higher, the whole run was undone (the UNet is as calibrated)"
-                    if self.model_reverted
-                    else ""
-                )
+                f"{self.holdout_error_after:.4g}, its mean (bias) {self.holdout_bias_before:.4g} -> "
+                f"{self.holdout_bias_after:.4g}" + (undone if self.model_reverted else "")
             )
         return "\n".join(lines)
 

@@ -38,7 +38,7 @@ from diffusers_ptq.reconstruction.config import ReconstructionConfig
 from diffusers_ptq.reconstruction.lsq import restore_scales, snapshot_scales
 from diffusers_ptq.reconstruction.report import ReconstructionReport, UnitReport
 from diffusers_ptq.reconstruction.rounding import bake_layers, restore_rounding, unwrap_layer, wrapped_layers
-from diffusers_ptq.reconstruction.safeguard import mean_squared_error, model_outputs, split_rows
+from diffusers_ptq.reconstruction.safeguard import model_outputs, output_errors, split_rows
 from diffusers_ptq.reconstruction.trainer import Phase, seeded, train_unit
 from diffusers_ptq.reconstruction.units import Unit
 
@@ -275,23 +275,26 @@ def reconstruct(
     done = False
     try:
         unet.eval()
-        reference, report.holdout_error_before = _holdout_error(unet, calibration_set, holdout_rows, config)
+        reference, before = _holdout_error(unet, calibration_set, holdout_rows, config)
+        report.holdout_error_before, report.holdout_bias_before = before
         for p in unet.parameters():
             p.requires_grad_(False)
         for index, ((phase, unit), weight) in enumerate(zip(steps, weights)):
             report.units.append(run.step(phase, unit, index, weight))
         bake_layers(wrapped_layers(unet))
         saved.restore_switches()
-        _, report.holdout_error_after = _holdout_error(
-            unet, calibration_set, rows[split[1]], config, reference
-        )
-        if report.holdout_error_after > report.holdout_error_before:
+        _, after = _holdout_error(unet, calibration_set, holdout_rows, config, reference)
+        report.holdout_error_after, report.holdout_bias_after = after
+        if after[0] > before[0] or after[1] > before[1]:
             logger.warning(
                 "reconstruction: the UNet's noise-prediction error on %d held-out calibration rows rose "
-                "(%.4g -> %.4g); every unit is put back to where the run started",
-                len(split[1]),
-                report.holdout_error_before,
-                report.holdout_error_after,
+                "(mean square %.4g -> %.4g, its mean over the rows %.4g -> %.4g); every unit is put back "
+                "to where the run started",
+                len(holdout_rows),
+                before[0],
+                after[0],
+                before[1],
+                after[1],
             )
             saved.undo()
             report.model_reverted = True
@@ -312,8 +315,8 @@ def _holdout_error(
     rows: torch.Tensor,
     config: ReconstructionConfig,
     reference: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, float]:
-    """(float outputs on `rows`, mean squared error of the UNet's outputs, as it is switched, from them)."""
+) -> tuple[torch.Tensor, tuple[float, float]]:
+    """(float outputs on `rows`, `output_errors` of the UNet's outputs, as it is switched, from them)."""
     switches = [
         (m, m.enabled) for m in unet.modules() if isinstance(m, TimestepActQuantizer | WeightQuantizer)
     ]
@@ -324,7 +327,7 @@ def _holdout_error(
         finally:
             for m, enabled in switches:
                 m.enabled = enabled
-    return reference, mean_squared_error(model_outputs(unet, data, rows, config.cache_batch_size), reference)
+    return reference, output_errors(model_outputs(unet, data, rows, config.cache_batch_size), reference)
 
 
 @dataclass

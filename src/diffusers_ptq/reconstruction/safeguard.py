@@ -10,8 +10,8 @@ went down; otherwise `StartingPoint.restore` puts back its weight quantizers and
 `reconstruct` holds out the same calibration rows from every unit, so they are unseen by the whole run, and
 checks the model as a whole on them too: units that each improved can still add up to a worse UNet (they
 were judged one at a time, the weight pass with activations float). If the reconstructed UNet's noise
-prediction is further from the float UNet's on those rows than the calibrated UNet's was, the whole run is
-undone.
+prediction is further from the float UNet's on those rows than the calibrated UNet's was, in mean squared
+error or in the mean of its error over the rows (its systematic part), the whole run is undone.
 """
 
 from __future__ import annotations
@@ -67,5 +67,8 @@ def model_outputs(unet: nn.Module, data: CalibrationSet, rows: torch.Tensor, bat
     return torch.cat(outputs)
 
 
-def mean_squared_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).pow(2).mean())
+def output_errors(outputs: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """(mean squared error, mean square of the error's mean over the rows): the second is the systematic
+    part the sampler adds up over its steps, which the first barely sees."""
+    error = outputs - reference
+    return float(error.pow(2).mean()), float(error.mean(dim=0).pow(2).mean())
