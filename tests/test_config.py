@@ -147,6 +147,7 @@ def _non_default_config() -> PTQConfig:
             cache_dtype="float32",
             cache_batch_size=4,
             max_minutes=1.5,
+            holdout=0.3,
             seed=9,
         ),
     )

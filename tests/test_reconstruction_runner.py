@@ -78,13 +78,18 @@ def test_sequential_reconstruction_brings_the_unet_closer_to_float():
     weights = [u for u in report.units if u.phase == "weights"]
     assert [u.phase for u in report.units] == ["weights"] * len(weights) + ["acts"] * len(weights)
     assert sum(u.loss_after < u.loss_before for u in weights) >= 0.8 * len(weights)
-    assert all(u.iterations == 30 and u.status == "trained" for u in weights)
-    changed = [
+    # A unit whose held-out loss did not go down is reverted (test_reconstruction_safeguard.py).
+    assert all(u.iterations == 30 and u.status in ("trained", "reverted") for u in weights)
+    changed = {
         n
         for n, m in unet.named_modules()
         if isinstance(m, TimestepActQuantizer) and not torch.equal(m.scale, scales[n])
-    ]
-    assert len(changed) > 0.9 * len(scales), "LSQ moved the step sizes"
+    }
+    owners = {u.name: u.act_quantizers for u in reconstruction_units(unet, fast_config(), data)}
+    acts = [u for u in report.units if u.phase == "acts"]
+    assert any(u.status == "trained" for u in acts)
+    for u in acts:  # LSQ moved the step sizes of every unit that kept them, and of no reverted one
+        assert all((q in changed) == (u.status == "trained") for q in owners[u.unit]), u.unit
     assert [p.requires_grad for p in unet.parameters()] == grads and not unet.training
     assert "weights" in str(report) and report.rows == ROWS
 
@@ -134,7 +139,8 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, monkeyp
     resumed = reconstruct(
         unet, data, config.replace(max_minutes=60.0), checkpoint_dir=tmp_path / "ckpt", progress=False
     )
-    assert [u.status for u in resumed.units] == ["resumed"] * 21 + ["trained"] * (len(expected.units) - 21)
+    stored = ["reverted" if u.status == "reverted" else "resumed" for u in expected.units[:21]]
+    assert [u.status for u in resumed.units] == stored + [u.status for u in expected.units[21:]]
     assert [u.loss_after for u in resumed.units] == [u.loss_after for u in expected.units]
     assert _same_state(_state(unet), _state(reference))
     assert torch.equal(_output(unet), _output(reference))
@@ -173,9 +179,9 @@ def test_max_minutes_caps_the_run():
     unet, data = quantized("unet2d", rows=ROWS)
     config = fast_config(iterations=10**6, act_iterations=10**6, cache_batch_size=ROWS, max_minutes=0.02)
     report = reconstruct(unet, data, config, progress=False)
-    trained = [u for u in report.units if u.status == "trained"]
+    ran = [u for u in report.units if u.status in ("trained", "reverted")]
     assert all(u.iterations < 10**6 for u in report.units)
-    assert sum(u.iterations for u in trained) > 0
+    assert sum(u.iterations for u in ran) > 0
     assert report.seconds < 0.02 * 60 + 20  # the budget plus caching and evaluation overheads
 
 

@@ -1,9 +1,12 @@
 """A wall-clock budget (`max_minutes`) shared by the units still to reconstruct.
 
 Before a unit trains, time is set aside for the caching and evaluation of the units after it (at the
-average cost measured so far); of the rest, the unit gets the share that its configured iterations are of
-all remaining configured iterations, and trains for as many steps as fit in that share at its measured
-speed (at most its configured iterations). Time a unit leaves unused goes to later units.
+largest cost measured so far: deeper units cost more to cache); of the rest, the unit gets the share that
+its configured iterations are of all remaining configured iterations. Its iteration count is fixed before
+its first step, from the measured time of a few real optimiser steps, as as many steps as fit in that share
+(at most its configured iterations), and its schedules are laid over that count. It then runs them all: a
+unit is never stopped half-way through its schedule. A unit the share fits no step of is not started.
+Time a unit leaves unused goes to later units.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ class Budget:
         if not self.limited:
             return math.inf
         later = max(self.remaining_units - 1, 0)
-        reserve = later * sum(self.overheads) / len(self.overheads) if self.overheads else 0.0
+        reserve = later * max(self.overheads) if self.overheads else 0.0
         available = max(self.remaining_seconds() - reserve, 0.0)
         if self.remaining_weight <= 0:
             return available

@@ -99,8 +99,14 @@ class ReconstructionConfig:
     cache_batch_size: int = _field(16, "rows per UNet forward while building a block's cache")
     max_minutes: float | None = _field(
         None,
-        "time budget of the whole call: each block's iterations are capped so that the remaining "
-        "blocks share the remaining time in proportion to their configured iterations; None: no budget",
+        "time budget of the whole call: each block's iteration count is set before it trains so that the "
+        "remaining blocks share the remaining time in proportion to their configured iterations, and its "
+        "schedules are laid over that count; None: no budget",
+    )
+    holdout: float = _field(
+        0.2,
+        "share of each unit's cached rows held out of its training (at most 64): the unit keeps what it "
+        "learned only if its block loss on them went down, else it reverts to its starting point",
     )
     seed: int = _field(0, "seed of the row subset, the mini-batches and the QDrop masks")
 
@@ -132,6 +138,7 @@ class ReconstructionConfig:
         _check_int(f"{path}.cache_batch_size", self.cache_batch_size, 1)
         if self.max_minutes is not None:
             _check_float(f"{path}.max_minutes", self.max_minutes, 0.0, 1e7, open_lo=True)
+        _check_float(f"{path}.holdout", self.holdout, 0.0, 0.5, open_lo=True)
         _check_int(f"{path}.seed", self.seed, 0)
         if self.weight_rounding == "nearest" and not self.learn_act_scales:
             raise ValueError(

@@ -8,8 +8,10 @@ from typing import Any
 
 @dataclass
 class UnitReport:
-    """One unit in one pass. Losses are the block output error on a fixed set of cached rows with hard
-    rounding (`loss_before`: round-to-nearest / initial step sizes)."""
+    """One unit in one pass. Losses are the block output error with hard rounding, `*_before` at the unit's
+    starting point and `*_after` when its training ended: `loss_*` on up to 64 of the rows it trained on,
+    `holdout_*` on `holdout_rows` cached rows it never trained on. A unit whose held-out loss did not go
+    down is 'reverted': it is back at its starting point exactly, whatever it learned is dropped."""
 
     unit: str
     kind: str
@@ -20,7 +22,12 @@ class UnitReport:
     rounding_binary: float | None = None  # share of h(V) at 0 or 1 when training stopped
     seconds: float = 0.0
     train_seconds: float = 0.0
-    status: str = "trained"  # "trained" | "resumed" (from the checkpoint) | "skipped" (budget exhausted)
+    # "trained" (kept) | "reverted" (held-out loss not lower: starting point restored) | "resumed" (from the
+    # checkpoint) | "skipped" (not started: the time budget left it no iteration)
+    status: str = "trained"
+    holdout_before: float | None = None
+    holdout_after: float | None = None
+    holdout_rows: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -36,6 +43,14 @@ class ReconstructionReport:
     rows: int
     units: list[UnitReport] = field(default_factory=list)
     seconds: float = 0.0
+    # Mean squared distance of the UNet's output from the float UNet's on the held-out calibration rows, and
+    # the mean square of that error's mean over the rows (bias), before and after the run;
+    # `model_reverted`: one of them rose, and the whole run was undone.
+    holdout_error_before: float | None = None
+    holdout_error_after: float | None = None
+    holdout_bias_before: float | None = None
+    holdout_bias_after: float | None = None
+    model_reverted: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -43,12 +58,27 @@ class ReconstructionReport:
             "rows": self.rows,
             "units": [u.to_dict() for u in self.units],
             "seconds": self.seconds,
+            "holdout_error_before": self.holdout_error_before,
+            "holdout_error_after": self.holdout_error_after,
+            "holdout_bias_before": self.holdout_bias_before,
+            "holdout_bias_after": self.holdout_bias_after,
+            "model_reverted": self.model_reverted,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReconstructionReport:
         units = [UnitReport.from_dict(u) for u in data["units"]]
-        return cls(config=data["config"], rows=data["rows"], units=units, seconds=data["seconds"])
+        return cls(
+            config=data["config"],
+            rows=data["rows"],
+            units=units,
+            seconds=data["seconds"],
+            holdout_error_before=data.get("holdout_error_before"),
+            holdout_error_after=data.get("holdout_error_after"),
+            holdout_bias_before=data.get("holdout_bias_before"),
+            holdout_bias_after=data.get("holdout_bias_after"),
+            model_reverted=data.get("model_reverted", False),
+        )
 
     def __str__(self) -> str:
         lines = [
@@ -59,5 +89,30 @@ class ReconstructionReport:
             losses = ""
             if u.loss_before is not None and u.loss_after is not None:
                 losses = f"loss {u.loss_before:.4g} -> {u.loss_after:.4g}"
+            if u.holdout_before is not None and u.holdout_after is not None:
+                losses += f", held out {u.holdout_before:.4g} -> {u.holdout_after:.4g}"
             lines.append(f"  {u.phase:7s} {u.unit:55s} {u.status:8s} {u.iterations:6d} it  {losses}")
+        reverted = self.reverted
+        if reverted:
+            lines.append(
+                f"  {len(reverted)} reverted to their starting point (held-out loss not lower): "
+                + ", ".join(f"{u.phase} {u.unit}" for u in reverted)
+            )
+        if None not in (
+            self.holdout_error_before,
+            self.holdout_error_after,
+            self.holdout_bias_before,
+            self.holdout_bias_after,
+        ):
+            undone = ": higher, the whole run was undone (the UNet is as calibrated)"
+            lines.append(
+                f"  UNet output error on held-out rows {self.holdout_error_before:.4g} -> "
+                f"{self.holdout_error_after:.4g}, its mean (bias) {self.holdout_bias_before:.4g} -> "
+                f"{self.holdout_bias_after:.4g}" + (undone if self.model_reverted else "")
+            )
         return "\n".join(lines)
+
+    @property
+    def reverted(self) -> list[UnitReport]:
+        """The unit passes that kept nothing: their held-out loss did not go down."""
+        return [u for u in self.units if u.status == "reverted"]

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from diffusers_ptq.calibration import CalibrationSet
+from diffusers_ptq.initialise import set_quant_state
 from diffusers_ptq.nn.layers import QuantLayerMixin
 from diffusers_ptq.primitives import fake_quantize
 from diffusers_ptq.quantizers import TimestepActQuantizer, WeightQuantizer
@@ -37,6 +38,7 @@ from diffusers_ptq.reconstruction.config import ReconstructionConfig
 from diffusers_ptq.reconstruction.lsq import restore_scales, snapshot_scales
 from diffusers_ptq.reconstruction.report import ReconstructionReport, UnitReport
 from diffusers_ptq.reconstruction.rounding import bake_layers, restore_rounding, unwrap_layer, wrapped_layers
+from diffusers_ptq.reconstruction.safeguard import model_outputs, output_errors, split_rows
 from diffusers_ptq.reconstruction.trainer import Phase, seeded, train_unit
 from diffusers_ptq.reconstruction.units import Unit
 
@@ -254,6 +256,12 @@ def reconstruct(
         )
         checkpoint = ResumeCheckpoint(checkpoint_dir, identity)
     weights = [config.act_iterations if phase.name == "acts" else config.iterations for phase, _ in steps]
+    # The same rows are held out of every unit, so the whole run can be judged on them too.
+    split_gen = torch.Generator().manual_seed(seeded(config.seed, "holdout"))
+    split = split_rows(len(rows), config.holdout, split_gen)
+    holdout_rows = rows[split[1]]
+    report = ReconstructionReport(config=config.to_dict(), rows=len(rows))
+    saved = _SavedState(unet)
     run = _Run(
         unet=unet,
         data=calibration_set,
@@ -263,17 +271,34 @@ def reconstruct(
         checkpoint=checkpoint,
         total=len(steps),
         progress=progress,
+        split=split,
     )
-    report = ReconstructionReport(config=config.to_dict(), rows=len(rows))
-    saved = _SavedState(unet)
     done = False
     try:
         unet.eval()
+        reference, before = _holdout_error(unet, calibration_set, holdout_rows, config)
+        report.holdout_error_before, report.holdout_bias_before = before
         for p in unet.parameters():
             p.requires_grad_(False)
         for index, ((phase, unit), weight) in enumerate(zip(steps, weights)):
             report.units.append(run.step(phase, unit, index, weight))
         bake_layers(wrapped_layers(unet))
+        saved.restore_switches()
+        _, after = _holdout_error(unet, calibration_set, holdout_rows, config, reference)
+        report.holdout_error_after, report.holdout_bias_after = after
+        if after[0] > before[0] or after[1] > before[1]:
+            logger.warning(
+                "reconstruction: the UNet's noise-prediction error on %d held-out calibration rows rose "
+                "(mean square %.4g -> %.4g, its mean over the rows %.4g -> %.4g); every unit is put back "
+                "to where the run started",
+                len(holdout_rows),
+                before[0],
+                after[0],
+                before[1],
+                after[1],
+            )
+            saved.undo()
+            report.model_reverted = True
         done = True
     finally:
         if not done:
@@ -282,6 +307,28 @@ def reconstruct(
     report.seconds = time.perf_counter() - started
     logger.info("%s", report)
     return report
+
+
+@torch.no_grad()
+def _holdout_error(
+    unet: nn.Module,
+    data: CalibrationSet,
+    rows: torch.Tensor,
+    config: ReconstructionConfig,
+    reference: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, tuple[float, float]]:
+    """(float outputs on `rows`, `output_errors` of the UNet's outputs, as it is switched, from them)."""
+    switches = [
+        (m, m.enabled) for m in unet.modules() if isinstance(m, TimestepActQuantizer | WeightQuantizer)
+    ]
+    if reference is None:
+        set_quant_state(unet, weights=False, acts=False)
+        try:
+            reference = model_outputs(unet, data, rows, config.cache_batch_size)
+        finally:
+            for m, enabled in switches:
+                m.enabled = enabled
+    return reference, output_errors(model_outputs(unet, data, rows, config.cache_batch_size), reference)
 
 
 @dataclass
@@ -296,33 +343,40 @@ class _Run:
     checkpoint: ResumeCheckpoint | None
     total: int
     progress: bool
+    split: tuple[torch.Tensor, torch.Tensor]
     skipped_any: bool = False
 
     def step(self, phase: Phase, unit: Unit, index: int, weight: int) -> UnitReport:
         """Resume, skip (budget spent) or train `unit` in `phase`; `weight` is its configured iterations."""
         started = time.perf_counter()
-        report = self._step(phase, unit, index, weight)
+        report, cached = self._step(phase, unit, index, weight)
         overhead = None
-        if report.status == "trained":  # caching and evaluation: what later units will also spend
+        if cached:  # caching, timing and evaluation: what later units will also spend
             overhead = time.perf_counter() - started - report.train_seconds
         self.budget.spend(weight, overhead)
         return report
 
-    def _step(self, phase: Phase, unit: Unit, index: int, weight: int) -> UnitReport:
+    def _skip(self, phase: Phase, unit: Unit) -> UnitReport:
+        if not self.skipped_any:  # once: the report lists every skipped unit
+            logger.warning(
+                "reconstruction: the time budget leaves %s no iteration; it and every unit the budget "
+                "cannot fit keep their current rounding and scales (status 'skipped' in the report)",
+                unit.name,
+            )
+        self.skipped_any = True
+        return UnitReport(unit.name, unit.kind, phase.name, 0, status="skipped")
+
+    def _step(self, phase: Phase, unit: Unit, index: int, weight: int) -> tuple[UnitReport, bool]:
         unet, config, budget, checkpoint = self.unet, self.config, self.budget, self.checkpoint
         entry = checkpoint.entry(phase.name, unit.name) if checkpoint is not None else None
         if entry is not None:
-            _restore(unet, unit, phase, checkpoint, entry)
-            return UnitReport.from_dict({**entry["report"], "status": "resumed"})
-        if budget.exhausted():
-            if not self.skipped_any:  # once: every later unit is skipped too, and the report lists them
-                logger.warning(
-                    "reconstruction: time budget spent at %s; it and the units after it keep their current "
-                    "rounding and scales (status 'skipped' in the report)",
-                    unit.name,
-                )
-            self.skipped_any = True
-            return UnitReport(unit.name, unit.kind, phase.name, 0, status="skipped")
+            stored = entry["report"]
+            if stored.get("status") != "reverted":  # a reverted unit stayed at its starting point
+                _restore(unet, unit, phase, checkpoint, entry)
+            status = "reverted" if stored.get("status") == "reverted" else "resumed"
+            return UnitReport.from_dict({**stored, "status": status}), False
+        if budget.exhausted() or budget.share(weight) <= 0:  # no time left for it: not even cached
+            return self._skip(phase, unit), False
         cache = build_cache(
             unet,
             unit,
@@ -346,10 +400,14 @@ class _Run:
             phase,
             config,
             iterations,
+            configured=weight,
+            split=self.split,
             desc=f"{phase.name} {index + 1}/{self.total} {unit.name}",
             progress=self.progress,
         )
         del cache
+        if result.status == "skipped":  # not started: nothing to record, a resumed run may train it
+            return self._skip(phase, unit), True
         unit_report = UnitReport(
             unit=unit.name,
             kind=unit.kind,
@@ -360,18 +418,23 @@ class _Run:
             rounding_binary=result.rounding_binary,
             seconds=result.seconds,
             train_seconds=result.train_seconds,
+            status=result.status,
+            holdout_before=result.holdout_before,
+            holdout_after=result.holdout_after,
+            holdout_rows=result.holdout_rows,
         )
         logger.info(
-            "reconstruction: %s %d/%d %s: %d it, loss %.4g -> %.4g",
+            "reconstruction: %s %d/%d %s: %d it, held-out loss %.4g -> %.4g%s",
             phase.name,
             index + 1,
             self.total,
             unit.name,
             result.iterations,
-            result.loss_before,
-            result.loss_after,
+            result.holdout_before,
+            result.holdout_after,
+            " (not lower: reverted to its starting point)" if result.status == "reverted" else "",
         )
         if checkpoint is not None:
-            tensors, shapes = _learned(unet, unit, phase)
+            tensors, shapes = _learned(unet, unit, phase) if result.status == "trained" else ({}, {})
             checkpoint.save(phase.name, index, unit.name, tensors, shapes, unit_report.to_dict())
-        return unit_report
+        return unit_report, True

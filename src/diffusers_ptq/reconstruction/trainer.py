@@ -28,9 +28,11 @@ from diffusers_ptq.reconstruction.lsq import (
     qdrop,
 )
 from diffusers_ptq.reconstruction.rounding import wrap_layer
+from diffusers_ptq.reconstruction.safeguard import StartingPoint, split_rows
 
 EVAL_ROWS = 64
-PROBE_STEPS = 2
+PROBE_STEPS = 3
+MAX_ROUNDING_LR = 1.0
 
 
 @dataclass(frozen=True)
@@ -48,11 +50,15 @@ class Phase:
 @dataclass
 class TrainResult:
     iterations: int
-    loss_before: float
+    loss_before: float  # block loss on up to EVAL_ROWS training rows, hard rounding
     loss_after: float
     rounding_binary: float | None
     seconds: float  # the whole call
     train_seconds: float  # the optimisation steps alone
+    status: str = "trained"  # "trained" (kept) | "reverted" (held-out loss not lower) | "skipped" (0 steps)
+    holdout_before: float | None = None  # the same on the held-out rows: what decides kept / reverted
+    holdout_after: float | None = None
+    holdout_rows: int = 0
 
 
 def seeded(seed: int, *parts: object) -> int:
@@ -110,86 +116,94 @@ def train_unit(
     config: ReconstructionConfig,
     iterations: int | Callable[[float], int],
     *,
+    configured: int | None = None,
+    split: tuple[torch.Tensor, torch.Tensor] | None = None,
     desc: str = "",
     progress: bool = True,
 ) -> TrainResult:
     """Optimise `cache.unit` for `iterations` steps (or as many as the callback allows given the measured
-    seconds per step); AdaRound roundings are frozen and step sizes fixed when it returns."""
+    seconds per step), then keep the result only if the held-out block loss went down (`safeguard.py`).
+    `split` is (training rows, held-out rows) of the cache; None: `config.holdout` of them, seeded.
+
+    Every schedule (warm-up, beta, learning-rate decay) spans the iterations actually run. When they are
+    fewer than `configured` (the pass's configured iterations, cut by a time budget), the AdaRound learning
+    rate is raised (`rounding_lr`). Step-size learning rates are not (an Adam step moves a step size by
+    about its learning rate in absolute units). With zero iterations the unit is not started. AdaRound
+    roundings are frozen and step sizes fixed on return.
+    """
     start_time = time.perf_counter()
     unit = cache.unit
-    rounding: list[AdaRoundQuantizer] = []
-    if phase.learn_rounding:
-        for name in unit.layers:
-            rounding += wrap_layer(unet.get_submodule(name))
+    layers = [unet.get_submodule(name) for name in unit.layers] if phase.learn_rounding else []
     scales_owned = [unet.get_submodule(n) for n in unit.act_quantizers] if phase.learn_scales else []
+    start = StartingPoint(layers, scales_owned)
     step = _Step(unet, cache, phase, config.layer_loss_weight)
     inner = config.layer_loss_weight > 0 and bool(unit.inner_layers)
     n = len(cache)
-    eval_gen = torch.Generator().manual_seed(seeded(config.seed, "eval", unit.name))
-    eval_rows = torch.randperm(n, generator=eval_gen)[: min(EVAL_ROWS, n)]
-    batch_size = min(config.batch_size, n)
+    if split is None:
+        split = split_rows(n, config.holdout, torch.Generator().manual_seed(seeded(config.seed, "holdout")))
+    train_rows, holdout = split
+    batch_size = min(config.batch_size, len(train_rows))
     drop = unit.executed_act_quantizers(unet) if phase.qdrop_prob > 0 else []
 
-    _set_mode(rounding, "hard")
-    loss_before = step.evaluate(eval_rows, config.cache_batch_size)
-    _set_mode(rounding, "soft")
-    params = [
-        {"params": [q.v for q in rounding], "lr": config.weight_lr, "schedule": config.weight_lr_schedule},
+    eval_gen = torch.Generator().manual_seed(seeded(config.seed, "eval", unit.name))
+    eval_rows = train_rows[torch.randperm(len(train_rows), generator=eval_gen)[:EVAL_ROWS]]
+    chunk = config.cache_batch_size
+    # The starting point, measured before any wrapping: what a reverted unit goes back to.
+    loss_before, holdout_before = step.evaluate(eval_rows, chunk), step.evaluate(holdout, chunk)
+    rounding: list[AdaRoundQuantizer] = [q for layer in layers for q in wrap_layer(layer)]
+    groups = [
+        {
+            "params": [q.v for q in rounding],
+            "lr": config.weight_lr,
+            "schedule": config.weight_lr_schedule,
+            "rounding": True,
+        },
         {
             "params": enable_scale_learning(scales_owned),
             "lr": config.act_lr,
             "schedule": config.act_lr_schedule,
         },
     ]
-    params = [g for g in params if g["params"]]
+    groups = [g for g in groups if g["params"]]
+    kept = False
+    binary = None
+    loss_after, holdout_after = loss_before, holdout_before
+    train_seconds = 0.0
     try:
+        loop = _Loop(step, config, phase, rounding, scales_owned, drop, train_rows, batch_size, inner)
         if callable(iterations):
-            iterations = iterations(_probe(step, n, batch_size, inner, params))
-        if not params:
+            iterations = iterations(_probe(loop, groups))
+        if not groups:
             iterations = 0
-        gen = torch.Generator().manual_seed(seeded(config.seed, phase.name, unit.name))
-        drop_gen = torch.Generator(device=step.device).manual_seed(seeded(config.seed, "qdrop", unit.name))
-        optimizer = (
-            torch.optim.Adam([{"params": g["params"], "lr": g["lr"]} for g in params]) if params else None
-        )
-        schedules = [g["schedule"] for g in params]
-        beta = BetaSchedule(iterations, config.warmup, config.beta_start, config.beta_end)
-        regularise = phase.learn_rounding and config.round_weight > 0
-        every = max(1, iterations // 100)
-        loop_start = time.perf_counter()
-        bar = tqdm(range(iterations), desc=desc, unit="it", leave=False, disable=not progress)
-        for it in bar:
-            index = torch.randperm(n, generator=gen)[:batch_size]
-            with qdrop(drop, phase.qdrop_prob, drop_gen):
-                out_loss, loss = step.losses(step.batch(index), inner)
-            reg = None
-            if regularise and beta.active(it + 1):
-                b = beta.beta(it + 1)
-                reg = config.round_weight * sum(q.regulariser(b) for q in rounding)
-                loss = loss + reg
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            clamp_scales(scales_owned)
-            for group, schedule, base in zip(optimizer.param_groups, schedules, [g["lr"] for g in params]):
-                group["lr"] = base * lr_factor(schedule, it + 1, iterations)
-            if it % every == 0 or it == iterations - 1:
-                postfix = {"loss": f"{float(loss.detach()):.4g}", "rec": f"{float(out_loss.detach()):.4g}"}
-                if reg is not None:
-                    postfix["round"] = f"{float(reg.detach()):.4g}"
-                bar.set_postfix(postfix)  # at most ~100 refreshes per unit
-        bar.close()
-        train_seconds = time.perf_counter() - loop_start
-        binary = None
-        if rounding:
-            fractions = [(q.binary_fraction(), q.v.numel()) for q in rounding]
-            binary = sum(f * k for f, k in fractions) / sum(k for _, k in fractions)
-        _set_mode(rounding, "hard")
-        loss_after = step.evaluate(eval_rows, config.cache_batch_size)
+        configured = iterations if configured is None else configured
+        if iterations > 0:
+            base_lrs = [
+                rounding_lr(g["lr"], iterations, configured) if g.get("rounding") else g["lr"] for g in groups
+            ]
+            loop_start = time.perf_counter()
+            loop.run(
+                iterations,
+                groups,
+                base_lrs,
+                torch.Generator().manual_seed(seeded(config.seed, phase.name, unit.name)),
+                torch.Generator(device=step.device).manual_seed(seeded(config.seed, "qdrop", unit.name)),
+                desc,
+                progress,
+            )
+            train_seconds = time.perf_counter() - loop_start
+            if rounding:
+                fractions = [(q.binary_fraction(), q.v.numel()) for q in rounding]
+                binary = sum(f * k for f, k in fractions) / sum(k for _, k in fractions)
+            _set_mode(rounding, "hard")
+            loss_after, holdout_after = step.evaluate(eval_rows, chunk), step.evaluate(holdout, chunk)
+            kept = holdout_after < holdout_before
     finally:
         for q in rounding:
             q.freeze()
         disable_scale_learning(scales_owned)
+        if not kept:
+            start.restore()
+    status = "trained" if kept else ("reverted" if iterations > 0 else "skipped")
     return TrainResult(
         iterations=iterations,
         loss_before=loss_before,
@@ -197,22 +211,116 @@ def train_unit(
         rounding_binary=binary,
         seconds=time.perf_counter() - start_time,
         train_seconds=train_seconds,
+        status=status,
+        holdout_before=holdout_before,
+        holdout_after=holdout_after,
+        holdout_rows=len(holdout),
     )
 
 
-def _probe(step: _Step, n: int, batch_size: int, inner: bool, params: list[dict]) -> float:
-    """Seconds per optimiser step, timed on forward + backward without stepping (nothing changes)."""
-    tensors = [p for g in params for p in g["params"]]
+def rounding_lr(lr: float, iterations: int, configured: int) -> float:
+    """AdaRound learning rate of a schedule of `iterations` steps cut from `configured`.
+
+    An Adam step moves V by about the learning rate, so the product iterations x lr is how far V can travel
+    towards binary rounding; it is kept at the configured schedule's, with each step at most MAX_ROUNDING_LR
+    (h(V) is binary beyond |V| = ln 11 = 2.4: a larger step jumps across the whole soft range).
+    """
+    if iterations <= 0 or configured <= iterations:
+        return lr
+    return max(lr, min(lr * configured / iterations, MAX_ROUNDING_LR))
+
+
+class _Loop:
+    """The optimisation steps of one unit (shared by the timing probe and the real run)."""
+
+    def __init__(
+        self,
+        step: _Step,
+        config: ReconstructionConfig,
+        phase: Phase,
+        rounding: list[AdaRoundQuantizer],
+        scales: list,
+        drop: list,
+        rows: torch.Tensor,
+        batch_size: int,
+        inner: bool,
+    ) -> None:
+        self.step, self.config, self.phase = step, config, phase
+        self.rounding, self.scales, self.drop = rounding, scales, drop
+        self.rows, self.batch_size, self.inner = rows, batch_size, inner
+        self.regularise = phase.learn_rounding and config.round_weight > 0
+
+    def one(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gen: torch.Generator,
+        drop_gen: torch.Generator,
+        beta: float | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        index = self.rows[torch.randperm(len(self.rows), generator=gen)[: self.batch_size]]
+        with qdrop(self.drop, self.phase.qdrop_prob, drop_gen):
+            out_loss, loss = self.step.losses(self.step.batch(index), self.inner)
+        reg = None
+        if beta is not None:
+            reg = self.config.round_weight * sum(q.regulariser(beta) for q in self.rounding)
+            loss = loss + reg
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        clamp_scales(self.scales)
+        return out_loss, loss, reg
+
+    def run(
+        self,
+        iterations: int,
+        groups: list[dict],
+        base_lrs: list[float],
+        gen: torch.Generator,
+        drop_gen: torch.Generator,
+        desc: str,
+        progress: bool,
+    ) -> None:
+        config = self.config
+        optimizer = torch.optim.Adam([{"params": g["params"], "lr": lr} for g, lr in zip(groups, base_lrs)])
+        schedules = [g["schedule"] for g in groups]
+        beta = BetaSchedule(iterations, config.warmup, config.beta_start, config.beta_end)
+        every = max(1, iterations // 100)
+        bar = tqdm(range(iterations), desc=desc, unit="it", leave=False, disable=not progress)
+        for it in bar:
+            b = beta.beta(it + 1) if self.regularise and beta.active(it + 1) else None
+            out_loss, loss, reg = self.one(optimizer, gen, drop_gen, b)
+            for group, schedule, base in zip(optimizer.param_groups, schedules, base_lrs):
+                group["lr"] = base * lr_factor(schedule, it + 1, iterations)
+            if it % every == 0 or it == iterations - 1:
+                postfix = {"loss": f"{float(loss.detach()):.4g}", "rec": f"{float(out_loss.detach()):.4g}"}
+                if reg is not None:
+                    postfix["round"] = f"{float(reg.detach()):.4g}"
+                bar.set_postfix(postfix)  # at most ~100 refreshes per unit
+        bar.close()
+
+
+def _probe(loop: _Loop, groups: list[dict]) -> float:
+    """Seconds per optimiser step, timed on PROBE_STEPS real steps (optimiser and regulariser included)
+    from which every trained tensor is then put back, so nothing changes."""
+    tensors = [p for g in groups for p in g["params"]]
+    if not tensors:
+        return 0.0
+    saved = [t.detach().clone() for t in tensors]
+    optimizer = torch.optim.Adam([{"params": g["params"], "lr": g["lr"]} for g in groups])
     gen = torch.Generator().manual_seed(0)
+    drop_gen = torch.Generator(device=loop.step.device).manual_seed(0)
+    beta = loop.config.beta_start if loop.regularise else None
     seconds = []
-    for _ in range(PROBE_STEPS):
-        started = time.perf_counter()
-        _, loss = step.losses(step.batch(torch.randperm(n, generator=gen)[:batch_size]), inner)
-        if loss.requires_grad:
-            loss.backward()
-        if step.device.type == "cuda":
-            torch.cuda.synchronize(step.device)
-        seconds.append(time.perf_counter() - started)
-    for t in tensors:
-        t.grad = None
-    return min(seconds)
+    try:
+        for _ in range(PROBE_STEPS):
+            started = time.perf_counter()
+            loop.one(optimizer, gen, drop_gen, beta)
+            if loop.step.device.type == "cuda":
+                torch.cuda.synchronize(loop.step.device)
+            seconds.append(time.perf_counter() - started)
+    finally:
+        with torch.no_grad():
+            for t, value in zip(tensors, saved):
+                t.copy_(value)
+                t.grad = None
+    return sorted(seconds)[len(seconds) // 2]
