@@ -108,9 +108,14 @@ def test_reconstruction_learns_rounding_on_the_group_grid(tmp_path):
     with pytest.warns(UserWarning, match=r"group_size=32"):
         quantize_pipeline(pipe, config, prompts=PROMPTS, **FAST)
     unet = pipe.unet
-    assert unet.ptq_state.reconstruction is not None
-    grouped = _grouped_layers(unet)
-    assert len(grouped) > 10
+    report = unet.ptq_state.reconstruction
+    assert report is not None and not report["model_reverted"]
+    # Units whose held-out loss did not fall revert to their float weights; the trained ones are baked.
+    trained = [u["unit"] for u in report["units"] if u["phase"] == "weights" and u["status"] == "trained"]
+    grouped = {
+        name: m for name, m in _grouped_layers(unet).items() if any(f"{name}.".startswith(f"{u}.") for u in trained)
+    }
+    assert len(grouped) >= 5
     for m in grouped.values():  # the float weight was replaced by one on the group grid
         for q, part in zip(m.weight_quantizers, m._weight_parts(m.weight.detach())):
             assert torch.equal(q(part), part)

@@ -50,8 +50,8 @@ def test_newer_format_version_is_refused(saved_ddim, tmp_path, where):
     [
         (lambda q: q.update(calibration_seed=3), r"unknown field\(s\) \['calibration_seed'\]"),
         (
-            lambda q: q["ptq_config"]["weights"].update(rounding="up"),
-            r"unknown key\(s\) \['weights.rounding'\]",
+            lambda q: q["ptq_config"]["weights"].update(rounding_mode="up"),
+            r"unknown key\(s\) \['weights.rounding_mode'\]",
         ),
         (lambda q: q.pop("ptq_config"), "has no 'ptq_config'"),
         (lambda q: q.update(num_timestep_groups=0), "num_timestep_groups=0 is invalid"),
