@@ -112,9 +112,8 @@ def test_reconstruction_learns_rounding_on_the_group_grid(tmp_path):
     assert report is not None and not report["model_reverted"]
     # Units whose held-out loss did not fall revert to their float weights; the trained ones are baked.
     trained = [u["unit"] for u in report["units"] if u["phase"] == "weights" and u["status"] == "trained"]
-    grouped = {
-        name: m for name, m in _grouped_layers(unet).items() if any(f"{name}.".startswith(f"{u}.") for u in trained)
-    }
+    layers = _grouped_layers(unet).items()
+    grouped = {name: m for name, m in layers if any(f"{name}.".startswith(f"{u}.") for u in trained)}
     assert len(grouped) >= 5
     for m in grouped.values():  # the float weight was replaced by one on the group grid
         for q, part in zip(m.weight_quantizers, m._weight_parts(m.weight.detach())):
