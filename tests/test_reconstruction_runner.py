@@ -232,4 +232,6 @@ def test_stable_diffusion_presets_run_end_to_end(kind):
     ):
         unet, data = quantized(kind, rows=ROWS)
         report = reconstruct(unet, data, config, progress=False)
-        assert all(u.status == "trained" for u in report.units)
+        # Every unit runs; one whose held-out loss did not fall reverts to its starting point.
+        assert all(u.status in ("trained", "reverted") for u in report.units)
+        assert any(u.status == "trained" for u in report.units)
