@@ -92,43 +92,39 @@ def save_image_grid(images: torch.Tensor, path: Path, columns: int = 8, scale: i
     picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(path)
 
 
-def save_sqnr_plot(result: BenchResult, path: Path) -> None:
-    """Noise-prediction SQNR against the float UNet, per sampling step, one line per quantized row."""
+def _per_step_plot(result: BenchResult, path: Path, values: str, ylabel: str, title: str, log: bool) -> None:
+    """One line per quantized row of `row.<values>` against the sampling timesteps."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     for row in result.rows:
-        if row.sqnr_per_step:
+        if getattr(row, values):
             style = "-" if row.preset == result.settings.presets[0] else "--"
-            ax.plot(result.timesteps, row.sqnr_per_step, style, label=row.name, linewidth=1.3)
+            ax.plot(result.timesteps, getattr(row, values), style, label=row.name, linewidth=1.3)
     ax.set_xlabel("timestep t (sampling runs left to right)")
-    ax.set_ylabel("noise-prediction SQNR vs float (dB)")
-    ax.set_title("Per-step error of the quantized UNet on float DDIM trajectories")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if log:
+        ax.set_yscale("log")
     ax.invert_xaxis()
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def save_sqnr_plot(result: BenchResult, path: Path) -> None:
+    """Noise-prediction SQNR against the float UNet, per sampling step, one line per quantized row."""
+    ylabel = "noise-prediction SQNR vs float (dB)"
+    title = "Per-step error of the quantized UNet on float DDIM trajectories"
+    _per_step_plot(result, path, "sqnr_per_step", ylabel, title, log=False)
 
 
 def save_bias_plot(result: BenchResult, path: Path) -> None:
     """Noise-prediction bias per sampling step (`mean_error_rms`), one line per quantized row, log scale."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    for row in result.rows:
-        if row.bias_per_step:
-            style = "-" if row.preset == result.settings.presets[0] else "--"
-            ax.plot(result.timesteps, row.bias_per_step, style, label=row.name, linewidth=1.3)
-    ax.set_xlabel("timestep t (sampling runs left to right)")
-    ax.set_ylabel("RMS over (C, H, W) of mean over samples of eps_q - eps")
-    ax.set_title("Per-step bias of the quantized UNet's noise prediction on float DDIM trajectories")
-    ax.set_yscale("log")
-    ax.invert_xaxis()
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    ylabel = "RMS over (C, H, W) of mean over samples of eps_q - eps"
+    title = "Per-step bias of the quantized UNet's noise prediction on float DDIM trajectories"
+    _per_step_plot(result, path, "bias_per_step", ylabel, title, log=True)
 
 
 def write_tables_and_grids(
