@@ -29,6 +29,7 @@ from diffusers_ptq.benchmark.metrics.fidelity import (
     load_stats,
     save_stats,
 )
+from diffusers_ptq.benchmark.quality.report import save_image_grid
 from diffusers_ptq.benchmark.quality.sampling import sample_images
 from diffusers_ptq.zoo.colour_classifier import (
     COLOUR_CLASSIFIER_FILE,
@@ -85,6 +86,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="skip training: measure the float DDPM's FD with the saved classifier and statistics and add it "
         "to the existing log (the DDPM and the classifier can then be trained at the same time)",
     )
+    parser.add_argument(
+        "--grid",
+        type=Path,
+        default=Path("benchmarks/results/colour_ddpm_float_grid.png"),
+        help="where the first 64 float samples go",
+    )
     parser.add_argument("--data-root", type=Path, default=None)
     parser.add_argument("--classifier-file", type=Path, default=COLOUR_CLASSIFIER_FILE)
     parser.add_argument("--stats-file", type=Path, default=STATS_FILE)
@@ -127,6 +134,8 @@ def float_fd(args: argparse.Namespace) -> dict[str, object]:
         colour_ddpm_pipeline("ddim"), args.fd_images, 0, args.fd_steps, 250, desc="float", progress=False
     )
     features, logits = classifier_outputs(model, images)
+    if args.grid is not None:
+        save_image_grid(images[:64], args.grid)
     return {
         "fd_float_ddpm": {
             "images": args.fd_images,
