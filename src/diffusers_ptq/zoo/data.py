@@ -64,10 +64,11 @@ def load_fashion_mnist(
     return images.clamp_(-1.0, 1.0), labels
 
 
-# Colour Fashion-MNIST: no colour image dataset is packaged offline (Debian has none, no PyPI wheel here ships
-# one), so the second benchmark model's data is made deterministically from the real Fashion-MNIST items:
-# each image gets its own foreground and background RGB colour (uniform, redrawn until they are at least
-# `_MIN_CONTRAST` apart), intensity i in [0, 1] maps to bg + (fg - bg) * i. Train and test differ in seed.
+# Colour Fashion-MNIST: no colour image dataset was found packaged for offline use (Debian's only image
+# dataset package is Fashion-MNIST), so the second benchmark model's data is made deterministically from the
+# real Fashion-MNIST items: each image gets its own foreground and background RGB colour (uniform, redrawn
+# until they are at least `_MIN_CONTRAST` apart), intensity i in [0, 1] maps to bg + (fg - bg) * i. Train and
+# test differ in seed.
 _COLOUR_SEEDS = {"train": 1, "test": 2}
 _MIN_CONTRAST = 0.5
 
