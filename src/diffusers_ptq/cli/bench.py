@@ -14,6 +14,7 @@ import torch
 from diffusers_ptq.benchmark.ablation.benchmark import ablation_rows, run_ablation
 from diffusers_ptq.benchmark.ablation.report import ablation_table, write_ablation_outputs
 from diffusers_ptq.benchmark.ablation.settings import SELECTORS, STUDIES, AblationSettings, parse_groups
+from diffusers_ptq.benchmark.metrics.colour_fashion import ColourFashionFidelity, matches_colour_model
 from diffusers_ptq.benchmark.metrics.fashion import FashionFidelity, matches_fashion_model
 from diffusers_ptq.benchmark.metrics.inception import (
     CombinedFidelity,
@@ -37,6 +38,7 @@ from diffusers_ptq.cli.bench_text import (
     text_overrides,
 )
 from diffusers_ptq.cli.common import (
+    COLOUR_MODEL,
     DEFAULT_MODEL,
     FASHION_MODEL,
     MODEL_HELP,
@@ -46,7 +48,14 @@ from diffusers_ptq.cli.common import (
     load_pipeline,
     resolve_device,
 )
-from diffusers_ptq.zoo.data import load_fashion_mnist
+from diffusers_ptq.zoo.data import load_colour_fashion, load_fashion_mnist
+
+# Each shipped model's FD/IS metric, the check that a pipeline generates its images, and its real test images
+# (for Inception FID when those weights are on disk).
+_ZOO_FIDELITY = {
+    FASHION_MODEL: (FashionFidelity, matches_fashion_model, lambda: load_fashion_mnist("test")[0]),
+    COLOUR_MODEL: (ColourFashionFidelity, matches_colour_model, lambda: load_colour_fashion("test")[0]),
+}
 
 
 def _ints(text: str) -> list[int]:
@@ -64,10 +73,11 @@ def add_parser(sub: Any) -> None:
         description="Sample the float model and each (preset, bit setting) with DDIM on the same noise\n"
         "seeds; "
         "write table.md, results.json, reference.md (what the metric says of real data and noise),\n"
-        "grids/<row>.png and sqnr_per_step.png into --output, atomically. FD/IS need the shipped\n"
-        "Fashion-MNIST classifier, so they are measured for --model fashion only; other unconditional\n"
-        "models get the noise SQNR alone. Text-to-image models (Stable Diffusion 1.x/2.x, SDXL) take\n"
-        "--prompts FILE and get the CLIP score when torchmetrics and cached CLIP weights are present.\n"
+        "grids/<row>.png and sqnr_per_step.png into --output, atomically. FD/IS need a shipped\n"
+        "classifier, so they are measured for --model fashion and colour-fashion only; other\n"
+        "unconditional models get the noise SQNR alone. Text-to-image models (Stable Diffusion\n"
+        "1.x/2.x, SDXL) take --prompts FILE and get the CLIP score when torchmetrics and cached CLIP\n"
+        "weights are present.\n"
         "--ablation groups|selectors|w4 runs the timestep-group, the calibration-selector or the\n"
         "4-bit-weight ablation instead (its own table.md, results.json, plot and grids).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -181,15 +191,16 @@ def _header(
 
 
 def _fidelity(model: str, pipe: Any) -> tuple[Any, FashionFidelity | None, list[str]]:
-    """The shipped classifier's FD/IS for the shipped model, plus real Inception FID when possible."""
-    if model != FASHION_MODEL or not matches_fashion_model(pipe):
+    """The shipped classifier's FD/IS for a shipped model, plus real Inception FID when possible."""
+    metric, matches, real_images = _ZOO_FIDELITY.get(model, (None, None, None))
+    if metric is None or not matches(pipe):
         print(f"diffusers-ptq: no classifier matches {model}: FD/IS skipped, noise SQNR still measured")
         return None, None, []
-    fashion = FashionFidelity()
+    fashion = metric()
     reason = inception_unavailable_reason()
     if reason is None:
         try:
-            real, _ = load_fashion_mnist("test")
+            real = real_images()
         except FileNotFoundError as err:
             reason = f"real FID/IS skipped: {err}"
         else:

@@ -14,7 +14,7 @@ from typing import Any
 
 from diffusers_ptq.benchmark.quality.settings import BenchSettings
 from diffusers_ptq.calibration.pipelines import spec_for_class_name
-from diffusers_ptq.cli.common import FASHION_MODEL, TINY_PREFIX
+from diffusers_ptq.cli.common import TINY_PREFIX, ZOO_MODELS
 from diffusers_ptq.tiny import PIPELINE_NAMES
 
 # The text-to-image ones among the tiny: pipelines (the others are unconditional DDPM/DDIM).
@@ -59,7 +59,7 @@ def _class_name(model: str) -> str | None:
 
 def model_text_conditioned(model: str) -> bool | None:
     """Whether --model is a text-to-image pipeline, without loading its weights; None: not known yet."""
-    if model == FASHION_MODEL:
+    if model in ZOO_MODELS:
         return False
     if model.startswith(TINY_PREFIX):
         name = model[len(TINY_PREFIX) :]

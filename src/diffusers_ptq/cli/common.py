@@ -14,6 +14,9 @@ from diffusers_ptq.tiny import PIPELINE_NAMES, build_tiny_pipeline
 
 TINY_PREFIX = "tiny:"
 FASHION_MODEL = "fashion"
+COLOUR_MODEL = "colour-fashion"
+# The DDPMs that ship in the package (offline, DDIM sampling), by --model name.
+ZOO_MODELS = (FASHION_MODEL, COLOUR_MODEL)
 DEFAULT_MODEL = FASHION_MODEL
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Used for text-conditioned pipelines when the command line gives no prompt.
@@ -29,7 +32,8 @@ DEFAULT_PROMPTS = [
 ]
 MODEL_HELP = (
     "Hub model id or local directory (diffusers.DiffusionPipeline.from_pretrained); 'fashion' for the "
-    "DDPM trained on Fashion-MNIST that ships with diffusers-ptq (offline, DDIM sampling); or one of "
+    "DDPM trained on Fashion-MNIST that ships with diffusers-ptq (offline, DDIM sampling); "
+    "'colour-fashion' for the second shipped DDPM (16x16 colour, cosine schedule, v-prediction); or one of "
     + ", ".join(TINY_PREFIX + n for n in PIPELINE_NAMES)
     + " (offline random-weight pipelines for plumbing tests)."
 )
@@ -49,11 +53,16 @@ def resolve_device(name: str | None, dtype_name: str | None) -> tuple[torch.devi
 
 
 def load_pipeline(model: str, device: torch.device, dtype: torch.dtype) -> Any:
-    """A pipeline from a Hub id / local path, the shipped 'fashion' DDPM, or a 'tiny:' pipeline."""
+    """A pipeline from a Hub id / local path, a shipped DDPM ('fashion', 'colour-fashion'), or a 'tiny:'
+    pipeline."""
     if model == FASHION_MODEL:
         from diffusers_ptq.zoo import fashion_ddpm_pipeline
 
         return fashion_ddpm_pipeline("ddim", dtype=dtype).to(device)
+    if model == COLOUR_MODEL:
+        from diffusers_ptq.zoo import colour_ddpm_pipeline
+
+        return colour_ddpm_pipeline("ddim", dtype=dtype).to(device)
     if model.startswith(TINY_PREFIX):
         pipe = build_tiny_pipeline(model[len(TINY_PREFIX) :])  # built in float32
         return pipe.to(device) if dtype == torch.float32 else pipe.to(device=device, dtype=dtype)

@@ -1,4 +1,5 @@
-"""The Fashion-MNIST DDPM shipped in the package: architecture, and offline loading as DDPM/DDIM pipelines."""
+"""The DDPMs shipped in the package (Fashion-MNIST; colour Fashion-MNIST): architectures, and offline loading
+as DDPM/DDIM pipelines."""
 
 from __future__ import annotations
 
@@ -39,6 +40,29 @@ FASHION_SCHEDULER_CONFIG: dict[str, Any] = {
 }
 SCHEDULERS = ("ddim", "ddpm")
 
+# The second benchmark model differs from the first where quantization cares: 3-channel colour input and
+# output at 16x16, three levels of (32, 64, 64) channels with attention only at the lowest (4x4) level and
+# four heads, a cosine (squaredcos_cap_v2) noise schedule and v-prediction instead of a linear schedule and
+# epsilon-prediction. Trained by `benchmarks/train_colour_ddpm.py` on colourised Fashion-MNIST.
+COLOUR_DDPM_DIR = ASSETS_DIR / "colour_ddpm"
+COLOUR_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 16,
+    "in_channels": 3,
+    "out_channels": 3,
+    "layers_per_block": 1,
+    "block_out_channels": (32, 64, 64),
+    "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+    "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    "norm_num_groups": 8,
+    "attention_head_dim": 16,
+}
+COLOUR_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "squaredcos_cap_v2",
+    "prediction_type": "v_prediction",
+    "clip_sample": True,
+}
+
 
 def sd15_unet_config() -> dict[str, Any]:
     """Stable Diffusion 1.5's UNet config as `UNet2DConditionModel.from_config` takes it."""
@@ -53,12 +77,24 @@ def new_fashion_unet() -> UNet2DModel:
     return UNet2DModel(**FASHION_UNET_CONFIG)
 
 
-def _require_weights() -> None:
-    if not (FASHION_DDPM_DIR / "unet" / "diffusion_pytorch_model.safetensors").is_file():
+def new_colour_unet() -> UNet2DModel:
+    """The second model's untrained architecture."""
+    return UNet2DModel(**COLOUR_UNET_CONFIG)
+
+
+def _require_weights(directory: Path = FASHION_DDPM_DIR, script: str = "train_fashion_ddpm.py") -> None:
+    if not (directory / "unet" / "diffusion_pytorch_model.safetensors").is_file():
         raise FileNotFoundError(
-            f"The Fashion-MNIST DDPM weights are missing from {FASHION_DDPM_DIR}; reinstall diffusers-ptq "
-            "or re-create them with `python benchmarks/train_fashion_ddpm.py`."
+            f"The DDPM weights are missing from {directory}; reinstall diffusers-ptq "
+            f"or re-create them with `python benchmarks/{script}`."
         )
+
+
+def _pipeline(directory: Path, unet: UNet2DModel, scheduler: str) -> DDIMPipeline | DDPMPipeline:
+    ddpm = DDPMScheduler.from_pretrained(directory, subfolder="scheduler")
+    if scheduler == "ddpm":
+        return DDPMPipeline(unet=unet, scheduler=ddpm)
+    return DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(ddpm.config))
 
 
 def fashion_ddpm_unet(dtype: torch.dtype = torch.float32) -> UNet2DModel:
@@ -76,8 +112,23 @@ def fashion_ddpm_pipeline(
     """
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler={scheduler!r} is not valid; choose one of {list(SCHEDULERS)}")
-    unet = fashion_ddpm_unet(dtype)
-    ddpm = DDPMScheduler.from_pretrained(FASHION_DDPM_DIR, subfolder="scheduler")
-    if scheduler == "ddpm":
-        return DDPMPipeline(unet=unet, scheduler=ddpm)
-    return DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(ddpm.config))
+    return _pipeline(FASHION_DDPM_DIR, fashion_ddpm_unet(dtype), scheduler)
+
+
+def colour_ddpm_unet(dtype: torch.dtype = torch.float32) -> UNet2DModel:
+    """The second model's trained UNet2DModel (16x16 RGB, v-prediction), loaded offline."""
+    _require_weights(COLOUR_DDPM_DIR, "train_colour_ddpm.py")
+    return UNet2DModel.from_pretrained(COLOUR_DDPM_DIR, subfolder="unet", torch_dtype=dtype)
+
+
+def colour_ddpm_pipeline(
+    scheduler: str = "ddim", dtype: torch.dtype = torch.float32
+) -> DDIMPipeline | DDPMPipeline:
+    """The colour Fashion-MNIST model as a `DDIMPipeline` (default) or `DDPMPipeline`, offline.
+
+    Its schedulers carry `prediction_type="v_prediction"` and the cosine betas, so both samplers convert the
+    UNet's v output themselves.
+    """
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler={scheduler!r} is not valid; choose one of {list(SCHEDULERS)}")
+    return _pipeline(COLOUR_DDPM_DIR, colour_ddpm_unet(dtype), scheduler)

@@ -24,18 +24,29 @@ class FashionFidelity:
     """FD against the 10k Fashion-MNIST test images, and the classifier's Inception-style score."""
 
     name = "fashion-mnist classifier (FD: 128-d features vs 10k test images)"
+    image_shape = IMAGE_SHAPE
+    stats_file = STATS_FILE
 
-    def __init__(self, classifier: FashionClassifier | None = None, stats_file: str | Path | None = None):
-        self.classifier = classifier if classifier is not None else load_fashion_classifier()
-        path = Path(stats_file) if stats_file is not None else STATS_FILE
+    def __init__(self, classifier: torch.nn.Module | None = None, stats_file: str | Path | None = None):
+        self.classifier = classifier if classifier is not None else self._load_classifier()
+        path = Path(stats_file) if stats_file is not None else self.stats_file
         if not path.is_file():
             raise FileNotFoundError(f"feature statistics not found at {path}")
         self.stats = load_stats(path)
 
+    def _load_classifier(self) -> FashionClassifier:
+        return load_fashion_classifier()
+
+    def _train_images(self) -> torch.Tensor:
+        """The real training images (FileNotFoundError when the dataset is not installed)."""
+        from diffusers_ptq.zoo.data import load_fashion_mnist
+
+        return load_fashion_mnist("train")[0]
+
     def _check(self, images: torch.Tensor) -> None:
-        if tuple(images.shape[1:]) != IMAGE_SHAPE:
+        if tuple(images.shape[1:]) != self.image_shape:
             raise ValueError(
-                f"the Fashion-MNIST classifier takes images of shape {IMAGE_SHAPE}, "
+                f"the {type(self).__name__} classifier takes images of shape {self.image_shape}, "
                 f"got {tuple(images.shape[1:])}"
             )
 
@@ -53,13 +64,11 @@ class FashionFidelity:
         out = {
             "real train (all 60k) vs test": {"FD": frechet_distance(self.stats["train"], self.stats["test"])},
             f"Gaussian noise ({num_images})": self.compute(
-                torch.randn((num_images, *IMAGE_SHAPE), generator=generator).clamp(-1, 1)
+                torch.randn((num_images, *self.image_shape), generator=generator).clamp(-1, 1)
             ),
         }
         try:
-            from diffusers_ptq.zoo.data import load_fashion_mnist
-
-            train, _ = load_fashion_mnist("train")
+            train = self._train_images()
         except FileNotFoundError:
             return out
         idx = torch.randperm(len(train), generator=generator)[:num_images]
@@ -67,11 +76,16 @@ class FashionFidelity:
         return out
 
 
-def matches_fashion_model(pipe: object) -> bool:
-    """True when the pipeline generates the classifier's images (1x32x32), as the shipped DDPM does."""
+def generates_shape(pipe: object, shape: tuple[int, int, int]) -> bool:
+    """True when the pipeline's UNet generates images of `shape` (C, H, W)."""
     config = getattr(getattr(pipe, "unet", None), "config", None)
     if config is None:
         return False
     size = config.sample_size
     size = size if isinstance(size, int) else size[0]
-    return (config.out_channels, size) == (IMAGE_SHAPE[0], IMAGE_SHAPE[1])
+    return (config.out_channels, size) == (shape[0], shape[1])
+
+
+def matches_fashion_model(pipe: object) -> bool:
+    """True when the pipeline generates the classifier's images (1x32x32), as the shipped DDPM does."""
+    return generates_shape(pipe, IMAGE_SHAPE)
