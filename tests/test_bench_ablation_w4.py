@@ -33,6 +33,7 @@ def _rest(config: PTQConfig) -> dict:
         data["weights"].pop(key)
     data["activations"].pop("timestep_groups")
     data.pop("bias_correction")
+    data.pop("layers")
     return data
 
 
@@ -51,11 +52,20 @@ def test_w4_rows_vary_exactly_their_part():
         "gptq G=8 bias=layer": ("gptq", "per_channel", None, "layer", 8),
         "gptq per-step": ("gptq", "per_channel", None, "off", "per_step"),
         "gptq per-step bias=layer": ("gptq", "per_channel", None, "layer", "per_step"),
+        "gptq bias=layer special=float": ("gptq", "per_channel", None, "layer", 1),
+        "gptq bias=layer mixed=2": ("gptq", "per_channel", None, "layer", 1),
+    }
+    kept = {
+        "gptq bias=layer special=float": ("float", "off"),
+        "gptq bias=layer mixed=2": ("8bit", "max_layers"),
     }
     assert set(expected) == set(VARIANTS)
     for label, parts in expected.items():
         config = rows[f"W4A8 {label}"].config
         assert tuple(_parts(config).values()) == parts, label
+        layers = config.to_dict()["layers"]
+        special, mode = kept.get(label, ("8bit", "off"))
+        assert (layers["special_layers"], layers["mixed_precision"]["mode"]) == (special, mode), label
         assert _rest(config) == _rest(base), label
         assert config.weights.bits == 4 and config.activations.bits == 8
         assert config.calibration.num_samples == 64 and not config.reconstruction.enabled
@@ -64,6 +74,14 @@ def test_w4_rows_vary_exactly_their_part():
     assert default.to_dict()["weights"] == shipped.to_dict()["weights"]
     assert default.bias_correction == shipped.bias_correction
     assert default.reconstruction == shipped.reconstruction
+
+
+def test_w4_rows_select_a_subset_in_study_order():
+    settings = AblationSettings(study="w4", rows=[DEFAULT_LABEL, "gptq bias=layer mixed=2", "nearest"])
+    names = [row.name for row in ablation_rows(settings)]
+    assert names == ["float", "W4A8 nearest", "W4A8 gptq bias=layer mixed=2", f"W4A8 {DEFAULT_LABEL}"]
+    mixed = ablation_rows(settings)[2].config.layers.mixed_precision
+    assert (mixed.max_layers, mixed.high_bits) == (2, None)
 
 
 def test_unknown_w4_row_names_the_valid_ones():
@@ -77,6 +95,8 @@ def test_unknown_w4_row_names_the_valid_ones():
         (["--search-epochs", "2"], "--search-epochs does not apply to --ablation w4"),
         (["--groups", "1,8"], "--groups applies to --ablation groups, not --ablation w4"),
         (["--bits", "W9A8"], "weights.bits=9 is invalid"),
+        (["--rows", "gptq,gptq G=4"], "rows: 'gptq G=4' is not a w4 row; choose from nearest, gptq"),
+        (["--rows", "gptq,gptq"], "rows: gptq listed more than once"),
     ],
 )
 def test_bad_w4_input_is_rejected_before_any_work(extra, message, tmp_path: Path, capsys) -> None:
@@ -104,6 +124,13 @@ def test_quick_w4_ablation_on_a_tiny_model(tmp_path: Path, capsys) -> None:
     assert rows["W4A8 gptq bias=layer"]["calibration_info"]["bias_correction"] is not None
     assert all(r["calibration_s"] > 0 for name, r in rows.items() if name != "float")
     table = (out / "table.md").read_text()
-    assert "| rounding | weight scales | bias correction | G |" in table and "noise bias ↓" in table
-    assert "| W4A8 gptq group 64 | gptq | group 64 | off | 1 |" in table
-    assert "| W4A8 gptq per-step bias=layer | gptq | per_channel | layer | per-step |" in table
+    assert (
+        "| rounding | weight scales | bias correction | G | layers off the grid |" in table
+        and "noise bias ↓" in table
+    )
+    assert "| W4A8 gptq group 64 | gptq | group 64 | off | 1 | special 8bit |" in table
+    assert (
+        "| W4A8 gptq bias=layer mixed=2 | gptq | per_channel | layer | 1 | special 8bit; 2 layers float"
+        in table
+    )
+    assert "| W4A8 gptq per-step bias=layer | gptq | per_channel | layer | per-step | special 8bit |" in table

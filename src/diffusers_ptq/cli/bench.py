@@ -249,8 +249,9 @@ def run(args: argparse.Namespace) -> int:
 
 # --ablation: options, which study each applies to, and the run.
 _SEARCH_OPTIONS = ("--search-epochs", "--search-images", "--search-lambda", "--search-init-logit")
-ABLATION_ONLY = ("--groups", "--selectors", "--sizes", *_SEARCH_OPTIONS, "--feature-samples")
+ABLATION_ONLY = ("--rows", "--groups", "--selectors", "--sizes", *_SEARCH_OPTIONS, "--feature-samples")
 _STUDY_OPTIONS = {
+    "--rows": "w4",
     "--groups": "groups",
     "--selectors": "selectors",
     "--sizes": "selectors",
@@ -270,6 +271,12 @@ def add_ablation_arguments(b: argparse.ArgumentParser) -> None:
         "Writes table.md, results.json, a plot and grids/ into --output; "
         "--calibration-samples sets the groups and w4 studies' calibration size. Default sampling: "
         f"{default.num_samples} images x seeds {','.join(map(str, default.seeds))}.",
+    )
+    b.add_argument(
+        "--rows",
+        type=_names,
+        help="--ablation w4: comma-separated row labels to run (e.g. 'nearest,gptq bias=layer,default "
+        "recipe'), in the study's order. Default: all.",
     )
     b.add_argument(
         "--groups",
@@ -353,7 +360,7 @@ def _ablation_settings(args: argparse.Namespace) -> AblationSettings:
     if args.sizes is not None:
         overrides["sizes"] = _sizes(args.sizes)
     names = (
-        "bits", "selectors", "search_epochs", "search_images", "search_lambda", "search_init_logit",
+        "bits", "rows", "selectors", "search_epochs", "search_images", "search_lambda", "search_init_logit",
         "feature_samples", "calibration_samples",
         "num_samples", "seeds", "num_inference_steps", "batch_size", "sqnr_samples",
     )  # fmt: skip

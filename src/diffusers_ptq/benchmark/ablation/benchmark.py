@@ -180,8 +180,9 @@ def selector_rows(settings: AblationSettings) -> list[AblationRow]:
 def w4_rows(settings: AblationSettings) -> list[AblationRow]:
     """Per bit setting, one row per 4-bit part (`ablation/w4.py`), then the default recipe."""
     rows = []
+    labels = [label for label in W4_ROWS if settings.rows is None or label in settings.rows]
     for tag, w, a in _bits(settings):
-        for label in W4_ROWS:
+        for label in labels:
             config = w4_recipe(label, w, a, settings.num_inference_steps, settings.calibration_samples)
             groups = config.activations.timestep_groups
             rows.append(AblationRow(f"{tag} {label}", w, a, groups=groups, config=config))

@@ -42,10 +42,10 @@ def ablation_table(result: AblationResult) -> str:
     float_fd = result.results[0].mean("FD")
     w4 = result.settings.study == "w4"
     if w4:
-        varied = ["rounding", "weight scales", "bias correction", "G"]
+        varied = ["rounding", "weight scales", "bias correction", "G", "layers off the grid"]
 
         def cells_of(spec: AblationRow) -> list[str]:
-            return ["–"] * 4 if spec.config is None else describe_recipe(spec.config)
+            return ["–"] * len(varied) if spec.config is None else describe_recipe(spec.config)
     elif result.settings.study == "groups":
         varied = ["G", "group search"]
 

@@ -85,6 +85,10 @@ class AblationSettings:
         default=None,
         metadata=_help("'density_diversity': trajectories of the float feature pass (None: eda-dm's 1,024)"),
     )
+    rows: list[str] | None = field(
+        default=None,
+        metadata=_help("'w4': the row labels to run, in the study's order (None: all of them)"),
+    )
     num_samples: int = field(default=250, metadata=_help("generated images per seed and row"))
     seeds: list[int] = field(default_factory=lambda: [0, 1], metadata=_help("noise seeds; rows are paired"))
     num_inference_steps: int = field(default=100, metadata=_help("DDIM steps for sampling and calibration"))
@@ -139,6 +143,7 @@ class AblationSettings:
             self._validate_groups()
         elif self.study == "selectors":
             self._validate_selectors()
+        self._validate_rows()
         for name in ("calibration_samples", "search_images", "feature_samples"):
             value = getattr(self, name)
             if value is not None and not _positive_int(value):
@@ -151,6 +156,21 @@ class AblationSettings:
         epochs = self.search_epochs
         if epochs is not None and not (_positive_int(epochs) or epochs == 0):
             raise ValueError(f"search_epochs={epochs!r} is invalid; expected None or an integer >= 0")
+
+    def _validate_rows(self) -> None:
+        if self.rows is None:
+            return
+        if self.study != "w4":
+            raise ValueError(f"rows={self.rows!r} applies to the 'w4' study only, not {self.study!r}")
+        # Imported here: w4.py builds PTQConfig recipes, which this settings module does not otherwise need.
+        from diffusers_ptq.benchmark.ablation.w4 import W4_ROWS
+
+        if not self.rows:
+            raise ValueError(f"rows=[] is invalid; expected some of {', '.join(W4_ROWS)}")
+        for label in self.rows:
+            if label not in W4_ROWS:
+                raise ValueError(f"rows: {label!r} is not a w4 row; choose from {', '.join(W4_ROWS)}")
+        _no_repeats("rows", self.rows)
 
     def _validate_groups(self) -> None:
         if not self.groups:

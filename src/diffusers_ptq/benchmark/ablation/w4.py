@@ -5,7 +5,10 @@ calibrated on the run's DDIM steps. Rows switch on, one at a time or in the pair
 second-order rounding (GPTQ), group-wise weight scales (128, 64 inputs per scale, on GPTQ), timestep-aware
 bias correction (`layer` tables, PTQD-style `output`), and timestep groups (G = 8 contiguous groups without
 search, per-step scales) with and without `layer` correction: whether timestep groups pay once the bias
-is corrected. The last row is the default recipe itself, whatever it is when the study runs.
+is corrected. Two rows keep layers off the 4-bit grid on top of GPTQ + `layer` correction: the special
+layers (conv_in, conv_out, time embeddings) float, or the two layers the sensitivity pass ranks worst
+(`layers.mixed_precision`, float) -- the model-agnostic form of the same idea. The last row is the default
+recipe itself, whatever it is when the study runs.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from diffusers_ptq.config import PTQConfig
 
 GPTQ: dict[str, Any] = {"rounding": "gptq"}
 G8: dict[str, Any] = {"timestep_groups": 8}
+# The two layers whose quantization alone hurts the noise prediction most stay float.
+MIXED_2: dict[str, Any] = {"mode": "max_layers", "max_layers": 2, "high_bits": None}
 DEFAULT_LABEL = "default recipe"
 # Row label -> overrides of the base recipe (weights / activations sections and bias_correction).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -32,6 +37,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "weights": GPTQ,
         "activations": {"timestep_groups": "per_step"},
         "bias_correction": "layer",
+    },
+    "gptq bias=layer special=float": {
+        "weights": GPTQ,
+        "bias_correction": "layer",
+        "layers": {"special_layers": "float"},
+    },
+    "gptq bias=layer mixed=2": {
+        "weights": GPTQ,
+        "bias_correction": "layer",
+        "layers": {"mixed_precision": MIXED_2},
     },
 }
 W4_ROWS = (*VARIANTS, DEFAULT_LABEL)
@@ -53,6 +68,7 @@ def w4_recipe(label: str, w: int, a: int, num_inference_steps: int, num_samples:
         method="ablation-w4",
         weights=dict(variant.get("weights", {})),
         activations=dict(variant.get("activations", {})),
+        layers=dict(variant.get("layers", {})),
         calibration=calibration,
         reconstruction={"enabled": False},
         bias_correction=variant.get("bias_correction", "off"),
@@ -60,7 +76,8 @@ def w4_recipe(label: str, w: int, a: int, num_inference_steps: int, num_samples:
 
 
 def describe_recipe(config: PTQConfig) -> list[str]:
-    """The table cells the study varies: rounding, weight scales, bias correction, timestep groups."""
+    """The table cells the study varies: rounding, weight scales, bias correction, timestep groups and
+    the layers kept off the low-bit grid."""
     weights = config.weights
     scales = f"group {weights.group_size}" if weights.granularity == "per_group" else weights.granularity
     groups = config.activations.timestep_groups
@@ -69,7 +86,21 @@ def describe_recipe(config: PTQConfig) -> list[str]:
         scales,
         config.bias_correction,
         "per-step" if groups == "per_step" else str(groups),
+        _kept(config),
     ]
+
+
+def _kept(config: PTQConfig) -> str:
+    layers = config.layers
+    mixed = layers.mixed_precision
+    special = f"special {layers.special_layers}"
+    if not mixed.enabled:
+        return special
+    high = "float" if mixed.high_bits is None else f"W{mixed.high_bits}"
+    budget = (
+        f"{mixed.max_layers} layers" if mixed.mode == "max_layers" else f"avg {mixed.avg_weight_bits} bits"
+    )
+    return f"{special}; {budget} {high} ({mixed.metric})"
 
 
 def w4_notes(calibration_samples: int | None) -> list[str]:
