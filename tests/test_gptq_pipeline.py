@@ -138,3 +138,15 @@ def test_gptq_weights_convert_to_integer_kernels(ddim_pipe):
     report = convert(unet)
     assert report.integer and not report.fallback
     assert_unet_agrees(unet(**inputs).sample, ref, float_ref)
+
+
+def test_weight_only_quantization_on_load_refuses_gptq(tmp_path):
+    """No calibration inputs while loading: GPTQ is refused, not silently replaced by nearest rounding."""
+    from diffusers import UNet2DModel
+
+    from diffusers_ptq import PTQQuantizationConfig
+
+    tiny_unet2d().save_pretrained(tmp_path)
+    config = PTQQuantizationConfig(PTQConfig(weight_bits=4, act_bits=None, weights={"rounding": "gptq"}))
+    with pytest.raises(ValueError, match=r"weights\.rounding='gptq' solves against the layers' calibration"):
+        UNet2DModel.from_pretrained(tmp_path, quantization_config=config)

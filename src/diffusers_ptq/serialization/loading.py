@@ -337,6 +337,14 @@ def quantize_weights_on_load(model: nn.Module, qconfig: PTQQuantizationConfig) -
             "activation quantization needs calibration data: load a checkpoint saved after "
             "quantize_pipeline, or pass a weight-only recipe (act_bits=None) to quantize while loading"
         )
+    if ptq.weights.rounding != "nearest":
+        # Without inputs there is no H to solve against; quietly rounding to nearest would hand back a
+        # different recipe than the one asked for.
+        raise ValueError(
+            f"weights.rounding={ptq.weights.rounding!r} solves against the layers' calibration inputs: "
+            "quantize with quantize_pipeline and load the saved checkpoint, or set "
+            "weights.rounding='nearest' to quantize while loading"
+        )
     if ptq.layers.mixed_precision.enabled:
         raise ValueError(
             "layers.mixed_precision ranks layers on calibration data: quantize with quantize_pipeline and "
