@@ -52,12 +52,18 @@ def test_w4_rows_vary_exactly_their_part():
         "gptq G=8 bias=layer": ("gptq", "per_channel", None, "layer", 8),
         "gptq per-step": ("gptq", "per_channel", None, "off", "per_step"),
         "gptq per-step bias=layer": ("gptq", "per_channel", None, "layer", "per_step"),
+        "gptq G=8 bias=output": ("gptq", "per_channel", None, "output", 8),
+        "gptq per-step bias=output": ("gptq", "per_channel", None, "output", "per_step"),
         "gptq bias=layer special=float": ("gptq", "per_channel", None, "layer", 1),
         "gptq bias=layer mixed=2": ("gptq", "per_channel", None, "layer", 1),
+        "gptq bias=output mixed=2": ("gptq", "per_channel", None, "output", 1),
+        "gptq group 64 bias=output mixed=2": ("gptq", "per_group", 64, "output", 1),
     }
     kept = {
         "gptq bias=layer special=float": ("float", "off"),
         "gptq bias=layer mixed=2": ("8bit", "max_layers"),
+        "gptq bias=output mixed=2": ("8bit", "max_layers"),
+        "gptq group 64 bias=output mixed=2": ("8bit", "max_layers"),
     }
     assert set(expected) == set(VARIANTS)
     for label, parts in expected.items():

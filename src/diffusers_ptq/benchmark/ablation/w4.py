@@ -3,12 +3,13 @@
 Base: the default recipe (`PTQConfig(weight_bits=w, act_bits=a)`) with block reconstruction off,
 calibrated on the run's DDIM steps. Rows switch on, one at a time or in the pairs the question needs:
 second-order rounding (GPTQ), group-wise weight scales (128, 64 inputs per scale, on GPTQ), timestep-aware
-bias correction (`layer` tables, PTQD-style `output`), and timestep groups (G = 8 contiguous groups without
-search, per-step scales) with and without `layer` correction: whether timestep groups pay once the bias
-is corrected. Two rows keep layers off the 4-bit grid on top of GPTQ + `layer` correction: the special
-layers (conv_in, conv_out, time embeddings) float, or the two layers the sensitivity pass ranks worst
-(`layers.mixed_precision`, float) -- the model-agnostic form of the same idea. The last row is the default
-recipe itself, whatever it is when the study runs.
+bias correction (`layer` tables, PTQD-style `output`), and timestep groups (G = 8 contiguous groups
+without search, per-step scales) with and without `layer` or `output` correction: whether timestep groups
+pay once the bias is corrected. Two rows keep layers off the 4-bit grid on top of GPTQ + `layer`
+correction: the special layers (conv_in, conv_out, time embeddings) float, or the two layers the
+sensitivity pass ranks worst (`layers.mixed_precision`, float), the model-agnostic form of the same idea;
+two more combine that with `output` correction and groups of 64. The last row is the default recipe
+itself, whatever it is when the study runs.
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "activations": {"timestep_groups": "per_step"},
         "bias_correction": "layer",
     },
+    "gptq G=8 bias=output": {"weights": GPTQ, "activations": G8, "bias_correction": "output"},
+    "gptq per-step bias=output": {
+        "weights": GPTQ,
+        "activations": {"timestep_groups": "per_step"},
+        "bias_correction": "output",
+    },
     "gptq bias=layer special=float": {
         "weights": GPTQ,
         "bias_correction": "layer",
@@ -46,6 +53,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "gptq bias=layer mixed=2": {
         "weights": GPTQ,
         "bias_correction": "layer",
+        "layers": {"mixed_precision": MIXED_2},
+    },
+    "gptq bias=output mixed=2": {
+        "weights": GPTQ,
+        "bias_correction": "output",
+        "layers": {"mixed_precision": MIXED_2},
+    },
+    "gptq group 64 bias=output mixed=2": {
+        "weights": {**GPTQ, "granularity": "per_group", "group_size": 64},
+        "bias_correction": "output",
         "layers": {"mixed_precision": MIXED_2},
     },
 }
