@@ -82,6 +82,18 @@ def test_w4_rows_vary_exactly_their_part():
     assert default.reconstruction == shipped.reconstruction
 
 
+def test_w4_base_is_pinned_whatever_the_default_recipe(monkeypatch):
+    """A row varies only its part: the base does not follow PTQConfig's defaults when those change."""
+    from diffusers_ptq.benchmark.ablation import w4
+
+    config = w4.w4_recipe("nearest", 4, 8, 20, None)
+    assert config.weights.rounding == "nearest" and config.bias_correction == "off"
+    assert config.weights.granularity == "per_channel" and config.activations.timestep_groups == 1
+    assert config.layers.special_layers == "8bit" and not config.layers.mixed_precision.enabled
+    mixed = w4.w4_recipe("gptq bias=layer mixed=2", 4, 8, 20, None).layers.mixed_precision
+    assert (mixed.mode, mixed.max_layers, mixed.high_bits) == ("max_layers", 2, None)
+
+
 def test_w4_rows_select_a_subset_in_study_order():
     settings = AblationSettings(study="w4", rows=[DEFAULT_LABEL, "gptq bias=layer mixed=2", "nearest"])
     names = [row.name for row in ablation_rows(settings)]

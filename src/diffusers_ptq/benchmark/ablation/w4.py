@@ -1,15 +1,16 @@
 """The 'w4' study: each 4-bit-weight part switched on over one base, on paired noise.
 
-Base: the default recipe (`PTQConfig(weight_bits=w, act_bits=a)`) with block reconstruction off,
-calibrated on the run's DDIM steps. Rows switch on, one at a time or in the pairs the question needs:
-second-order rounding (GPTQ), group-wise weight scales (128, 64 inputs per scale, on GPTQ), timestep-aware
-bias correction (`layer` tables, PTQD-style `output`), and timestep groups (G = 8 contiguous groups
-without search, per-step scales) with and without `layer` or `output` correction: whether timestep groups
-pay once the bias is corrected. Two rows keep layers off the 4-bit grid on top of GPTQ + `layer`
-correction: the special layers (conv_in, conv_out, time embeddings) float, or the two layers the
-sensitivity pass ranks worst (`layers.mixed_precision`, float), the model-agnostic form of the same idea;
-two more combine that with `output` correction and groups of 64. The last row is the default recipe
-itself, whatever it is when the study runs.
+Base: nearest rounding, per-channel weight scales, one activation scale (G = 1), special layers at 8 bits,
+no bias correction and no mixed precision (pinned in `BASE`; everything else as `PTQConfig` has it), block
+reconstruction off, calibrated on the run's DDIM steps. Rows switch on, one at a time or in the pairs the
+question needs: second-order rounding (GPTQ), group-wise weight scales (128, 64 inputs per scale, on GPTQ),
+timestep-aware bias correction (`layer` tables, PTQD-style `output`), and timestep groups (G = 8 contiguous
+groups without search, per-step scales) with and without `layer` or `output` correction: whether timestep
+groups pay once the bias is corrected. Two rows keep layers off the 4-bit grid on top of GPTQ + `layer`
+correction: the special layers (conv_in, conv_out, time embeddings) float, or the two layers the sensitivity
+pass ranks worst (`layers.mixed_precision`, float), the model-agnostic form of the same idea; two more
+combine that with `output` correction and groups of 64. The last row is the default recipe itself, whatever
+it is when the study runs.
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ from typing import Any
 
 from diffusers_ptq.config import PTQConfig
 
+# The parts the rows vary, pinned so that the base stays the same when the default recipe changes.
+BASE: dict[str, dict[str, Any]] = {
+    "weights": {"rounding": "nearest", "granularity": "per_channel"},
+    "activations": {"timestep_groups": 1},
+    "layers": {"special_layers": "8bit", "mixed_precision": {"mode": "off"}},
+}
 GPTQ: dict[str, Any] = {"rounding": "gptq"}
 G8: dict[str, Any] = {"timestep_groups": 8}
 # The two layers whose quantization alone hurts the noise prediction most stay float.
@@ -83,9 +90,9 @@ def w4_recipe(label: str, w: int, a: int, num_inference_steps: int, num_samples:
         weight_bits=w,
         act_bits=a,
         method="ablation-w4",
-        weights=dict(variant.get("weights", {})),
-        activations=dict(variant.get("activations", {})),
-        layers=dict(variant.get("layers", {})),
+        weights={**BASE["weights"], **variant.get("weights", {})},
+        activations={**BASE["activations"], **variant.get("activations", {})},
+        layers={**BASE["layers"], **variant.get("layers", {})},
         calibration=calibration,
         reconstruction={"enabled": False},
         bias_correction=variant.get("bias_correction", "off"),
@@ -123,12 +130,14 @@ def _kept(config: PTQConfig) -> str:
 def w4_notes(calibration_samples: int | None) -> list[str]:
     n = calibration_samples or PTQConfig().calibration.num_samples
     return [
-        "Base recipe: the default PTQConfig at the row's bits, block reconstruction off, "
+        "Base recipe: nearest rounding, per-channel weight scales, G = 1, special layers at 8 bits, no bias "
+        "correction or mixed precision, the rest as PTQConfig has it, block reconstruction off, "
         f"{n} calibration samples on the run's DDIM steps; each row switches on what its name says "
         "(GPTQ with damp 0.01, no act order; groups of 128 / 64 inputs per weight scale, layers whose input "
         "size is not a multiple keep per-channel scales; bias correction 'layer' = per-layer, per-group "
         "output-mean tables, 'output' = PTQD-style correction of the noise prediction; G = 8 contiguous "
-        "timestep groups without search, per-step = one activation scale per sampling step).",
+        "timestep groups without search, per-step = one activation scale per sampling step; mixed=2 = the "
+        "two layers ranked most sensitive by noise MSE kept float).",
         f"'{DEFAULT_LABEL}': PTQConfig(weight_bits, act_bits) as shipped, unchanged.",
         "noise bias: per step, the RMS over (C, H, W) of the mean over samples of eps_q - eps, averaged over "
         "steps (the systematic error DDIM adds up; lower is better).",
