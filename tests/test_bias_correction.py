@@ -309,13 +309,15 @@ def test_sd_checkpoint_with_tables_reloads_bit_exact(tmp_path):
     assert torch.equal(loaded(**inputs).sample, unet(**inputs).sample)
 
 
-def test_weight_only_quantization_on_load_refuses_bias_correction(tmp_path):
+def test_weight_only_quantization_on_load_drops_bias_correction_and_says_so(tmp_path):
     from diffusers_ptq import PTQQuantizationConfig
 
     tiny_unet2d().save_pretrained(tmp_path)
     config = PTQQuantizationConfig(PTQConfig(weight_bits=8, act_bits=None, bias_correction="layer"))
-    with pytest.raises(ValueError, match="bias_correction='layer' is estimated on calibration data"):
-        UNet2DModel.from_pretrained(tmp_path, quantization_config=config)
+    with pytest.warns(UserWarning, match=r"not applied: bias_correction='layer' -> 'off'\."):
+        unet = UNet2DModel.from_pretrained(tmp_path, quantization_config=config)
+    assert unet.ptq_state.config.bias_correction == "off"
+    assert unet.config.quantization_config.ptq.bias_correction == "off"  # the checkpoint says what ran
 
 
 # -- the bias metric ----------------------------------------------------------------------------------------

@@ -140,13 +140,22 @@ def test_gptq_weights_convert_to_integer_kernels(ddim_pipe):
     assert_unet_agrees(unet(**inputs).sample, ref, float_ref)
 
 
-def test_weight_only_quantization_on_load_refuses_gptq(tmp_path):
-    """No calibration inputs while loading: GPTQ is refused, not silently replaced by nearest rounding."""
+def test_weight_only_quantization_on_load_rounds_to_nearest_and_says_so(tmp_path):
+    """No calibration inputs while loading: GPTQ falls back to nearest rounding, with a warning, and the
+    loaded model's recipe says nearest (what was applied)."""
     from diffusers import UNet2DModel
 
     from diffusers_ptq import PTQQuantizationConfig
+    from diffusers_ptq.serialization.loading import data_free_recipe
 
-    tiny_unet2d().save_pretrained(tmp_path)
+    unet = tiny_unet2d()
+    unet.save_pretrained(tmp_path)
     config = PTQQuantizationConfig(PTQConfig(weight_bits=4, act_bits=None, weights={"rounding": "gptq"}))
-    with pytest.raises(ValueError, match=r"weights\.rounding='gptq' solves against the layers' calibration"):
-        UNet2DModel.from_pretrained(tmp_path, quantization_config=config)
+    with pytest.warns(UserWarning, match=r"not applied: weights\.rounding='gptq' -> 'nearest'"):
+        loaded = UNet2DModel.from_pretrained(tmp_path, quantization_config=config)
+    assert loaded.ptq_state.config.weights.rounding == "nearest"
+    recipe, _ = data_free_recipe(PTQConfig(weight_bits=4, act_bits=None))
+    nearest = UNet2DModel.from_pretrained(tmp_path, quantization_config=PTQQuantizationConfig(recipe))
+    inputs = unet_inputs(unet)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).sample, nearest(**inputs).sample)

@@ -169,13 +169,18 @@ def test_bad_budgets_name_field_value_and_choices(mixed, match):
         PTQConfig(weight_bits=4, layers={"mixed_precision": mixed})
 
 
-def test_weight_only_quantization_while_loading_refuses_mixed_precision(tmp_path, ddim_pipe):
+def test_weight_only_quantization_while_loading_drops_mixed_precision_and_says_so(tmp_path, ddim_pipe):
     ddim_pipe.unet.save_pretrained(tmp_path / "float")
     config = PTQConfig(
         weight_bits=4, act_bits=None, layers={"mixed_precision": {"mode": "max_layers", "max_layers": 1}}
     )
-    with pytest.raises(ValueError, match=r"layers\.mixed_precision ranks layers on calibration data"):
-        UNet2DModel.from_pretrained(tmp_path / "float", quantization_config=PTQQuantizationConfig(config))
+    with pytest.warns(UserWarning, match=r"layers\.mixed_precision\.mode='max_layers' -> 'off'"):
+        unet = UNet2DModel.from_pretrained(
+            tmp_path / "float", quantization_config=PTQQuantizationConfig(config)
+        )
+    assert not unet.ptq_state.config.layers.mixed_precision.enabled
+    eight = {n for n, m in unet.named_modules() if isinstance(m, QuantLayerMixin) and m.weight_bits == 8}
+    assert eight and all(n in ("conv_in", "conv_out") or n.startswith("time_embedding.") for n in eight)
 
 
 def test_config_round_trips_with_mixed_precision():

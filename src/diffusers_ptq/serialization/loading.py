@@ -14,6 +14,7 @@ diffusers' `from_pretrained` drives this through `PTQQuantizer`'s hooks, in this
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 from safetensors import safe_open
 from torch import nn
 
+from diffusers_ptq.config import PTQConfig
 from diffusers_ptq.initialise import initialise_weights, set_quant_state
 from diffusers_ptq.job import PTQState
 from diffusers_ptq.prepare import AttentionPlan, LayerPlan, QuantPlan, install, plan_quantization
@@ -324,32 +326,49 @@ def finalize(
     )
 
 
-def quantize_weights_on_load(model: nn.Module, qconfig: PTQQuantizationConfig) -> None:
-    """Weight-only quantization of a just-loaded float UNet (weights need no calibration data)."""
-    ptq = qconfig.ptq
+def data_free_recipe(ptq: PTQConfig) -> tuple[PTQConfig, list[str]]:
+    """`ptq` without the parts that need calibration data, and what was dropped (for one warning).
+
+    Second-order rounding solves against the layers' inputs, bias correction is estimated on calibration
+    outputs and mixed precision ranks layers on them; while loading there is no data, so they fall back to
+    nearest rounding, no correction and no promoted layers.
+    """
+    dropped = []
+    overrides: dict[str, Any] = {}
+    if ptq.weights.rounding != "nearest":
+        dropped.append(f"weights.rounding={ptq.weights.rounding!r} -> 'nearest'")
+        overrides["weights"] = {"rounding": "nearest"}
     if ptq.bias_correction != "off":
-        raise ValueError(
-            f"bias_correction={ptq.bias_correction!r} is estimated on calibration data: load a checkpoint "
-            "saved after quantize_pipeline, or pass bias_correction='off' to quantize while loading"
-        )
-    if ptq.activations.enabled:
+        dropped.append(f"bias_correction={ptq.bias_correction!r} -> 'off'")
+        overrides["bias_correction"] = "off"
+    if ptq.layers.mixed_precision.enabled:
+        dropped.append(f"layers.mixed_precision.mode={ptq.layers.mixed_precision.mode!r} -> 'off'")
+        overrides["layers"] = {"mixed_precision": {"mode": "off"}}
+    return (ptq.replace(**overrides) if overrides else ptq), dropped
+
+
+def quantize_weights_on_load(model: nn.Module, qconfig: PTQQuantizationConfig) -> None:
+    """Weight-only quantization of a just-loaded float UNet (weights need no calibration data).
+
+    The recipe's data-dependent parts are replaced by their data-free forms with one warning, and the
+    model's `quantization_config` records the recipe that was applied.
+    """
+    if qconfig.ptq.activations.enabled:
         raise ValueError(
             "activation quantization needs calibration data: load a checkpoint saved after "
             "quantize_pipeline, or pass a weight-only recipe (act_bits=None) to quantize while loading"
         )
-    if ptq.weights.rounding != "nearest":
-        # Without inputs there is no H to solve against; quietly rounding to nearest would hand back a
-        # different recipe than the one asked for.
-        raise ValueError(
-            f"weights.rounding={ptq.weights.rounding!r} solves against the layers' calibration inputs: "
-            "quantize with quantize_pipeline and load the saved checkpoint, or set "
-            "weights.rounding='nearest' to quantize while loading"
+    ptq, dropped = data_free_recipe(qconfig.ptq)
+    if dropped:
+        warnings.warn(
+            "quantizing while loading has no calibration data, so the recipe's data-dependent parts are "
+            f"not applied: {'; '.join(dropped)}. Quantize with quantize_pipeline and load the saved "
+            "checkpoint for the full recipe.",
+            UserWarning,
+            stacklevel=2,
         )
-    if ptq.layers.mixed_precision.enabled:
-        raise ValueError(
-            "layers.mixed_precision ranks layers on calibration data: quantize with quantize_pipeline and "
-            "load the saved checkpoint, or set layers.mixed_precision.mode='off' to quantize while loading"
-        )
+        # The loaded model's quantization_config is this object: it must name the recipe applied.
+        qconfig.ptq_config = ptq.to_dict()
     plan = plan_quantization(model, ptq)
     if not plan.layers:
         raise ValueError(
