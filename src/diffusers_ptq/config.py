@@ -77,9 +77,9 @@ class WeightQuantConfig:
     num_candidates: int = _field(100, "'mse' search: candidate ranges min/max * (1 - 0.01 i), i < this")
     percentile: float = _field(99.99, "'percentile' search: clip at this percentile of the values")
     rounding: str = _field(
-        "nearest",
-        "'nearest': round each weight to its nearest code; 'gptq': second-order rounding (GPTQ) on the "
-        "calibration inputs, layer by layer",
+        "gptq",
+        "'gptq' (default): second-order rounding (GPTQ) on the calibration inputs, layer by layer; "
+        "'nearest': round each weight to its nearest code (the published presets; no calibration data)",
         WEIGHT_ROUNDINGS,
     )
     gptq_damp: float = _field(0.01, "gptq: added to H's diagonal, as a fraction of its mean diagonal")
@@ -188,6 +188,12 @@ class CalibrationConfig:
         _check_int(f"{path}.seed", self.seed, 0)
 
 
+# The default recipe keeps the two layers whose quantization alone hurts the noise prediction most float:
+# on both shipped models those are image-space layers (conv_in, conv_out, the last up block's skip
+# convolution), found on the calibration set rather than named (BENCHMARKS.md, "The default recipe").
+DEFAULT_MIXED_PRECISION: dict[str, Any] = {"mode": "max_layers", "max_layers": 2, "high_bits": None}
+
+
 @dataclass
 class LayerSelectionConfig:
     """Which Conv2d/Linear layers of the UNet are quantized (fnmatch patterns on qualified names)."""
@@ -204,8 +210,11 @@ class LayerSelectionConfig:
         True, "Q-Diffusion shortcut-split: separate quantizers for the two halves of up-block skip concats"
     )
     mixed_precision: MixedPrecisionConfig = field(
-        default_factory=MixedPrecisionConfig,
-        metadata={"help": "sensitivity-driven mixed precision: a budget of layers kept at higher bits"},
+        default_factory=lambda: MixedPrecisionConfig(**DEFAULT_MIXED_PRECISION),
+        metadata={
+            "help": "sensitivity-driven mixed precision: a budget of layers kept at higher bits (default: "
+            "the 2 layers ranked most sensitive kept float; mode='off' for none)"
+        },
     )
 
     def __post_init__(self) -> None:
@@ -271,9 +280,9 @@ class PTQConfig:
     )
     method: str = field(default="custom", metadata={"help": "the preset this recipe came from, for reports"})
     bias_correction: str = _field(
-        "off",
-        "timestep-aware bias correction after calibration: per layer and timestep group ('layer'), or of "
-        "the noise prediction, PTQD-style ('output')",
+        "output",
+        "timestep-aware bias correction after calibration: of the noise prediction, PTQD-style ('output', "
+        "default), per layer and timestep group ('layer'), or 'off' (the published presets)",
         BIAS_CORRECTIONS,
     )
     weight_bits: InitVar[int] = _UNSET

@@ -48,6 +48,15 @@ class MixedPrecisionConfig:
     def enabled(self) -> bool:
         return self.mode != "off"
 
+    def describe(self) -> str:
+        """One phrase for tables and listings, e.g. '2 layers float (mse)'; 'off' when disabled."""
+        if not self.enabled:
+            return "off"
+        by_count = self.mode == "max_layers"
+        budget = f"{self.max_layers} layers" if by_count else f"avg {self.avg_weight_bits} bits"
+        high = "float" if self.high_bits is None else f"W{self.high_bits}"
+        return f"{budget} {high} ({self.metric})"
+
     def validate(self, path: str = "layers.mixed_precision") -> None:
         _check_choice(f"{path}.mode", self.mode, MIXED_PRECISION_MODES)
         if self.avg_weight_bits is not None or self.mode == "avg_weight_bits":

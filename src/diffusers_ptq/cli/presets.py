@@ -8,6 +8,7 @@ from typing import Any
 
 from diffusers_ptq.config import PTQConfig
 from diffusers_ptq.methods import available_presets
+from diffusers_ptq.methods.default import WHY
 
 
 def add_parser(sub: Any) -> None:
@@ -16,7 +17,9 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in available_presets():
+    # The default recipe first: it is what PTQConfig() and `quantize` without --preset use.
+    names = ["default", *(n for n in available_presets() if n != "default")]
+    for name in names:
         config = PTQConfig.preset(name)
         if args.full:
             print(f"{name}:\n{config.to_json()}")
@@ -31,6 +34,11 @@ def run(args: argparse.Namespace) -> int:
             "num_samples": c.num_samples,
             "timestep_groups": a.timestep_groups,
             "special_layers": config.layers.special_layers,
+            "rounding": w.rounding,
+            "bias_correction": config.bias_correction,
+            "mixed_precision": config.layers.mixed_precision.describe(),
         }
         print(f"{name:<14} {json.dumps(summary)}")
+        if name == "default":
+            print(f"{'':<14} why: {WHY}")
     return 0

@@ -18,6 +18,7 @@ from diffusers_ptq.config import (
     CalibrationConfig,
     GroupSearchConfig,
     LayerSelectionConfig,
+    MixedPrecisionConfig,
     PTQConfig,
     SelectionConfig,
     WeightQuantConfig,
@@ -29,8 +30,15 @@ from diffusers_ptq.methods.registry import register_preset
 def apq_dm() -> PTQConfig:
     return PTQConfig(
         method="apq-dm",
+        # Published recipes: nearest rounding, no bias correction, no mixed precision (not the default's).
+        bias_correction="off",
         weights=WeightQuantConfig(
-            bits=8, granularity="per_channel", symmetric=False, scale_search="mse", lp_norm=2.4
+            bits=8,
+            granularity="per_channel",
+            symmetric=False,
+            scale_search="mse",
+            lp_norm=2.4,
+            rounding="nearest",
         ),
         activations=ActivationQuantConfig(bits=8, symmetric=False, scale_search="mse", timestep_groups=8),
         calibration=CalibrationConfig(selector="active", num_samples=1024),
@@ -49,5 +57,5 @@ def apq_dm() -> PTQConfig:
             lr_min=1e-5,
             entropy_weight=0.8,
         ),
-        layers=LayerSelectionConfig(special_layers="8bit"),
+        layers=LayerSelectionConfig(special_layers="8bit", mixed_precision=MixedPrecisionConfig(mode="off")),
     )

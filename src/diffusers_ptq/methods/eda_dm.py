@@ -21,6 +21,7 @@ from diffusers_ptq.config import (
     ActivationQuantConfig,
     CalibrationConfig,
     LayerSelectionConfig,
+    MixedPrecisionConfig,
     PTQConfig,
     SelectionConfig,
     WeightQuantConfig,
@@ -62,8 +63,15 @@ def eda_dm_config(dataset: str = "cifar") -> PTQConfig:
     weight_lr, act_lr = fbr_learning_rates(dataset, 8)
     return PTQConfig(
         method="eda-dm",
+        # Published recipes: nearest rounding, no bias correction, no mixed precision (not the default's).
+        bias_correction="off",
         weights=WeightQuantConfig(
-            bits=8, granularity="per_channel", symmetric=True, scale_search="mse", lp_norm=2.4
+            bits=8,
+            granularity="per_channel",
+            symmetric=True,
+            scale_search="mse",
+            lp_norm=2.4,
+            rounding="nearest",
         ),
         activations=ActivationQuantConfig(
             bits=8, symmetric=True, scale_search="mse", timestep_groups=1, softmax_bits=8
@@ -75,7 +83,9 @@ def eda_dm_config(dataset: str = "cifar") -> PTQConfig:
             density_radius=radius,
             diversity_weight=weight,
         ),
-        layers=LayerSelectionConfig(special_layers="8bit", shortcut_split=False),
+        layers=LayerSelectionConfig(
+            special_layers="8bit", shortcut_split=False, mixed_precision=MixedPrecisionConfig(mode="off")
+        ),
         reconstruction=ReconstructionConfig(
             enabled=True,
             optimization="joint",

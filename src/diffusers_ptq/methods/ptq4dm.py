@@ -13,6 +13,7 @@ from diffusers_ptq.config import (
     ActivationQuantConfig,
     CalibrationConfig,
     LayerSelectionConfig,
+    MixedPrecisionConfig,
     PTQConfig,
     WeightQuantConfig,
 )
@@ -23,6 +24,8 @@ from diffusers_ptq.methods.registry import register_preset
 def ptq4dm() -> PTQConfig:
     return PTQConfig(
         method="ptq4dm",
+        # Published recipes: nearest rounding, no bias correction, no mixed precision (not the default's).
+        bias_correction="off",
         weights=WeightQuantConfig(
             bits=8,
             granularity="per_channel",
@@ -30,6 +33,7 @@ def ptq4dm() -> PTQConfig:
             scale_search="mse",
             lp_norm=2.4,
             num_candidates=100,
+            rounding="nearest",
         ),
         activations=ActivationQuantConfig(
             bits=8, symmetric=True, scale_search="mse", lp_norm=2.4, num_candidates=100, timestep_groups=1
@@ -38,5 +42,7 @@ def ptq4dm() -> PTQConfig:
         calibration=CalibrationConfig(
             sampler="skew_normal", num_samples=1024, mean=0.4, std=0.4, skewness=-2.0
         ),
-        layers=LayerSelectionConfig(special_layers="8bit", shortcut_split=False),
+        layers=LayerSelectionConfig(
+            special_layers="8bit", shortcut_split=False, mixed_precision=MixedPrecisionConfig(mode="off")
+        ),
     )

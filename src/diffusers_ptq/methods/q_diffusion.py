@@ -15,6 +15,7 @@ from diffusers_ptq.config import (
     ActivationQuantConfig,
     CalibrationConfig,
     LayerSelectionConfig,
+    MixedPrecisionConfig,
     PTQConfig,
     WeightQuantConfig,
 )
@@ -48,6 +49,8 @@ def reconstruction_config(**overrides: object) -> ReconstructionConfig:
 def q_diffusion() -> PTQConfig:
     return PTQConfig(
         method="q-diffusion",
+        # Published recipes: nearest rounding, no bias correction, no mixed precision (not the default's).
+        bias_correction="off",
         weights=WeightQuantConfig(
             bits=8,
             granularity="per_channel",
@@ -55,6 +58,7 @@ def q_diffusion() -> PTQConfig:
             scale_search="mse",
             lp_norm=2.4,
             num_candidates=100,
+            rounding="nearest",
         ),
         activations=ActivationQuantConfig(
             bits=8,
@@ -67,6 +71,8 @@ def q_diffusion() -> PTQConfig:
             softmax_bits=16,
         ),
         calibration=CalibrationConfig(sampler="uniform", step_interval=2, num_samples=128 * 25),
-        layers=LayerSelectionConfig(special_layers="same", shortcut_split=True),
+        layers=LayerSelectionConfig(
+            special_layers="same", shortcut_split=True, mixed_precision=MixedPrecisionConfig(mode="off")
+        ),
         reconstruction=reconstruction_config(),
     )

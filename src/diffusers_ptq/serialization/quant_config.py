@@ -116,6 +116,7 @@ class PTQQuantizationConfig(QuantizationConfigMixin):
             )
         if "ptq_config" not in config_dict:
             raise CheckpointError("quantization_config has no 'ptq_config' (the quantization recipe)")
+        config_dict = {**config_dict, "ptq_config": with_legacy_fields(config_dict["ptq_config"])}
         config = cls(**config_dict)
         unused = {}
         for key, value in kwargs.items():
@@ -151,6 +152,29 @@ class PTQQuantizationConfig(QuantizationConfigMixin):
             report=state.report.to_dict() if state.report is not None else None,
             metrics=state.metrics,
         )
+
+
+# Recipe fields added after checkpoints were first written, with the value every earlier checkpoint ran
+# with. A saved recipe without the key predates the field, so it means that value, not today's default.
+_LEGACY_FIELDS: tuple[tuple[tuple[str, ...], Any], ...] = (
+    (("weights", "rounding"), "nearest"),
+    (("bias_correction",), "off"),
+    (("layers", "mixed_precision"), {"mode": "off"}),
+)
+
+
+def with_legacy_fields(recipe: Any) -> Any:
+    """A copy of a saved recipe dict with the fields it predates filled in as they ran then."""
+    if not isinstance(recipe, dict):
+        return recipe  # PTQQuantizationConfig reports the type error
+    recipe = copy.deepcopy(recipe)
+    for path, value in _LEGACY_FIELDS:
+        node = recipe
+        for key in path[:-1]:
+            node = node.setdefault(key, {}) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.setdefault(path[-1], copy.deepcopy(value))
+    return recipe
 
 
 def _optional_int(name: str, value: Any) -> int | None:

@@ -116,15 +116,9 @@ def describe_recipe(config: PTQConfig) -> list[str]:
 
 def _kept(config: PTQConfig) -> str:
     layers = config.layers
-    mixed = layers.mixed_precision
     special = f"special {layers.special_layers}"
-    if not mixed.enabled:
-        return special
-    high = "float" if mixed.high_bits is None else f"W{mixed.high_bits}"
-    budget = (
-        f"{mixed.max_layers} layers" if mixed.mode == "max_layers" else f"avg {mixed.avg_weight_bits} bits"
-    )
-    return f"{special}; {budget} {high} ({mixed.metric})"
+    mixed = layers.mixed_precision
+    return f"{special}; {mixed.describe()}" if mixed.enabled else special
 
 
 def w4_notes(calibration_samples: int | None) -> list[str]:
