@@ -127,7 +127,17 @@ def main(argv: list[str] | None = None) -> dict:
             weights = dict(minmax)
             if group_size is not None:
                 weights.update(granularity="per_group", group_size=group_size)
-            recipe = PTQConfig(weight_bits=bits, act_bits=8, weights=weights, activations=minmax)
+            # The storage format is what is measured: nearest rounding (GPTQ changes codes, not bytes), and
+            # none of the default recipe's extra tensors or float layers (correction tables, mixed precision).
+            weights["rounding"] = "nearest"
+            recipe = PTQConfig(
+                weight_bits=bits,
+                act_bits=8,
+                weights=weights,
+                activations=minmax,
+                bias_correction="off",
+                layers={"mixed_precision": {"mode": "off"}},
+            )
             with warnings.catch_warnings():  # the fallback layers are counted in the row instead
                 warnings.filterwarnings("ignore", message=r"weights\.group_size=")
                 quantize_unet(quantized, recipe, data, progress=False)

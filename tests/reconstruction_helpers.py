@@ -7,6 +7,7 @@ import torch
 from diffusers_ptq import CalibrationSet, PTQConfig, quantize_unet
 from diffusers_ptq.reconstruction import ReconstructionConfig
 from diffusers_ptq.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline, tiny_unet2d
+from recipe_helpers import plain
 
 SEARCH = {"num_candidates": 10}
 TIMESTEPS = (980, 700, 420, 150, 20)
@@ -41,7 +42,7 @@ def calibration_set(unet, rows: int = 10, seed: int = 0, tokens: int = 5, size: 
 
 
 def ptq_config(weight_bits: int = 4, act_bits: int | None = 8, groups: int | str = 2, **layers) -> PTQConfig:
-    return PTQConfig(
+    return plain(
         weight_bits=weight_bits,
         act_bits=act_bits,
         weights={**SEARCH, "symmetric": False},

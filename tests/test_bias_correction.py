@@ -17,7 +17,14 @@ import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 from torch import nn
 
-from diffusers_ptq import PTQConfig, convert, quantize_pipeline, quantize_unet, set_quant_state
+from diffusers_ptq import (
+    PTQConfig,
+    available_presets,
+    convert,
+    quantize_pipeline,
+    quantize_unet,
+    set_quant_state,
+)
 from diffusers_ptq.benchmark.quality.sampling import (
     ddim_pipeline,
     noise_errors_per_step,
@@ -43,6 +50,7 @@ from integer_helpers import (
     float_output,
     unet_inputs,
 )
+from recipe_helpers import plain
 from reconstruction_helpers import calibration_set
 
 UNETS = {
@@ -53,7 +61,7 @@ UNETS = {
 
 
 def _config(mode: str, act_bits: int | None = 8, groups: int | str = 2) -> PTQConfig:
-    return PTQConfig(
+    return plain(
         weight_bits=4,
         act_bits=act_bits,
         weights={**SEARCH, "symmetric": False},
@@ -72,8 +80,10 @@ def _quantized(kind: str, mode: str, act_bits: int | None = 8, rows: int = 10):
 # -- config -------------------------------------------------------------------------------------------------
 
 
-def test_field_defaults_off_validates_and_round_trips():
-    assert PTQConfig().bias_correction == "off"
+def test_field_default_is_output_presets_are_off_and_it_round_trips():
+    assert PTQConfig().bias_correction == "output"  # the default recipe's
+    published = [name for name in available_presets() if name != "default"]
+    assert all(PTQConfig.preset(name).bias_correction == "off" for name in published)
     with pytest.raises(ValueError, match=r"bias_correction='bias'.*'off', 'layer', 'output'"):
         PTQConfig(bias_correction="bias")
     config = PTQConfig(bias_correction="output")
@@ -314,7 +324,7 @@ def test_weight_only_quantization_on_load_drops_bias_correction_and_says_so(tmp_
 
     tiny_unet2d().save_pretrained(tmp_path)
     config = PTQQuantizationConfig(PTQConfig(weight_bits=8, act_bits=None, bias_correction="layer"))
-    with pytest.warns(UserWarning, match=r"not applied: bias_correction='layer' -> 'off'\."):
+    with pytest.warns(UserWarning, match=r"not applied: .*bias_correction='layer' -> 'off'"):
         unet = UNet2DModel.from_pretrained(tmp_path, quantization_config=config)
     assert unet.ptq_state.config.bias_correction == "off"
     assert unet.config.quantization_config.ptq.bias_correction == "off"  # the checkpoint says what ran

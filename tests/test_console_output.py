@@ -9,7 +9,9 @@ from pathlib import Path
 
 # What the quantize command itself prints: its own messages, the report (indented), and progress bars
 # that carry one of its labels.
-OWN_LINE = re.compile(r"^(diffusers-ptq[: ]|  \S|(calibration|comparison): [^:]+:\s*\d+%)")
+# This project's own progress bars: calibration, the default recipe's GPTQ / sensitivity / correction passes.
+_BARS = r"(calibration: [^:]+|comparison: [^:]+|gptq|sensitivity|bias correction: [^:]+)"
+OWN_LINE = re.compile(rf"^(diffusers-ptq[: ]|  \S|{_BARS}:\s*\d+%)")
 
 
 def test_quantize_prints_nothing_from_other_libraries(tmp_path: Path) -> None:

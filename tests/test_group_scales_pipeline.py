@@ -14,6 +14,7 @@ from diffusers_ptq.integer import Int8Conv2d, Int8Linear
 from diffusers_ptq.nn.layers import QuantLayerMixin
 from diffusers_ptq.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
 from integer_helpers import assert_unet_agrees, float_output, unet_inputs
+from recipe_helpers import plain
 from serialization_helpers import FAST, PROMPTS, SEARCH, WEIGHTS, mixed_inputs, read_checkpoint
 
 GROUPED = {**SEARCH, "granularity": "per_group", "group_size": 32}
@@ -107,7 +108,7 @@ def test_reconstruction_learns_rounding_on_the_group_grid(tmp_path):
     # count and not on another (4 + 2: 0.002682 -> 0.002688 on 2 threads); at 24 + 8 both fall by 3-4 %.
     recon = {"enabled": True, "iterations": 24, "act_iterations": 8, "batch_size": 4}
     recon["cache_dtype"] = "float32"
-    config = PTQConfig(weight_bits=4, act_bits=8, weights=GROUPED, activations=SEARCH, reconstruction=recon)
+    config = plain(weight_bits=4, act_bits=8, weights=GROUPED, activations=SEARCH, reconstruction=recon)
     with pytest.warns(UserWarning, match=r"group_size=32"):
         quantize_pipeline(pipe, config, prompts=PROMPTS, **FAST)
     unet = pipe.unet

@@ -24,6 +24,7 @@ from diffusers_ptq.quantizers import contiguous_group_map
 from diffusers_ptq.search import FloatTargets, GroupSearch, SoftGroupMixer, soft_groups
 from diffusers_ptq.search.group_init import cluster_widths
 from diffusers_ptq.timestep import TimestepContext
+from recipe_helpers import plain
 
 T = 1000
 DIM = 32
@@ -65,7 +66,7 @@ def toy_data(rows_per_step: int = 16, seed: int = 0, amplitude: torch.Tensor | N
 
 
 def toy_config(groups: int | str, search: bool = False, **search_overrides) -> PTQConfig:
-    return PTQConfig(
+    return plain(
         weight_bits=8,
         act_bits=4,
         activations={"timestep_groups": groups, "scale_search": "minmax", "symmetric": False},

@@ -18,13 +18,15 @@ from diffusers_ptq import (
 )
 from diffusers_ptq.prepare import shortcut_splits
 from diffusers_ptq.primitives import sqnr_db
+from recipe_helpers import plain
 
 FAST = {"num_samples": 16, "num_inference_steps": 8, "batch_size": 8, "progress": False}
 
 
 def _config(**overrides) -> PTQConfig:
-    # The fast search keeps the tests quick; the search itself is tested in test_primitives.
-    base = PTQConfig(weights={"num_candidates": 20}, activations={"num_candidates": 20})
+    # The fast search keeps the tests quick; the search itself is tested in test_primitives. These tests
+    # check the pipeline's mechanics, so the default recipe's GPTQ / correction / float layers are off.
+    base = plain(weights={"num_candidates": 20}, activations={"num_candidates": 20})
     return base.replace(**overrides)
 
 

@@ -15,13 +15,14 @@ from diffusers_ptq import PTQConfig, convert, quantize_pipeline
 from diffusers_ptq.reconstruction.runner import _weights_on_grid
 from diffusers_ptq.tiny import tiny_sd_pipeline
 from integer_helpers import assert_unet_agrees, float_output, unet_inputs
+from recipe_helpers import plain
 from serialization_helpers import FAST, PROMPTS, SEARCH
 
 GROUPED = {**SEARCH, "granularity": "per_group", "group_size": 32, "symmetric": False}
 
 
 def _config(rounding: str, **extra) -> PTQConfig:
-    return PTQConfig(
+    return plain(
         weight_bits=4,
         act_bits=8,
         weights={**GROUPED, "rounding": rounding},

@@ -14,6 +14,7 @@ from diffusers_ptq import PTQConfig, quantize_pipeline, quantize_unet
 from diffusers_ptq.reconstruction import runner
 from diffusers_ptq.reconstruction.runner import _weights_on_grid
 from diffusers_ptq.tiny import tiny_unet2d
+from recipe_helpers import plain
 from reconstruction_helpers import calibration_set
 
 FAST = {"num_samples": 12, "num_inference_steps": 6, "batch_size": 6, "progress": False}
@@ -28,7 +29,7 @@ RECON = {
 
 
 def _config(**reconstruction) -> PTQConfig:
-    return PTQConfig(
+    return plain(
         weight_bits=4,
         act_bits=8,
         weights={"num_candidates": 10, "symmetric": False},

@@ -12,6 +12,7 @@ from diffusers_ptq import PTQConfig, cli, quantize_unet, set_quant_state
 from diffusers_ptq.prepare import is_quantized
 from diffusers_ptq.sensitivity import measure_sensitivity
 from diffusers_ptq.sensitivity.run import capture_for_sensitivity
+from recipe_helpers import plain
 
 SEARCH = {"num_candidates": 20}  # a short range search keeps calibration quick; tested in test_primitives
 CALIB = {"num_samples": 16, "num_inference_steps": 4, "batch_size": 8}
@@ -19,7 +20,7 @@ SENSITIVE = "down_blocks.1.resnets.0.conv1"
 
 
 def _config(**overrides) -> PTQConfig:
-    base = PTQConfig(weight_bits=4, act_bits=8, weights=SEARCH, activations=SEARCH, calibration=CALIB)
+    base = plain(weight_bits=4, act_bits=8, weights=SEARCH, activations=SEARCH, calibration=CALIB)
     return base.replace(**overrides)
 
 

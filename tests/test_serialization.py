@@ -29,8 +29,10 @@ from diffusers_ptq import (
     quantize_unet,
 )
 from diffusers_ptq.serialization import FORMAT_VERSION, PTQQuantizationMethod
+from diffusers_ptq.serialization.loading import data_free_recipe
 from diffusers_ptq.tiny import tiny_ddim_pipeline, tiny_sd_pipeline
 from diffusers_ptq.zoo import sd15_unet_config
+from recipe_helpers import plain
 from serialization_helpers import (
     FAST,
     PROMPTS,
@@ -128,15 +130,18 @@ def test_sharded_checkpoint_loads_bit_exact(saved_ddim, tmp_path):
 
 def test_per_quantizer_group_maps_survive(saved_ddim, tmp_path):
     unet = copy.deepcopy(saved_ddim[0].unet)
-    searched = unet.conv_in.act_quantizers[0]
+    # The first and last quantized layers (the default recipe may keep conv_in / conv_out float).
+    names = [n for n, m in unet.named_modules() if hasattr(m, "act_quantizers") and len(m.act_quantizers)]
+    first, last = names[0], names[-1]
+    searched = unet.get_submodule(first).act_quantizers[0]
     searched.group_map.copy_(torch.flip(searched.group_map, dims=[0]))  # e.g. an APQ-DM searched assignment
     unet.save_pretrained(tmp_path)
     tensors, _ = read_checkpoint(tmp_path / WEIGHTS)
     assert tensors["_ptq.group_map"].dtype == torch.int16
-    assert "conv_in.act_quantizers.0.group_map" in tensors
-    assert "conv_out.act_quantizers.0.group_map" not in tensors  # shared, stored once
+    assert f"{first}.act_quantizers.0.group_map" in tensors
+    assert f"{last}.act_quantizers.0.group_map" not in tensors  # shared, stored once
     loaded = UNet2DModel.from_pretrained(tmp_path)
-    assert torch.equal(loaded.conv_in.act_quantizers[0].group_map, searched.group_map)
+    assert torch.equal(loaded.get_submodule(first).act_quantizers[0].group_map, searched.group_map)
     x, t = mixed_inputs(unet)
     with torch.no_grad():
         assert torch.equal(loaded(x, t).sample, unet(x, t).sample)
@@ -227,13 +232,18 @@ def float_sd_dir(tmp_path_factory):
 
 
 def test_quant_mapping_quantizes_weights_while_loading(float_sd_dir, tmp_path):
+    # The default recipe's data-dependent parts (GPTQ, correction, mixed precision) cannot run while
+    # loading: they are dropped with a warning, and the result equals the data-free recipe quantized.
     recipe = PTQConfig(weight_bits=8, act_bits=None, weights=SEARCH)
     mapping = PipelineQuantizationConfig(quant_mapping={"unet": PTQQuantizationConfig(recipe)})
-    pipe = StableDiffusionPipeline.from_pretrained(float_sd_dir, quantization_config=mapping)
+    with pytest.warns(UserWarning, match="quantizing while loading has no calibration data"):
+        pipe = StableDiffusionPipeline.from_pretrained(float_sd_dir, quantization_config=mapping)
     assert isinstance(pipe.unet.hf_quantizer, PTQQuantizer)
     assert any(isinstance(m, QuantConv2d) for m in pipe.unet.modules())
     reference = UNet2DConditionModel.from_pretrained(float_sd_dir / "unet")
-    quantize_unet(reference, recipe, calibration_set(reference), progress=False)
+    applied, _ = data_free_recipe(recipe)
+    assert pipe.unet.ptq_state.config == applied
+    quantize_unet(reference, applied, calibration_set(reference), progress=False)
     data = calibration_set(reference).unet_kwargs(slice(None))
     with torch.no_grad():
         expected = reference(**data).sample
@@ -269,7 +279,8 @@ def test_checkpoint_size_of_an_sd_shaped_unet(tmp_path):
     fast = {"scale_search": "minmax"}
     for bits, limit in ((8, 0.55), (4, 0.33)):
         unet = copy.deepcopy(float_unet)
-        recipe = PTQConfig(weight_bits=bits, act_bits=8, weights=fast, activations=fast)
+        # The storage format is measured: no GPTQ (same bytes, slow on SD shapes), no extra float layers.
+        recipe = plain(weight_bits=bits, act_bits=8, weights=fast, activations=fast)
         quantize_unet(unet, recipe, calibration_set(unet), progress=False)
         unet.save_pretrained(tmp_path / f"w{bits}")
         ratio = (tmp_path / f"w{bits}" / WEIGHTS).stat().st_size / fp16_size

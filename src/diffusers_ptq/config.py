@@ -445,15 +445,24 @@ def _section_from_dict(name: str, cls: type, data: Any) -> Any:
     return section
 
 
-def describe_fields(cls: type = PTQConfig, prefix: str = "") -> list[tuple[str, Any, str]]:
-    """(dotted name, default, help) for every field, for the CLI's --help and the docs."""
+def describe_fields(
+    cls: type = PTQConfig, prefix: str = "", defaults: Any = None
+) -> list[tuple[str, Any, str]]:
+    """(dotted name, default, help) for every field, for the CLI's --help and the docs.
+
+    `defaults`: the instance a nested section's defaults come from (its parent's default factory may set
+    values other than the section class's own, as `layers.mixed_precision` does).
+    """
     rows = []
     for f in fields(cls):
         if f.name in ("weight_bits", "act_bits"):
             continue
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        else:
+            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         if is_dataclass(default):
-            rows.extend(describe_fields(type(default), f"{prefix}{f.name}."))
+            rows.extend(describe_fields(type(default), f"{prefix}{f.name}.", default))
             continue
         help_text = f.metadata.get("help", "")
         if "choices" in f.metadata:

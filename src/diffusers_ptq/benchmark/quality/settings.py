@@ -45,7 +45,8 @@ class BenchSettings:
     """Settings of `diffusers-ptq bench`; `BenchSettings.quick()` is the CI-sized variant."""
 
     presets: list[str] = field(
-        default_factory=lambda: ["ptq4dm", "q-diffusion"], metadata=_help("presets, one row per bit setting")
+        default_factory=lambda: ["default", "ptq4dm", "q-diffusion"],
+        metadata=_help("presets, one row per bit setting ('default': PTQConfig(), the default recipe)"),
     )
     bits: list[str] = field(default_factory=lambda: ["W8A8", "W6A6", "W4A8"], metadata=_help("bit settings"))
     num_samples: int = field(default=1000, metadata=_help("generated images per seed and row"))
