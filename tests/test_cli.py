@@ -25,6 +25,9 @@ QUANTIZE_OPTIONS = [
     "--weight-bits",
     "--act-bits",
     "--timestep-groups",
+    "--bias-correction",
+    "--weight-rounding",
+    "--float-layers",
     "--num-samples",
     "--num-inference-steps",
     "--batch-size",
@@ -252,3 +255,19 @@ def test_presets_lists_every_preset(capsys: pytest.CaptureFixture) -> None:
     assert summary["sampler"] == "skew_normal" and summary["timestep_groups"] == 1
     assert cli.main(["presets", "--full"]) == 0
     assert '"method": "q-diffusion"' in capsys.readouterr().out
+
+
+def test_quantize_flags_set_the_default_recipes_parts() -> None:
+    parse = cli.build_parser().parse_args
+    base = ["quantize", "--output", "o"]
+    default = quantize._build_config(parse(base))
+    assert default == PTQConfig()  # the default recipe, unchanged without flags
+    plain = quantize._build_config(
+        parse([*base, "--weight-rounding", "nearest", "--bias-correction", "off", "--float-layers", "0"])
+    )
+    assert plain.weights.rounding == "nearest" and plain.bias_correction == "off"
+    assert not plain.layers.mixed_precision.enabled
+    three = quantize._build_config(parse([*base, "--float-layers", "3"])).layers.mixed_precision
+    assert (three.mode, three.max_layers, three.high_bits) == ("max_layers", 3, None)
+    with pytest.raises(ValueError, match=r"weights\.rounding='adaround'.*'nearest', 'gptq'"):
+        quantize._build_config(parse([*base, "--weight-rounding", "adaround"]))

@@ -63,6 +63,18 @@ _OVERRIDES = [
         "bias_correction: per layer and timestep group ('layer'), of the noise prediction ('output')",
     ),
     (
+        "--weight-rounding",
+        str,
+        "{nearest,gptq}",
+        "weights.rounding: second-order rounding on the calibration inputs ('gptq') or nearest codes",
+    ),
+    (
+        "--float-layers",
+        int,
+        "N",
+        "keep the N layers ranked most sensitive float (layers.mixed_precision max_layers; 0: none)",
+    ),
+    (
         "--num-inference-steps",
         int,
         "N",
@@ -181,6 +193,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["activations"] = {"timestep_groups": args.timestep_groups}
     if args.bias_correction is not None:
         overrides["bias_correction"] = args.bias_correction
+    if args.weight_rounding is not None:
+        overrides["weights"] = {"rounding": args.weight_rounding}
+    if args.float_layers is not None:
+        off = {"mode": "off"}
+        promote = {"mode": "max_layers", "max_layers": args.float_layers, "high_bits": None}
+        overrides["layers"] = {"mixed_precision": promote if args.float_layers > 0 else off}
     names = ("num_samples", "num_inference_steps", "batch_size", "seed", "guidance_scale")
     calib = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if calib:
