@@ -190,7 +190,7 @@ class CalibrationConfig:
 
 # The default recipe keeps the two layers whose quantization alone hurts the noise prediction most float:
 # on both shipped models those are image-space layers (conv_in, conv_out, the last up block's skip
-# convolution), found on the calibration set rather than named (BENCHMARKS.md, "The default recipe").
+# convolution), found on the calibration set rather than named (BENCHMARKS.md §8).
 DEFAULT_MIXED_PRECISION: dict[str, Any] = {"mode": "max_layers", "max_layers": 2, "high_bits": None}
 
 

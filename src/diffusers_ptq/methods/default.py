@@ -1,12 +1,12 @@
 """The default recipe: what `PTQConfig()` is, and therefore what `diffusers-ptq quantize` runs.
 
 Not a published method: the combination of the library's parts that measured best on both shipped
-benchmark models (BENCHMARKS.md, "The default recipe"), at W8A8, W6A6 and W4A8, within minutes of CPU
+benchmark models (BENCHMARKS.md §8), at W8A8, W6A6 and W4A8, within minutes of CPU
 calibration. GPTQ rounding of the weights; PTQD-style correction of the noise prediction's per-step mean
 error (`bias_correction="output"`); the two layers whose quantization alone hurts the noise prediction most
 kept float (`layers.mixed_precision`, ranked on the calibration set, so it holds on models it was not tuned
-on); one activation scale for all timesteps, because finer timestep scales did not lower FD on either
-model, with or without the bias correction; no block reconstruction.
+on); one activation scale for all timesteps, because finer timestep scales did not lower FD beyond noise
+(colour model with the correction, shipped model without it); no block reconstruction.
 """
 
 from diffusers_ptq.config import PTQConfig
