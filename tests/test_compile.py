@@ -10,6 +10,7 @@ import torch
 from diffusers_ptq import PTQConfig, quantize_pipeline
 from diffusers_ptq.primitives import sqnr_db
 from diffusers_ptq.zoo import fashion_ddpm_pipeline
+from recipe_helpers import plain
 
 
 def _quantized_unet(ddim_pipe):
@@ -57,9 +58,9 @@ def test_inductor_matches_eager():
     single flips almost to the size of the quantization error."""
     pipe = fashion_ddpm_pipeline()
     float_unet = copy.deepcopy(pipe.unet)
-    config = PTQConfig(
-        weights={"num_candidates": 10}, activations={"num_candidates": 10, "timestep_groups": 4}
-    )
+    # The plain recipe (nearest, no correction, no float layers): its quantization error is the yardstick
+    # the margin below was measured against (the default recipe's is far smaller: 44 dB SQNR at t = 900).
+    config = plain(weights={"num_candidates": 10}, activations={"num_candidates": 10, "timestep_groups": 4})
     quantize_pipeline(pipe, config, num_samples=16, num_inference_steps=8, progress=False)
     x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     outputs, expected, graphs = _run_compiled(pipe.unet, "inductor", x)
