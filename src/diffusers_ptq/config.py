@@ -13,7 +13,12 @@ from dataclasses import MISSING, InitVar, dataclass, field, fields, is_dataclass
 from typing import Any
 
 from diffusers_ptq.config_fields import _check_bool, _check_choice, _check_float, _check_int, _fail, _field
-from diffusers_ptq.config_mixed import MixedPrecisionConfig
+
+# Re-exported: `from diffusers_ptq.config import ...` stays the one place users and presets import from.
+from diffusers_ptq.config_layers import DEFAULT_MIXED_PRECISION as DEFAULT_MIXED_PRECISION
+from diffusers_ptq.config_layers import SPECIAL_LAYER_POLICIES as SPECIAL_LAYER_POLICIES
+from diffusers_ptq.config_layers import LayerSelectionConfig
+from diffusers_ptq.config_mixed import MixedPrecisionConfig as MixedPrecisionConfig
 from diffusers_ptq.config_search import (
     GroupSearchConfig,
     SelectionConfig,
@@ -26,7 +31,6 @@ GROUP_SIZES = (32, 64, 128, 256, 512)
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
 TIMESTEP_SAMPLERS = ("uniform", "normal", "skew_normal", "all")
 SAMPLE_SELECTORS = ("random", "density_diversity", "active")
-SPECIAL_LAYER_POLICIES = ("float", "8bit", "same")
 BIAS_CORRECTIONS = ("off", "layer", "output")
 
 # The method presets depend on this module, never the reverse: `diffusers_ptq.methods.registry` hands its
@@ -186,59 +190,6 @@ class CalibrationConfig:
             _check_float(f"{path}.guidance_scale", self.guidance_scale, 0.0, 100.0)
         _check_int(f"{path}.batch_size", self.batch_size, 1)
         _check_int(f"{path}.seed", self.seed, 0)
-
-
-# The default recipe keeps the two layers whose quantization alone hurts the noise prediction most float:
-# on both shipped models those are image-space layers (conv_in, conv_out, the last up block's skip
-# convolution), found on the calibration set rather than named (BENCHMARKS.md §8).
-DEFAULT_MIXED_PRECISION: dict[str, Any] = {"mode": "max_layers", "max_layers": 2, "high_bits": None}
-
-
-@dataclass
-class LayerSelectionConfig:
-    """Which Conv2d/Linear layers of the UNet are quantized (fnmatch patterns on qualified names)."""
-
-    include: list[str] = _field(["*"], "patterns of layer names to quantize")
-    exclude: list[str] = _field([], "patterns of layer names to keep float (wins over include)")
-    special_layers: str = _field(
-        "8bit",
-        "conv_in, conv_out and the time/class/added embeddings: keep 'float', quantize at '8bit', "
-        "or at the 'same' bits as the rest",
-        SPECIAL_LAYER_POLICIES,
-    )
-    shortcut_split: bool = _field(
-        True, "Q-Diffusion shortcut-split: separate quantizers for the two halves of up-block skip concats"
-    )
-    mixed_precision: MixedPrecisionConfig = field(
-        default_factory=lambda: MixedPrecisionConfig(**DEFAULT_MIXED_PRECISION),
-        metadata={
-            "help": "sensitivity-driven mixed precision: a budget of layers kept at higher bits (default: "
-            "the 2 layers ranked most sensitive kept float; mode='off' for none)"
-        },
-    )
-
-    def __post_init__(self) -> None:
-        # Tuples are accepted for convenience; lists keep equality and JSON round-trips exact.
-        for name in ("include", "exclude"):
-            if isinstance(getattr(self, name), tuple):
-                setattr(self, name, list(getattr(self, name)))
-        if isinstance(self.mixed_precision, dict):
-            self.mixed_precision = MixedPrecisionConfig.from_value(self.mixed_precision)
-
-    def validate(self, path: str = "layers") -> None:
-        for name in ("include", "exclude"):
-            value = getattr(self, name)
-            if not isinstance(value, list | tuple) or not all(isinstance(p, str) for p in value):
-                _fail(f"{path}.{name}", value, "a list of fnmatch pattern strings")
-        _check_choice(f"{path}.special_layers", self.special_layers, SPECIAL_LAYER_POLICIES)
-        _check_bool(f"{path}.shortcut_split", self.shortcut_split)
-        if not isinstance(self.mixed_precision, MixedPrecisionConfig):
-            _fail(
-                f"{path}.mixed_precision",
-                self.mixed_precision,
-                "a MixedPrecisionConfig or a dict of its fields",
-            )
-        self.mixed_precision.validate(f"{path}.mixed_precision")
 
 
 _SECTIONS = {
