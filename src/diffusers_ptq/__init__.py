@@ -20,6 +20,7 @@ from diffusers_ptq.config import (
     SelectionConfig,
     WeightQuantConfig,
 )
+from diffusers_ptq.correction import NoiseAbsorption, absorb_quantization_noise
 from diffusers_ptq.initialise import set_quant_state
 from diffusers_ptq.integer import convert
 from diffusers_ptq.job import PTQState
@@ -64,6 +65,9 @@ __all__ = [
     "reconstruct",
     "set_quant_state",
     "convert",
+    # PTQD variance absorption for stochastic samplers (bias_correction="output")
+    "absorb_quantization_noise",
+    "NoiseAbsorption",
     "PTQState",
     "QuantizationReport",
     "ReconstructionReport",
