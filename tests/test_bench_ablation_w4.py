@@ -34,6 +34,7 @@ def _rest(config: PTQConfig) -> dict:
     data["activations"].pop("timestep_groups")
     data.pop("bias_correction")
     data.pop("layers")
+    data.pop("reconstruction")
     return data
 
 
@@ -57,12 +58,14 @@ def test_w4_rows_vary_exactly_their_part():
         "gptq bias=layer special=float": ("gptq", "per_channel", None, "layer", 1),
         "gptq bias=layer mixed=2": ("gptq", "per_channel", None, "layer", 1),
         "gptq bias=output mixed=2": ("gptq", "per_channel", None, "output", 1),
+        "gptq bias=output mixed=2 recon=5min": ("gptq", "per_channel", None, "output", 1),
         "gptq group 64 bias=output mixed=2": ("gptq", "per_group", 64, "output", 1),
     }
     kept = {
         "gptq bias=layer special=float": ("float", "off"),
         "gptq bias=layer mixed=2": ("8bit", "max_layers"),
         "gptq bias=output mixed=2": ("8bit", "max_layers"),
+        "gptq bias=output mixed=2 recon=5min": ("8bit", "max_layers"),
         "gptq group 64 bias=output mixed=2": ("8bit", "max_layers"),
     }
     assert set(expected) == set(VARIANTS)
@@ -74,7 +77,12 @@ def test_w4_rows_vary_exactly_their_part():
         assert (layers["special_layers"], layers["mixed_precision"]["mode"]) == (special, mode), label
         assert _rest(config) == _rest(base), label
         assert config.weights.bits == 4 and config.activations.bits == 8
-        assert config.calibration.num_samples == 64 and not config.reconstruction.enabled
+        assert config.calibration.num_samples == 64
+        recon = config.reconstruction
+        if label.endswith("recon=5min"):
+            assert recon.enabled and recon.max_minutes == 5.0 and recon.weight_rounding == "adaround"
+        else:
+            assert not recon.enabled, label
     default = rows[f"W4A8 {DEFAULT_LABEL}"].config
     shipped = PTQConfig(weight_bits=4, act_bits=8)
     assert default.to_dict()["weights"] == shipped.to_dict()["weights"]
@@ -100,6 +108,21 @@ def test_w4_rows_select_a_subset_in_study_order():
     assert names == ["float", "W4A8 nearest", "W4A8 gptq bias=layer mixed=2", f"W4A8 {DEFAULT_LABEL}"]
     mixed = ablation_rows(settings)[2].config.layers.mixed_precision
     assert (mixed.max_layers, mixed.high_bits) == (2, None)
+
+
+def test_reconstruction_cap_reaches_only_the_rows_that_reconstruct():
+    label = "gptq bias=output mixed=2 recon=5min"
+    settings = AblationSettings(study="w4", rows=["gptq", label], reconstruction_minutes=0.5)
+    rows = ablation_rows(settings)
+    assert not rows[1].config.reconstruction.enabled
+    assert rows[2].config.reconstruction.enabled and rows[2].config.reconstruction.max_minutes == 0.5
+    assert AblationSettings.quick("w4").reconstruction_minutes == 0.05
+    with pytest.raises(
+        ValueError, match=r"reconstruction_minutes=0 is invalid; expected None or a number > 0"
+    ):
+        ablation_rows(AblationSettings(study="w4", reconstruction_minutes=0))
+    with pytest.raises(ValueError, match="reconstruction_minutes applies to the 'w4' study only"):
+        ablation_rows(AblationSettings(study="groups", reconstruction_minutes=1.0))
 
 
 def test_unknown_w4_row_names_the_valid_ones():

@@ -108,8 +108,9 @@ def add_parser(sub: Any) -> None:
         "--reconstruction-minutes",
         type=float,
         help="per-row time budget of block reconstruction, applied as reconstruction.max_minutes to rows "
-        "whose preset enables reconstruction. Default: the preset's own (--quick: "
-        f"{QUICK_RECONSTRUCTION_MINUTES}).",
+        "whose preset enables reconstruction; with --ablation w4, the cap of its rows that reconstruct. "
+        f"Default: the preset's own; w4: 5 (--quick: {QUICK_RECONSTRUCTION_MINUTES}; --ablation w4 --quick: "
+        "0.05).",
     )
     b.add_argument(
         "--no-reconstruction",
@@ -339,9 +340,12 @@ def _ablation_settings(args: argparse.Namespace) -> AblationSettings:
     study = args.ablation
     if study not in STUDIES:
         raise ValueError(f"--ablation {study!r} is invalid; expected one of {', '.join(STUDIES)}")
-    for option in ("--presets", "--reconstruction-minutes", "--no-reconstruction", "--compare-quanto"):
+    fixed = ("--presets", "--no-reconstruction", "--compare-quanto")
+    for option in fixed if study == "w4" else (*fixed, "--reconstruction-minutes"):
         if getattr(args, option.lstrip("-").replace("-", "_")) is not None:
-            raise ValueError(f"{option} does not apply to --ablation (its rows fix their own recipes)")
+            raise ValueError(
+                f"{option} does not apply to --ablation {study} (its rows fix their own recipes)"
+            )
     for option in ("--prompts", "--guidance-scale", "--clip-model"):
         if getattr(args, option.lstrip("-").replace("-", "_")) is not None:
             raise ValueError(f"{option} does not apply to --ablation (it samples unconditional models only)")
@@ -361,7 +365,7 @@ def _ablation_settings(args: argparse.Namespace) -> AblationSettings:
         overrides["sizes"] = _sizes(args.sizes)
     names = (
         "bits", "rows", "selectors", "search_epochs", "search_images", "search_lambda", "search_init_logit",
-        "feature_samples", "calibration_samples",
+        "feature_samples", "calibration_samples", "reconstruction_minutes",
         "num_samples", "seeds", "num_inference_steps", "batch_size", "sqnr_samples",
     )  # fmt: skip
     overrides.update({n: getattr(args, n) for n in names if getattr(args, n) is not None})

@@ -183,7 +183,14 @@ def w4_rows(settings: AblationSettings) -> list[AblationRow]:
     labels = [label for label in W4_ROWS if settings.rows is None or label in settings.rows]
     for tag, w, a in _bits(settings):
         for label in labels:
-            config = w4_recipe(label, w, a, settings.num_inference_steps, settings.calibration_samples)
+            config = w4_recipe(
+                label,
+                w,
+                a,
+                settings.num_inference_steps,
+                settings.calibration_samples,
+                settings.reconstruction_minutes,
+            )
             groups = config.activations.timestep_groups
             rows.append(AblationRow(f"{tag} {label}", w, a, groups=groups, config=config))
     return rows

@@ -89,6 +89,10 @@ class AblationSettings:
         default=None,
         metadata=_help("'w4': the row labels to run, in the study's order (None: all of them)"),
     )
+    reconstruction_minutes: float | None = field(
+        default=None,
+        metadata=_help("'w4': time cap of the rows that reconstruct (reconstruction.max_minutes; None: 5)"),
+    )
     num_samples: int = field(default=250, metadata=_help("generated images per seed and row"))
     seeds: list[int] = field(default_factory=lambda: [0, 1], metadata=_help("noise seeds; rows are paired"))
     num_inference_steps: int = field(default=100, metadata=_help("DDIM steps for sampling and calibration"))
@@ -112,6 +116,8 @@ class AblationSettings:
             "batch_size": 16,
             "sqnr_samples": 4,
         }
+        if study == "w4":
+            base["reconstruction_minutes"] = 0.05
         return cls(**{**base, **overrides})
 
     @property
@@ -153,6 +159,15 @@ class AblationSettings:
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             if value is not None and not (number and 0 <= value < inf):
                 raise ValueError(f"{name}={value!r} is invalid; expected None or a finite number >= 0")
+        minutes = self.reconstruction_minutes
+        if minutes is not None:
+            number = isinstance(minutes, (int, float)) and not isinstance(minutes, bool)
+            if not (number and 0 < minutes < inf):
+                raise ValueError(
+                    f"reconstruction_minutes={minutes!r} is invalid; expected None or a number > 0"
+                )
+            if self.study != "w4":
+                raise ValueError(f"reconstruction_minutes applies to the 'w4' study only, not {self.study!r}")
         epochs = self.search_epochs
         if epochs is not None and not (_positive_int(epochs) or epochs == 0):
             raise ValueError(f"search_epochs={epochs!r} is invalid; expected None or an integer >= 0")

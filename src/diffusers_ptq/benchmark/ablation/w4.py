@@ -29,6 +29,7 @@ GPTQ: dict[str, Any] = {"rounding": "gptq"}
 G8: dict[str, Any] = {"timestep_groups": 8}
 # The two layers whose quantization alone hurts the noise prediction most stay float.
 MIXED_2: dict[str, Any] = {"mode": "max_layers", "max_layers": 2, "high_bits": None}
+RECON_5MIN: dict[str, Any] = {"enabled": True, "max_minutes": 5.0}
 DEFAULT_LABEL = "default recipe"
 # Row label -> overrides of the base recipe (weights / activations sections and bias_correction).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -67,6 +68,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "bias_correction": "output",
         "layers": {"mixed_precision": MIXED_2},
     },
+    # The combined recipe plus a block reconstruction capped at 5 minutes that starts from the GPTQ codes
+    # (its AdaRound schedule is laid over the iterations the cap leaves, so it ends with binary rounding).
+    "gptq bias=output mixed=2 recon=5min": {
+        "weights": GPTQ,
+        "bias_correction": "output",
+        "layers": {"mixed_precision": MIXED_2},
+        "reconstruction": RECON_5MIN,
+    },
     "gptq group 64 bias=output mixed=2": {
         "weights": {**GPTQ, "granularity": "per_group", "group_size": 64},
         "bias_correction": "output",
@@ -76,8 +85,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
 W4_ROWS = (*VARIANTS, DEFAULT_LABEL)
 
 
-def w4_recipe(label: str, w: int, a: int, num_inference_steps: int, num_samples: int | None) -> PTQConfig:
-    """The recipe of row `label` at W`w`A`a`; ValueError naming the valid labels for an unknown one."""
+def w4_recipe(
+    label: str,
+    w: int,
+    a: int,
+    num_inference_steps: int,
+    num_samples: int | None,
+    reconstruction_minutes: float | None = None,
+) -> PTQConfig:
+    """The recipe of row `label` at W`w`A`a`; ValueError naming the valid labels for an unknown one.
+    `reconstruction_minutes` replaces the cap of the rows that reconstruct."""
     if label not in W4_ROWS:
         raise ValueError(f"w4 row {label!r} is not valid; expected one of {', '.join(W4_ROWS)}")
     calibration: dict[str, Any] = {"num_inference_steps": num_inference_steps}
@@ -94,9 +111,16 @@ def w4_recipe(label: str, w: int, a: int, num_inference_steps: int, num_samples:
         activations={**BASE["activations"], **variant.get("activations", {})},
         layers={**BASE["layers"], **variant.get("layers", {})},
         calibration=calibration,
-        reconstruction={"enabled": False},
+        reconstruction=_reconstruction(variant, reconstruction_minutes),
         bias_correction=variant.get("bias_correction", "off"),
     )
+
+
+def _reconstruction(variant: dict[str, Any], minutes: float | None) -> dict[str, Any]:
+    recon = variant.get("reconstruction")
+    if recon is None:
+        return {"enabled": False}
+    return recon if minutes is None else {**recon, "max_minutes": float(minutes)}
 
 
 def describe_recipe(config: PTQConfig) -> list[str]:
@@ -131,7 +155,9 @@ def w4_notes(calibration_samples: int | None) -> list[str]:
         "size is not a multiple keep per-channel scales; bias correction 'layer' = per-layer, per-group "
         "output-mean tables, 'output' = PTQD-style correction of the noise prediction; G = 8 contiguous "
         "timestep groups without search, per-step = one activation scale per sampling step; mixed=2 = the "
-        "two layers ranked most sensitive by noise MSE kept float).",
+        "two layers ranked most sensitive by noise MSE kept float; recon=5min = block reconstruction "
+        "(sequential AdaRound + activation step sizes, held-out safeguard) from the GPTQ codes, capped at "
+        "5 minutes).",
         f"'{DEFAULT_LABEL}': PTQConfig(weight_bits, act_bits) as shipped, unchanged.",
         "noise bias: per step, the RMS over (C, H, W) of the mean over samples of eps_q - eps, averaged over "
         "steps (the systematic error DDIM adds up; lower is better).",
