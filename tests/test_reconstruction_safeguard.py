@@ -11,7 +11,7 @@ import torch
 from diffusers_ptq import reconstruct
 from diffusers_ptq.quantizers import TimestepActQuantizer
 from diffusers_ptq.reconstruction import budget as budget_module
-from diffusers_ptq.reconstruction import build_cache, reconstruction_units, runner, trainer
+from diffusers_ptq.reconstruction import build_cache, reconstruction_units, safeguard, trainer
 from diffusers_ptq.reconstruction.budget import Budget
 from diffusers_ptq.reconstruction.losses import BetaSchedule, lr_factor
 from diffusers_ptq.reconstruction.trainer import Phase, rounding_lr, train_unit
@@ -202,7 +202,7 @@ def test_no_unit_is_left_half_trained_when_the_budget_runs_out(monkeypatch):
 def test_a_run_that_worsens_the_whole_unet_on_held_out_rows_is_undone(monkeypatch, errors):
     # Units are judged one at a time; the whole UNet is judged on the same held-out rows at the end.
     measured = iter(errors)  # before the run, after it: the error or its mean over the rows higher
-    monkeypatch.setattr(runner, "output_errors", lambda a, b: next(measured))
+    monkeypatch.setattr(safeguard, "output_errors", lambda a, b: next(measured))
     unet, data = quantized("unet2d", rows=ROWS)
     start = _snapshot(unet)
     report = reconstruct(unet, data, fast_config(cache_batch_size=ROWS, iterations=10), progress=False)

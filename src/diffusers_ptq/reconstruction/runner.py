@@ -18,10 +18,8 @@ import torch
 from torch import nn
 
 from diffusers_ptq.calibration import CalibrationSet
-from diffusers_ptq.initialise import set_quant_state
 from diffusers_ptq.nn.layers import QuantLayerMixin
 from diffusers_ptq.primitives import fake_quantize
-from diffusers_ptq.quantizers import TimestepActQuantizer, WeightQuantizer
 from diffusers_ptq.quantizers.adaround import AdaRoundQuantizer
 from diffusers_ptq.reconstruction.blocks import reconstruction_units
 from diffusers_ptq.reconstruction.budget import Budget
@@ -30,15 +28,13 @@ from diffusers_ptq.reconstruction.checkpoint import (
     ResumeCheckpoint,
     calibration_fingerprint,
     model_fingerprint,
-    pack_bits,
     run_identity,
-    unpack_bits,
 )
 from diffusers_ptq.reconstruction.config import ReconstructionConfig
-from diffusers_ptq.reconstruction.lsq import restore_scales, snapshot_scales
 from diffusers_ptq.reconstruction.report import ReconstructionReport, UnitReport
-from diffusers_ptq.reconstruction.rounding import bake_layers, restore_rounding, unwrap_layer, wrapped_layers
-from diffusers_ptq.reconstruction.safeguard import model_outputs, output_errors, split_rows
+from diffusers_ptq.reconstruction.rounding import bake_layers, wrapped_layers
+from diffusers_ptq.reconstruction.safeguard import holdout_error, split_rows
+from diffusers_ptq.reconstruction.state import SavedState, learned_tensors, restore_learned
 from diffusers_ptq.reconstruction.trainer import Phase, seeded, train_unit
 from diffusers_ptq.reconstruction.units import Unit
 
@@ -136,90 +132,6 @@ def _check_inputs(
     return config
 
 
-class _SavedState:
-    """What reconstruction changes, saved at the start for restoring: quantizer switches, requires_grad
-    flags, every module's training flag, step sizes and each quantized layer's weight Parameter (baking
-    rebinds it)."""
-
-    def __init__(self, unet: nn.Module) -> None:
-        self.unet = unet
-        self.enabled = [
-            (m, m.enabled) for m in unet.modules() if isinstance(m, TimestepActQuantizer | WeightQuantizer)
-        ]
-        self.grads = [(p, p.requires_grad) for p in unet.parameters()]
-        self.scales = snapshot_scales(unet)
-        self.training = [(m, m.training) for m in unet.modules()]
-        self.weights = [(m, m.weight) for m in unet.modules() if isinstance(m, QuantLayerMixin)]
-
-    def restore_switches(self) -> None:
-        for m, enabled in self.enabled:
-            m.enabled = enabled
-        for p, requires_grad in self.grads:
-            p.requires_grad_(requires_grad)
-        for layer, weight in self.weights:  # a baked weight takes the flag of the one it replaced
-            layer.weight.requires_grad_(weight.requires_grad)
-        for m, training in self.training:
-            m.training = training  # per module: a mixed train/eval model keeps its mix
-
-    def undo(self) -> None:
-        for _, layer in wrapped_layers(self.unet):
-            unwrap_layer(layer)
-        for layer, weight in self.weights:
-            if layer.weight is not weight:
-                layer.weight = weight
-        restore_scales(self.unet, self.scales)
-
-
-def _learned(
-    unet: nn.Module, unit: Unit, phase: Phase
-) -> tuple[dict[str, torch.Tensor], dict[str, list[int]]]:
-    tensors, shapes = {}, {}
-    if phase.learn_rounding:
-        for name in unit.layers:
-            for i, q in enumerate(unet.get_submodule(name).weight_quantizers):
-                key = f"{name}.weight_quantizers.{i}.round_up"
-                tensors[key] = pack_bits(q.round_up)
-                shapes[key] = list(q.round_up.shape)
-    if phase.learn_scales:
-        for name in unit.act_quantizers:
-            tensors[f"{name}.scale"] = unet.get_submodule(name).scale.detach().float()
-    return tensors, shapes
-
-
-@torch.no_grad()
-def _restore(unet: nn.Module, unit: Unit, phase: Phase, checkpoint: ResumeCheckpoint, entry: dict) -> None:
-    tensors, shapes = checkpoint.load(entry)
-
-    def get(key: str) -> torch.Tensor:
-        if key not in tensors:
-            raise ValueError(f"{entry['file']} of the reconstruction checkpoint has no {key!r}")
-        return tensors[key]
-
-    if phase.learn_rounding:
-        for name in unit.layers:
-            layer = unet.get_submodule(name)
-            parts = layer._weight_parts(layer.weight)
-            masks = []
-            for i, part in enumerate(parts):
-                key = f"{name}.weight_quantizers.{i}.round_up"
-                if shapes.get(key) != list(part.shape):
-                    raise ValueError(
-                        f"{entry['file']}: {key} has shape {shapes.get(key)}, expected {list(part.shape)}"
-                    )
-                masks.append(unpack_bits(get(key), shapes[key]))
-            restore_rounding(layer, masks)
-    if phase.learn_scales:
-        for name in unit.act_quantizers:
-            scale = unet.get_submodule(name).scale
-            stored = get(f"{name}.scale")
-            if stored.shape != scale.shape:
-                raise ValueError(
-                    f"{entry['file']}: {name}.scale has shape {tuple(stored.shape)}, "
-                    f"expected {tuple(scale.shape)}"
-                )
-            scale.copy_(stored.to(scale.device, scale.dtype))
-
-
 def reconstruct(
     unet: nn.Module,
     calibration_set: CalibrationSet,
@@ -261,7 +173,7 @@ def reconstruct(
     split = split_rows(len(rows), config.holdout, split_gen)
     holdout_rows = rows[split[1]]
     report = ReconstructionReport(config=config.to_dict(), rows=len(rows))
-    saved = _SavedState(unet)
+    saved = SavedState(unet)
     run = _Run(
         unet=unet,
         data=calibration_set,
@@ -276,7 +188,7 @@ def reconstruct(
     done = False
     try:
         unet.eval()
-        reference, before = _holdout_error(unet, calibration_set, holdout_rows, config)
+        reference, before = holdout_error(unet, calibration_set, holdout_rows, config)
         report.holdout_error_before, report.holdout_bias_before = before
         for p in unet.parameters():
             p.requires_grad_(False)
@@ -284,7 +196,7 @@ def reconstruct(
             report.units.append(run.step(phase, unit, index, weight))
         bake_layers(wrapped_layers(unet))
         saved.restore_switches()
-        _, after = _holdout_error(unet, calibration_set, holdout_rows, config, reference)
+        _, after = holdout_error(unet, calibration_set, holdout_rows, config, reference)
         report.holdout_error_after, report.holdout_bias_after = after
         if after[0] > before[0] or after[1] > before[1]:
             logger.warning(
@@ -307,28 +219,6 @@ def reconstruct(
     report.seconds = time.perf_counter() - started
     logger.info("%s", report)
     return report
-
-
-@torch.no_grad()
-def _holdout_error(
-    unet: nn.Module,
-    data: CalibrationSet,
-    rows: torch.Tensor,
-    config: ReconstructionConfig,
-    reference: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, tuple[float, float]]:
-    """(float outputs on `rows`, `output_errors` of the UNet's outputs, as it is switched, from them)."""
-    switches = [
-        (m, m.enabled) for m in unet.modules() if isinstance(m, TimestepActQuantizer | WeightQuantizer)
-    ]
-    if reference is None:
-        set_quant_state(unet, weights=False, acts=False)
-        try:
-            reference = model_outputs(unet, data, rows, config.cache_batch_size)
-        finally:
-            for m, enabled in switches:
-                m.enabled = enabled
-    return reference, output_errors(model_outputs(unet, data, rows, config.cache_batch_size), reference)
 
 
 @dataclass
@@ -372,7 +262,7 @@ class _Run:
         if entry is not None:
             stored = entry["report"]
             if stored.get("status") != "reverted":  # a reverted unit stayed at its starting point
-                _restore(unet, unit, phase, checkpoint, entry)
+                restore_learned(unet, unit, phase, checkpoint, entry)
             status = "reverted" if stored.get("status") == "reverted" else "resumed"
             return UnitReport.from_dict({**stored, "status": status}), False
         if budget.exhausted() or budget.share(weight) <= 0:  # no time left for it: not even cached
@@ -435,6 +325,6 @@ class _Run:
             " (not lower: reverted to its starting point)" if result.status == "reverted" else "",
         )
         if checkpoint is not None:
-            tensors, shapes = _learned(unet, unit, phase) if result.status == "trained" else ({}, {})
+            tensors, shapes = learned_tensors(unet, unit, phase) if result.status == "trained" else ({}, {})
             checkpoint.save(phase.name, index, unit.name, tensors, shapes, unit_report.to_dict())
         return unit_report, True

@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from diffusers_ptq.calibration import CalibrationSet
-from diffusers_ptq.quantizers import TimestepActQuantizer
+from diffusers_ptq.initialise import set_quant_state
+from diffusers_ptq.quantizers import TimestepActQuantizer, WeightQuantizer
+from diffusers_ptq.reconstruction.config import ReconstructionConfig
 from diffusers_ptq.reconstruction.units import main_output
 
 HOLDOUT_MAX_ROWS = 64
@@ -72,3 +74,25 @@ def output_errors(outputs: torch.Tensor, reference: torch.Tensor) -> tuple[float
     part the sampler adds up over its steps, which the first barely sees."""
     error = outputs - reference
     return float(error.pow(2).mean()), float(error.mean(dim=0).pow(2).mean())
+
+
+@torch.no_grad()
+def holdout_error(
+    unet: nn.Module,
+    data: CalibrationSet,
+    rows: torch.Tensor,
+    config: ReconstructionConfig,
+    reference: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, tuple[float, float]]:
+    """(float outputs on `rows`, `output_errors` of the UNet's outputs, as it is switched, from them)."""
+    switches = [
+        (m, m.enabled) for m in unet.modules() if isinstance(m, TimestepActQuantizer | WeightQuantizer)
+    ]
+    if reference is None:
+        set_quant_state(unet, weights=False, acts=False)
+        try:
+            reference = model_outputs(unet, data, rows, config.cache_batch_size)
+        finally:
+            for m, enabled in switches:
+                m.enabled = enabled
+    return reference, output_errors(model_outputs(unet, data, rows, config.cache_batch_size), reference)
