@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from training_common import classifier_parser, train_classifier
 
 from diffusers_ptq.benchmark.metrics.fidelity import (
     FeatureStats,
@@ -44,40 +45,17 @@ COLOUR_LOSS_WEIGHT = 10.0  # colour MSE starts near 0.1, cross-entropy near 2.3:
 
 
 def train(args: argparse.Namespace, train_x: torch.Tensor, train_y: torch.Tensor, train_c: torch.Tensor):
-    model = ColourFashionClassifier()
-    steps = args.epochs * (len(train_x) // args.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=steps)
-    generator = torch.Generator().manual_seed(args.seed)
-    for epoch in range(args.epochs):
-        order = torch.randperm(len(train_x), generator=generator)
-        for i in range(len(train_x) // args.batch_size):
-            idx = order[i * args.batch_size : (i + 1) * args.batch_size]
-            x = train_x[idx]
-            flip = torch.rand(len(x), generator=generator) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            features = model.embed(x)
-            loss = F.cross_entropy(model.head(features), train_y[idx]) + COLOUR_LOSS_WEIGHT * F.mse_loss(
-                model.colour_head(features), train_c[idx]
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            if i % 100 == 0:
-                print(f"epoch {epoch} step {i} loss {loss.item():.3f}", flush=True)
-    return model.eval()
+    def loss_fn(model: torch.nn.Module, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        features = model.embed(x)
+        colour = F.mse_loss(model.colour_head(features), train_c[idx])
+        return F.cross_entropy(model.head(features), train_y[idx]) + COLOUR_LOSS_WEIGHT * colour
+
+    return train_classifier(ColourFashionClassifier(), train_x, args, loss_fn)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    log = Path("benchmarks/results/train_colour_classifier.json")
+    parser = classifier_parser(__doc__, threads=1, log=log)
     parser.add_argument("--fd-images", type=int, default=1000, help="float DDPM samples for the logged FD")
     parser.add_argument("--fd-steps", type=int, default=100, help="DDIM steps of those samples")
     parser.add_argument(
@@ -92,10 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=Path("benchmarks/results/colour_ddpm_float_grid.png"),
         help="where the first 64 float samples go",
     )
-    parser.add_argument("--data-root", type=Path, default=None)
     parser.add_argument("--classifier-file", type=Path, default=COLOUR_CLASSIFIER_FILE)
     parser.add_argument("--stats-file", type=Path, default=STATS_FILE)
-    parser.add_argument("--log", type=Path, default=Path("benchmarks/results/train_colour_classifier.json"))
     return parser.parse_args(argv)
 
 

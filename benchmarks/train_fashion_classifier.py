@@ -10,7 +10,6 @@ took 551 s on one core (`seconds` in benchmarks/results/train_fashion_classifier
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
+from training_common import classifier_parser, train_classifier
 
 from diffusers_ptq.benchmark.metrics.fidelity import (
     FeatureStats,
@@ -34,46 +33,19 @@ STATS_FILE = ASSETS_DIR / "fashion_fd_stats.safetensors"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--data-root", type=Path, default=None)
-    parser.add_argument("--log", type=Path, default=Path("benchmarks/results/train_fashion_classifier.json"))
-    args = parser.parse_args(argv)
+    log = Path("benchmarks/results/train_fashion_classifier.json")
+    args = classifier_parser(__doc__, threads=2, log=log).parse_args(argv)
     torch.set_flush_denormal(True)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     train_x, train_y = load_fashion_mnist("train", root=args.data_root)
     test_x, test_y = load_fashion_mnist("test", root=args.data_root)
-
-    model = FashionClassifier()
-    steps = args.epochs * (len(train_x) // args.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=steps)
-    generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
-    bar = tqdm(total=steps, desc="classifier", mininterval=5.0)
-    for _ in range(args.epochs):
-        order = torch.randperm(len(train_x), generator=generator)
-        for i in range(len(train_x) // args.batch_size):
-            idx = order[i * args.batch_size : (i + 1) * args.batch_size]
-            x = train_x[idx]
-            flip = torch.rand(len(x), generator=generator) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            loss = F.cross_entropy(model(x), train_y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    bar.close()
-    model.eval()
+
+    def loss_fn(model: torch.nn.Module, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model(x), train_y[idx])
+
+    model = train_classifier(FashionClassifier(), train_x, args, loss_fn)
     test_features, test_logits = classifier_outputs(model, test_x)
     train_features, _ = classifier_outputs(model, train_x)
     accuracy = (test_logits.argmax(-1) == test_y).float().mean().item()
