@@ -12,7 +12,16 @@ from collections.abc import Callable
 from dataclasses import MISSING, InitVar, dataclass, field, fields, is_dataclass
 from typing import Any
 
-from diffusers_ptq.config_fields import _check_bool, _check_choice, _check_float, _check_int, _fail, _field
+from diffusers_ptq.config_fields import (
+    _check_bool,
+    _check_choice,
+    _check_float,
+    _check_int,
+    _fail,
+    _field,
+    _section_from_dict,
+    _section_to_dict,
+)
 
 # Re-exported: `from diffusers_ptq.config import ...` stays the one place users and presets import from.
 from diffusers_ptq.config_layers import DEFAULT_MIXED_PRECISION as DEFAULT_MIXED_PRECISION
@@ -368,32 +377,6 @@ def apply_overrides(config: PTQConfig, overrides: dict[str, Any]) -> None:
         else:
             valid = ["weight_bits", "act_bits", "method", "bias_correction", *_SECTIONS]
             raise ValueError(f"unknown override {key!r}; valid overrides: {valid}")
-
-
-def _section_to_dict(section: Any) -> dict[str, Any]:
-    out = {}
-    for f in fields(section):
-        value = getattr(section, f.name)
-        if is_dataclass(value):  # a nested section (layers.mixed_precision)
-            value = _section_to_dict(value)
-        out[f.name] = list(value) if isinstance(value, tuple | list) else value
-    return out
-
-
-def _section_from_dict(name: str, cls: type, data: Any) -> Any:
-    if not isinstance(data, dict):
-        _fail(name, data, f"a dict of {cls.__name__} fields")
-    names = [f.name for f in fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ValueError(
-            f"unknown key(s) {[f'{name}.{k}' for k in unknown]}; valid keys of {name!r}: {names}"
-        )
-    section = cls(**data)
-    for f in fields(cls):
-        if isinstance(getattr(section, f.name), tuple):
-            setattr(section, f.name, list(getattr(section, f.name)))
-    return section
 
 
 def describe_fields(

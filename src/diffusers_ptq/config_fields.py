@@ -1,11 +1,11 @@
-"""Building blocks of the config dataclasses: fields with `help` metadata and validators whose errors name
-the field, the bad value and what is allowed."""
+"""Building blocks of the config dataclasses: fields with `help` metadata, validators whose errors name
+the field, the bad value and what is allowed, and a section's dict form (nested sections included)."""
 
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import field
+from dataclasses import field, fields, is_dataclass
 from typing import Any
 
 
@@ -46,3 +46,29 @@ def _check_float(path: str, value: Any, lo: float, hi: float, *, open_lo: bool =
     if not ok:
         bracket = "(" if open_lo else "["
         _fail(path, value, f"a number in {bracket}{lo}, {hi}]")
+
+
+def _section_to_dict(section: Any) -> dict[str, Any]:
+    out = {}
+    for f in fields(section):
+        value = getattr(section, f.name)
+        if is_dataclass(value):  # a nested section (layers.mixed_precision)
+            value = _section_to_dict(value)
+        out[f.name] = list(value) if isinstance(value, tuple | list) else value
+    return out
+
+
+def _section_from_dict(name: str, cls: type, data: Any) -> Any:
+    if not isinstance(data, dict):
+        _fail(name, data, f"a dict of {cls.__name__} fields")
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(
+            f"unknown key(s) {[f'{name}.{k}' for k in unknown]}; valid keys of {name!r}: {names}"
+        )
+    section = cls(**data)
+    for f in fields(cls):
+        if isinstance(getattr(section, f.name), tuple):
+            setattr(section, f.name, list(getattr(section, f.name)))
+    return section
