@@ -58,6 +58,7 @@ def test_w4_rows_vary_exactly_their_part():
         "gptq bias=layer special=float": ("gptq", "per_channel", None, "layer", 1),
         "gptq bias=layer mixed=2": ("gptq", "per_channel", None, "layer", 1),
         "gptq bias=output mixed=2": ("gptq", "per_channel", None, "output", 1),
+        "gptq bias=output mixed=4": ("gptq", "per_channel", None, "output", 1),
         "gptq bias=output mixed=2 recon=5min": ("gptq", "per_channel", None, "output", 1),
         "gptq group 64 bias=output mixed=2": ("gptq", "per_group", 64, "output", 1),
     }
@@ -65,6 +66,7 @@ def test_w4_rows_vary_exactly_their_part():
         "gptq bias=layer special=float": ("float", "off"),
         "gptq bias=layer mixed=2": ("8bit", "max_layers"),
         "gptq bias=output mixed=2": ("8bit", "max_layers"),
+        "gptq bias=output mixed=4": ("8bit", "max_layers"),
         "gptq bias=output mixed=2 recon=5min": ("8bit", "max_layers"),
         "gptq group 64 bias=output mixed=2": ("8bit", "max_layers"),
     }

@@ -29,6 +29,7 @@ GPTQ: dict[str, Any] = {"rounding": "gptq"}
 G8: dict[str, Any] = {"timestep_groups": 8}
 # The two layers whose quantization alone hurts the noise prediction most stay float.
 MIXED_2: dict[str, Any] = {"mode": "max_layers", "max_layers": 2, "high_bits": None}
+MIXED_4: dict[str, Any] = {"mode": "max_layers", "max_layers": 4, "high_bits": None}
 RECON_5MIN: dict[str, Any] = {"enabled": True, "max_minutes": 5.0}
 DEFAULT_LABEL = "default recipe"
 # Row label -> overrides of the base recipe (weights / activations sections and bias_correction).
@@ -67,6 +68,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "weights": GPTQ,
         "bias_correction": "output",
         "layers": {"mixed_precision": MIXED_2},
+    },
+    "gptq bias=output mixed=4": {
+        "weights": GPTQ,
+        "bias_correction": "output",
+        "layers": {"mixed_precision": MIXED_4},
     },
     # The combined recipe plus a block reconstruction capped at 5 minutes that starts from the GPTQ codes
     # (its AdaRound schedule is laid over the iterations the cap leaves, so it ends with binary rounding).
@@ -154,10 +160,10 @@ def w4_notes(calibration_samples: int | None) -> list[str]:
         "(GPTQ with damp 0.01, no act order; groups of 128 / 64 inputs per weight scale, layers whose input "
         "size is not a multiple keep per-channel scales; bias correction 'layer' = per-layer, per-group "
         "output-mean tables, 'output' = PTQD-style correction of the noise prediction; G = 8 contiguous "
-        "timestep groups without search, per-step = one activation scale per sampling step; mixed=2 = the "
-        "two layers ranked most sensitive by noise MSE kept float; recon=5min = block reconstruction "
-        "(sequential AdaRound + activation step sizes, held-out safeguard) from the GPTQ codes, capped at "
-        "5 minutes).",
+        "timestep groups without search, per-step = one activation scale per sampling step; mixed=2 / "
+        "mixed=4 = the two / four layers ranked most sensitive by noise MSE kept float; recon=5min = block "
+        "reconstruction (sequential AdaRound + activation step sizes, held-out safeguard) from the GPTQ "
+        "codes, capped at 5 minutes).",
         f"'{DEFAULT_LABEL}': PTQConfig(weight_bits, act_bits) as shipped, unchanged.",
         "noise bias: per step, the RMS over (C, H, W) of the mean over samples of eps_q - eps, averaged over "
         "steps (the systematic error DDIM adds up; lower is better).",
