@@ -12,7 +12,8 @@ out="${1:?usage: bash benchmarks/gpu_checks.sh OUT_DIR}"
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
 python -m pytest -q -m "gpu or not slow" tests/test_integer.py tests/test_triton_conv.py \
-    tests/test_group_scales.py tests/test_bias_correction.py tests/test_gptq.py > "$out/tests.txt" 2>&1
+    tests/test_group_scales.py tests/test_bias_correction.py tests/test_gptq.py tests/test_offload_compile.py \
+    > "$out/tests.txt" 2>&1
 echo "tests exit $?" >> "$out/tests.txt"
 python benchmarks/speed.py --model both --device cuda --repeats 20 --warmup 5 --batch-size 256 \
     --output "$out/speed-gpu" --overwrite > "$out/speed-gpu.log" 2>&1

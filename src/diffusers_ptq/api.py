@@ -25,6 +25,7 @@ from diffusers_ptq.calibration.features import feature_module
 from diffusers_ptq.calibration.pipelines import default_call_arg
 from diffusers_ptq.config import CalibrationConfig, PTQConfig
 from diffusers_ptq.job import QuantizationJob
+from diffusers_ptq.offload import onloaded
 from diffusers_ptq.prepare import is_quantized, plan_quantization
 from diffusers_ptq.quantizers import contiguous_group_map, nearest_step_group_map
 from diffusers_ptq.report import QuantizationReport
@@ -185,8 +186,9 @@ def quantize_pipeline(
         reconstruction_checkpoint,
     )
     job.search_seconds = target_seconds  # the search's clean target images count as search time
-    # Everything that changes the UNet, up to the quantizer attachment, is undone if any of it fails.
-    with job.guarded():
+    # Everything that changes the UNet, up to the quantizer attachment, is undone if any of it fails; a UNet
+    # under sequential CPU offload is held on its execution device meanwhile and offloaded again after.
+    with onloaded(unet), job.guarded():
         selection = select_calibration(request, job.feedback if search.enabled else None)
         data = selection.data
         job.finish(data)
@@ -257,7 +259,7 @@ def quantize_unet(
         None,
         reconstruction_checkpoint,
     )
-    with job.guarded():
+    with onloaded(unet), job.guarded():
         job.finish(data)
         unet.ptq_state.base_model = infer_base_model(unet)
         attach_quantizer(unet)
