@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from diffusers_ptq import CalibrationSet, PTQConfig, quantize_unet
-from diffusers_ptq.reconstruction import ReconstructionConfig
+from diffusers_ptq.reconstruction import ReconstructionConfig, build_cache
 from diffusers_ptq.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline, tiny_unet2d
 from recipe_helpers import plain
 
@@ -76,3 +76,17 @@ def fast_config(**overrides) -> ReconstructionConfig:
         "cache_batch_size": 5,
     }
     return ReconstructionConfig(**{**base, **overrides})
+
+
+def full_cache(unet, unit, data, rows: int, acts_on: bool):
+    """`unit`'s cache of the first `rows` calibration rows in float32, in one batch, with activation
+    quantization as `acts_on` says (weights quantized)."""
+    return build_cache(
+        unet,
+        unit,
+        data,
+        torch.arange(rows),
+        batch_size=rows,
+        cache_dtype="float32",
+        quant_state=(True, acts_on),
+    )

@@ -9,11 +9,10 @@ so the bound fails when the optimiser does nothing.
 from __future__ import annotations
 
 import pytest
-import torch
 
-from diffusers_ptq.reconstruction import build_cache, reconstruction_units
+from diffusers_ptq.reconstruction import reconstruction_units
 from diffusers_ptq.reconstruction.trainer import Phase, TrainResult, train_unit
-from reconstruction_helpers import fast_config, quantized
+from reconstruction_helpers import fast_config, full_cache, quantized
 
 ROWS = 6
 ITERATIONS = 300
@@ -48,15 +47,7 @@ def _train(case: str, weight_lr: float = 3e-2, act_lr: float = 4e-5) -> tuple[Tr
     unit = next(u for u in units if (u.kind == target if target == "temporal" else u.name == target))
     if target == RESNET:
         assert unit.inner_layers, "the inner-layer loss needs inner layers to weigh"
-    cache = build_cache(
-        unet,
-        unit,
-        data,
-        torch.arange(ROWS),
-        batch_size=ROWS,
-        cache_dtype="float32",
-        quant_state=(True, phase.acts_on),
-    )
+    cache = full_cache(unet, unit, data, ROWS, phase.acts_on)
     return train_unit(unet, cache, phase, config, ITERATIONS, progress=False), unit
 
 

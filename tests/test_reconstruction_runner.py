@@ -11,11 +11,11 @@ from diffusers import UNet2DModel
 import diffusers_ptq
 from diffusers_ptq import reconstruct, set_quant_state
 from diffusers_ptq.quantizers import TimestepActQuantizer
-from diffusers_ptq.reconstruction import ReconstructionConfig, build_cache, reconstruction_units, runner
+from diffusers_ptq.reconstruction import ReconstructionConfig, reconstruction_units, runner
 from diffusers_ptq.reconstruction.budget import Budget
 from diffusers_ptq.reconstruction.trainer import Phase, train_unit
 from diffusers_ptq.tiny import tiny_unet2d
-from reconstruction_helpers import fast_config, quantized
+from reconstruction_helpers import fast_config, full_cache, quantized
 
 ROWS = 6
 FAST = {"iterations": 6, "act_iterations": 3, "cache_batch_size": ROWS}
@@ -45,15 +45,7 @@ def test_training_lowers_the_block_loss_and_settles_the_rounding():
     unet, data = quantized("unet2d", rows=ROWS)
     config = fast_config(weight_lr=3e-2)
     unit = next(u for u in reconstruction_units(unet, config, data) if u.name == "down_blocks.1.resnets.0")
-    cache = build_cache(
-        unet,
-        unit,
-        data,
-        torch.arange(ROWS),
-        batch_size=ROWS,
-        cache_dtype="float32",
-        quant_state=(True, False),
-    )
+    cache = full_cache(unet, unit, data, ROWS, False)
     phase = Phase("weights", True, False, False, 2.0, 0.0)
     result = train_unit(unet, cache, phase, config, 300, progress=False)
     assert result.iterations == 300

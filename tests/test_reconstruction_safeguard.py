@@ -11,11 +11,11 @@ import torch
 from diffusers_ptq import reconstruct
 from diffusers_ptq.quantizers import TimestepActQuantizer
 from diffusers_ptq.reconstruction import budget as budget_module
-from diffusers_ptq.reconstruction import build_cache, reconstruction_units, safeguard, trainer
+from diffusers_ptq.reconstruction import reconstruction_units, safeguard, trainer
 from diffusers_ptq.reconstruction.budget import Budget
 from diffusers_ptq.reconstruction.losses import BetaSchedule, lr_factor
 from diffusers_ptq.reconstruction.trainer import Phase, rounding_lr, train_unit
-from reconstruction_helpers import calibration_set, fast_config, quantized
+from reconstruction_helpers import calibration_set, fast_config, full_cache, quantized
 
 ROWS = 10  # the unit-level tests; the tiny-budget test uses 20 (4 held out)
 HANDFUL = 4  # iterations each unit gets out of the configured 20,000 in the "tiny budget" tests
@@ -80,15 +80,7 @@ def _one_unit(phase: Phase, **overrides):
     unet, data = quantized("unet2d", rows=ROWS)
     config = fast_config(cache_batch_size=ROWS, **overrides)
     unit = next(u for u in reconstruction_units(unet, config, data) if u.name == "down_blocks.1.resnets.0")
-    cache = build_cache(
-        unet,
-        unit,
-        data,
-        torch.arange(ROWS),
-        batch_size=ROWS,
-        cache_dtype="float32",
-        quant_state=(True, phase.acts_on),
-    )
+    cache = full_cache(unet, unit, data, ROWS, phase.acts_on)
     return unet, unit, cache, config
 
 
