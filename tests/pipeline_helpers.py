@@ -17,9 +17,9 @@ FAST = {"num_samples": 8, "num_inference_steps": 4, "batch_size": 4, "progress":
 SEARCH = {"num_candidates": 20}
 
 
-def w8a8() -> Any:
+def w8a8(**calibration: Any) -> Any:
     """W8A8, nearest rounding, no bias correction or mixed precision: fast, and only calibration matters."""
-    return plain(weight_bits=8, act_bits=8, weights=SEARCH, activations=SEARCH)
+    return plain(weight_bits=8, act_bits=8, weights=SEARCH, activations=SEARCH, calibration=calibration)
 
 
 def called_timesteps(pipe: Any, **call: Any) -> list[float]:

@@ -24,8 +24,7 @@ from diffusers_ptq.tiny_variants import (
     tiny_sdxl_img2img_pipeline,
     tiny_v_prediction_pipeline,
 )
-from pipeline_helpers import PROMPTS, SEARCH, called_timesteps, image_sqnr, images, quantize_recording
-from recipe_helpers import plain
+from pipeline_helpers import PROMPTS, called_timesteps, image_sqnr, images, quantize_recording, w8a8
 
 
 class MyPipeline(StableDiffusionPipeline):
@@ -101,9 +100,7 @@ def test_spec_is_read_from_the_call_signature():
 
 def test_fewer_prompts_than_trajectories_are_cycled(monkeypatch):
     pipe = tiny_sd_pipeline()
-    config = plain(
-        weight_bits=8, act_bits=8, weights=SEARCH, activations=SEARCH, calibration={"sampler": "all"}
-    )
+    config = w8a8(sampler="all")
     # Every step recorded: 9 samples over 4 steps need 3 trajectories from 2 prompts.
     data = quantize_recording(pipe, monkeypatch, config, prompts=["a", "b"], num_samples=9)
     assert data.trajectory.unique().tolist() == [0, 1, 2]

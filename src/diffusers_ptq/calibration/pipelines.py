@@ -42,10 +42,11 @@ class PipelineSpec:
     output_type: str | None  # None: `__call__` takes no output_type
     batch_arg: str | None  # 'prompt', 'batch_size', 'num_images_per_prompt'; None: one trajectory a call
     parameters: frozenset[str] = frozenset()
-    var_keyword: bool = False  # `__call__` takes **kwargs
 
     def accepts(self, name: str) -> bool:
-        return name in self.parameters or self.var_keyword
+        """Whether `__call__` names the argument (a catch-all **kwargs does not count: diffusers pipelines
+        use it for deprecated arguments and drop the rest silently, so a misspelt one would be ignored)."""
+        return name in self.parameters
 
     def call_kwargs(
         self,
@@ -100,13 +101,12 @@ def spec_for_class(cls: type) -> PipelineSpec:
     """The calling convention of pipeline class `cls`, read from its `__call__` signature."""
     params = inspect.signature(cls.__call__).parameters
     names = frozenset(n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
-    var_keyword = any(p.kind is p.VAR_KEYWORD for p in params.values())
     text = "prompt" in names
     batch_arg = next((a for a in ("prompt", "batch_size", "num_images_per_prompt") if a in names), None)
     output_type = None
     if "output_type" in names:
         output_type = "latent" if _decodes_latents(cls) else "np"
-    return PipelineSpec(cls.__name__, text, output_type, batch_arg, names, var_keyword)
+    return PipelineSpec(cls.__name__, text, output_type, batch_arg, names)
 
 
 def supported_pipelines() -> list[str]:
