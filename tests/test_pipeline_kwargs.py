@@ -88,3 +88,12 @@ def test_controlnet_without_a_control_image_is_the_pipelines_own_error():
     with pytest.raises((TypeError, ValueError), match="image"):
         quantize_pipeline(pipe, w8a8(), prompts=PROMPTS, **FAST)
     _assert_untouched(pipe.unet, snap)
+
+
+def test_per_trajectory_kwargs_that_change_the_schedule_are_refused():
+    pipe = _img2img()
+    snap = _snapshot(pipe.unet)
+    per_trajectory = [{"image": tiny_image(0), "strength": s} for s in (0.5, 1.0)]
+    with pytest.raises(RuntimeError, match="must be the same for every trajectory"):
+        quantize_pipeline(pipe, w8a8(), prompts=PROMPTS, pipeline_kwargs=per_trajectory, **FAST)
+    _assert_untouched(pipe.unet, snap)

@@ -50,7 +50,7 @@ class _Recorder:
         if step >= len(self.step_timesteps):
             raise RuntimeError(
                 f"the pipeline called the UNet more than the {len(self.step_timesteps)} times "
-                "its scheduler planned"
+                "calibration planned (the planning run's calls)"
             )
         bound = self.signature.bind(*args, **kwargs).arguments
         sample, timestep = bound["sample"], bound["timestep"]
@@ -58,8 +58,9 @@ class _Recorder:
         planned = float(self.step_timesteps[step])
         if abs(t_value - planned) > 1e-3 * max(1.0, abs(planned)):
             raise RuntimeError(
-                f"UNet call {step} ran at timestep {t_value}, but the scheduler planned {planned}; "
-                "the pipeline's schedule differs from the calibration plan"
+                f"UNet call {step} ran at timestep {t_value}, but calibration planned {planned}; "
+                "the pipeline's schedule differs from the planning run's (per-trajectory pipeline_kwargs "
+                "that change the schedule, such as strength, must be the same for every trajectory)"
             )
         n_traj = self.mask.shape[0]
         if sample.shape[0] % n_traj != 0:
