@@ -5,6 +5,7 @@ bit-exact with stock `from_pretrained`."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from diffusers import StableDiffusionControlNetPipeline
 
@@ -85,3 +86,57 @@ def test_controlnet_pipeline_saves_and_reloads_bit_exact(monkeypatch, tmp_path):
     call = {"prompt": PROMPTS[:2], "image": tiny_image(3), "num_inference_steps": 3}
     assert loaded.unet.is_quantized
     assert np.array_equal(images(loaded, **call), images(pipe, **call))
+
+
+def test_class_labels_are_recorded_and_replayed(monkeypatch):
+    from diffusers import DDIMPipeline, DDIMScheduler, UNet2DModel
+
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        num_class_embeds=10,
+    )
+    pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000))
+
+    def run(p):  # a class-conditional loop of the user's own
+        gen = torch.Generator().manual_seed(0)
+        for t in TIMESTEPS:
+            p.unet(torch.randn(3, 3, 8, 8, generator=gen), t, class_labels=torch.tensor([1, 4, 7]))
+
+    data = quantize_recording(pipe, monkeypatch, w8a8(sampler="all"), calibration_fn=run, num_samples=12)
+    assert data.inputs["class_labels"].tolist() == [1, 4, 7] * 4
+    with torch.no_grad():
+        replayed = pipe.unet(**data.unet_kwargs(slice(0, 3))).sample
+        other = pipe.unet(**{**data.unet_kwargs(slice(0, 3)), "class_labels": torch.tensor([0, 0, 0])}).sample
+    assert not torch.allclose(replayed, other)
+
+
+def test_nested_added_cond_kwargs_join_and_replay():
+    """IP-Adapter's `image_embeds` is a list of tensors inside added_cond_kwargs."""
+    from diffusers_ptq import CalibrationSet
+
+    rows = 4
+    data = CalibrationSet(
+        inputs={"sample": torch.randn(rows, 4, 8, 8)},
+        timesteps=torch.tensor([900, 600, 300, 1]),
+        train_timesteps=torch.tensor([900, 600, 300, 1]),
+        step_index=torch.arange(rows),
+        trajectory=torch.zeros(rows, dtype=torch.long),
+        step_timesteps=torch.tensor([900, 600, 300, 1]),
+        num_train_timesteps=1000,
+        added_cond_kwargs={"image_embeds": [torch.randn(rows, 2, 8)], "text_embeds": torch.randn(rows, 8)},
+    )
+    kwargs = data.unet_kwargs(slice(1, 3), dtype=torch.float64)
+    embeds = kwargs["added_cond_kwargs"]["image_embeds"]
+    assert isinstance(embeds, list) and embeds[0].shape == (2, 2, 8) and embeds[0].dtype == torch.float64
+    joined = concat_calibration_sets([data, data])
+    assert joined.added_cond_kwargs["image_embeds"][0].shape == (8, 2, 8)
+    data.added_cond_kwargs["image_embeds"][0][2, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"added_cond_kwargs\['image_embeds'\]\[0\]"):
+        data.check_finite()
