@@ -22,6 +22,7 @@ from diffusers_ptq.tiny_variants import (
     tiny_lcm_pipeline,
     tiny_sd_img2img_pipeline,
     tiny_sdxl_img2img_pipeline,
+    tiny_upscale_pipeline,
     tiny_v_prediction_pipeline,
 )
 from pipeline_helpers import PROMPTS, called_timesteps, image_sqnr, images, quantize_recording, w8a8
@@ -36,7 +37,7 @@ def _subclass_pipeline():
 
 
 IMAGE, MASK = tiny_image(0), tiny_image(1, "mask")
-# name: (builder, pipeline kwargs, UNet inputs the capture must record, image SQNR bound in dB)
+# name: (builder, pipeline_kwargs, UNet inputs the capture must record, image SQNR bound in dB)
 # Bounds sit a few dB under the measured values; ControlNet's fails (24 dB) without its residuals replayed.
 CASES = {
     "sd_img2img": (tiny_sd_img2img_pipeline, {"image": IMAGE, "strength": 0.6}, set(), 25.0),  # 28.8
@@ -55,7 +56,14 @@ CASES = {
     ),
     "lcm": (tiny_lcm_pipeline, {}, {"timestep_cond"}, 30.0),  # 34.2
     "v_prediction": (tiny_v_prediction_pipeline, {}, set(), 26.0),  # 30.4
-    "subclass": (_subclass_pipeline, {}, set(), 26.0),
+    # The upscaler takes one image per prompt: a per-trajectory list, one trajectory per call.
+    "sd_upscale": (  # 7-channel UNet, the noise level as class_labels
+        tiny_upscale_pipeline,
+        [{"image": IMAGE.resize((16, 16))}],
+        {"class_labels"},
+        28.0,  # 31.7
+    ),
+    "subclass": (_subclass_pipeline, {}, set(), 27.0),  # 30.7
 }
 
 
@@ -64,7 +72,8 @@ def test_pipeline_calibrates_through_its_own_loop(name, monkeypatch):
     build, kwargs, recorded, bound = CASES[name]
     pipe = build()
     pipe.set_progress_bar_config(disable=True)
-    call = {"prompt": PROMPTS[:2], "num_inference_steps": 4, **kwargs}
+    per_call = kwargs[0] if isinstance(kwargs, list) else kwargs
+    call = {"prompt": PROMPTS[: 1 if isinstance(kwargs, list) else 2], "num_inference_steps": 4, **per_call}
     reference = images(pipe, **call)
     called = called_timesteps(pipe, **call)
     # Three prompts for more trajectories than that: cycled with fresh noise.

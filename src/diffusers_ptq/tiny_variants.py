@@ -13,7 +13,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffusers_ptq.tiny import _SD_SCHEDULE, _seeded, tiny_sd_pipeline, tiny_sd_unet, tiny_sdxl_pipeline
+from diffusers_ptq.tiny import (
+    _SD_SCHEDULE,
+    _sd_scheduler,
+    _seeded,
+    tiny_sd_pipeline,
+    tiny_sd_unet,
+    tiny_sdxl_pipeline,
+)
 
 __all__ = [
     "tiny_controlnet_pipeline",
@@ -22,6 +29,7 @@ __all__ = [
     "tiny_lcm_pipeline",
     "tiny_sd_img2img_pipeline",
     "tiny_sdxl_img2img_pipeline",
+    "tiny_upscale_pipeline",
     "tiny_v_prediction_pipeline",
 ]
 
@@ -117,3 +125,22 @@ def tiny_v_prediction_pipeline(seed: int = 0) -> Any:
 
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
     return pipe
+
+
+def tiny_upscale_pipeline(seed: int = 0) -> Any:
+    """StableDiffusionUpscalePipeline (as SD x4 upscaler): a 7-channel UNet (latents and the low-resolution
+    image) with the noise level as `class_labels`; 16x16 inputs upscale to 32x32."""
+    from diffusers import DDPMScheduler, StableDiffusionUpscalePipeline
+
+    components = _sd_components(seed, in_channels=7, num_class_embeds=1000)
+    vae = components["vae"]
+    vae.register_to_config(scaling_factor=0.08333)  # the upscaler's own VAE scaling
+    return StableDiffusionUpscalePipeline(
+        vae=vae,
+        text_encoder=components["text_encoder"],
+        tokenizer=components["tokenizer"],
+        unet=components["unet"],
+        low_res_scheduler=DDPMScheduler(num_train_timesteps=1000),
+        scheduler=_sd_scheduler("ddim"),
+        max_noise_level=350,
+    )

@@ -101,7 +101,8 @@ class CalibrationDriver:
 
     def run(self, pipe: Any, start: int, count: int, generator: torch.Generator) -> None:
         if self.calibration_fn is not None:
-            self.calibration_fn(pipe)
+            with torch.no_grad():  # a function that calls the UNet itself builds no autograd graph
+                self.calibration_fn(pipe)
             return
         extra = None
         if self.pipeline_kwargs is not None:

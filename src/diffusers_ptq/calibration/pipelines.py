@@ -30,6 +30,7 @@ TESTED_PIPELINES = (
     "StableDiffusionControlNetPipeline",
     "StableDiffusionXLImg2ImgPipeline",
     "LatentConsistencyModelPipeline",
+    "StableDiffusionUpscalePipeline",
 )
 
 
