@@ -132,14 +132,17 @@ def test_a_run_that_ends_after_the_last_needed_step_is_fine(ddim_pipe):
     assert len(data) == 1
 
 
-def test_quantize_pipeline_refuses_a_calibration_run_that_ends_early(ddim_pipe):
+def test_quantize_pipeline_plans_the_calls_a_loop_really_makes(ddim_pipe):
     from diffusers_ptq import PTQConfig, quantize_pipeline
 
+    # The plan comes from a run of the pipeline itself: a loop that always stops after 2 steps is planned
+    # (and calibrated) as 2 steps; a run that then ends earlier than planned is still refused (see above).
     _stop_loop_after(ddim_pipe, 2)
     config = PTQConfig(weights={"num_candidates": 10}, activations={"num_candidates": 10})
-    with pytest.raises(RuntimeError, match=r"planned \d+ UNet input rows .* recorded \d+"):
-        quantize_pipeline(ddim_pipe, config, num_samples=8, num_inference_steps=6, progress=False)
-    assert not hasattr(ddim_pipe.unet, "ptq_state")
+    quantize_pipeline(ddim_pipe, config, num_samples=8, num_inference_steps=6, progress=False)
+    assert ddim_pipe.unet.ptq_state.config.calibration.num_inference_steps == 6
+    assert sum(ddim_pipe.unet.ptq_state.selection["samples_per_step"]) == 8
+    assert len(ddim_pipe.unet.ptq_state.selection["samples_per_step"]) == 2
 
 
 def test_feature_pass_refuses_a_run_that_ends_early(ddim_pipe):

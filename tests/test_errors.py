@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDIMPipeline, StableDiffusionImg2ImgPipeline
+from diffusers import DDIMPipeline
 from diffusers.models.attention_processor import Attention
 
 from diffusers_ptq import PTQConfig, quantize_pipeline, quantize_unet
@@ -34,11 +34,10 @@ def _assert_untouched(unet, snap):
     assert not hasattr(unet, "ptq_state")
 
 
-def test_unsupported_pipeline_type(sd_pipe):
-    img2img = StableDiffusionImg2ImgPipeline(**sd_pipe.components)
-    with pytest.raises(TypeError, match=r"StableDiffusionImg2ImgPipeline is not supported.*DDIMPipeline"):
-        quantize_pipeline(img2img, PTQConfig(), prompts=["x"])
-    with pytest.raises(TypeError, match="supported pipelines"):
+def test_unsupported_pipeline_type():
+    with pytest.raises(
+        TypeError, match="object has no unet; supported denoisers: UNet2DModel, UNet2DConditionModel"
+    ):
         quantize_pipeline(object(), PTQConfig())
 
 
@@ -68,22 +67,6 @@ def test_text_pipeline_without_prompts(sd_pipe):
     with pytest.raises(ValueError, match="text-conditioned"):
         quantize_pipeline(sd_pipe, PTQConfig(), prompts=[], **FAST)
     _assert_untouched(sd_pipe.unet, snap)
-
-
-def test_num_samples_beyond_what_the_prompts_provide(sd_pipe):
-    calls = []
-    sd_pipe.unet.register_forward_hook(lambda *a: calls.append(1))
-    # 4 steps, every step recorded: 2 prompts provide at most 8 samples.
-    with pytest.raises(ValueError, match=r"needs 3 trajectories.*only 2 prompts.*at most 8"):
-        quantize_pipeline(
-            sd_pipe,
-            PTQConfig(calibration={"sampler": "all"}),
-            prompts=["a", "b"],
-            num_samples=9,
-            num_inference_steps=4,
-            progress=False,
-        )
-    assert calls == []  # nothing ran
 
 
 def test_too_many_timestep_groups(ddim_pipe):

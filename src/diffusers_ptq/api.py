@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,11 +17,10 @@ from diffusers_ptq.calibration import (
     CalibrationSet,
     SelectionRequest,
     get_pipeline_spec,
-    planned_timesteps,
-    recording_mask,
     select_calibration,
 )
 from diffusers_ptq.calibration.active import candidate_steps
+from diffusers_ptq.calibration.driver import CalibrationDriver, check_pipeline_kwargs, plan_unet_calls
 from diffusers_ptq.calibration.features import feature_module
 from diffusers_ptq.calibration.pipelines import default_call_arg
 from diffusers_ptq.config import CalibrationConfig, PTQConfig
@@ -72,6 +72,17 @@ def _check_prompts(prompts: Any, text_conditioned: bool, pipe_name: str) -> list
     return list(prompts)
 
 
+def _check_calibration_fn(fn: Any, prompts: Any, pipeline_kwargs: Any) -> None:
+    if not callable(fn):
+        raise TypeError(f"calibration_fn must be a callable taking the pipeline, got {type(fn).__name__}")
+    for name, value in (("prompts", prompts), ("pipeline_kwargs", pipeline_kwargs)):
+        if value is not None:
+            raise ValueError(
+                f"{name} is for the calls quantize_pipeline makes; calibration_fn runs the pipeline itself, "
+                f"so pass {name} in its own pipe(...) calls"
+            )
+
+
 def _seeded_generator(generator: torch.Generator | int | None, seed: int) -> torch.Generator:
     if isinstance(generator, torch.Generator):
         return generator
@@ -88,12 +99,17 @@ def quantize_pipeline(
     guidance_scale: float | None = None,
     generator: torch.Generator | int | None = None,
     batch_size: int | None = None,
+    pipeline_kwargs: dict[str, Any] | list[dict[str, Any]] | None = None,
+    calibration_fn: Callable[[Any], Any] | None = None,
     reconstruction_checkpoint: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> Any:
     """Quantize `pipe.unet` in place with timestep-aware fake quantization and return `pipe`.
 
-    Calibration runs `pipe(...)` itself (its scheduler, steps, guidance and conditioning) and records the
+    `pipe` is any diffusers pipeline whose `unet` is a UNet2DModel or UNet2DConditionModel. Calibration
+    runs `pipe(...)` itself (its scheduler, steps, guidance and conditioning; prompts cycled with fresh noise
+    when there are fewer than trajectories; `pipeline_kwargs` added to every call, or a list of them cycled
+    one trajectory per call), or `calibration_fn(pipe)` if given, and records the
     UNet inputs `config.calibration.selector` chooses (by default: the steps `calibration.sampler` picks);
     with `group_search.enabled` the timestep -> group maps are then searched (APQ-DM), and with
     `reconstruction.enabled` the blocks are reconstructed on the same samples (BRECQ / EDA-DM FBR / TFMQ-DM;
@@ -109,7 +125,11 @@ def quantize_pipeline(
     unet = pipe.unet
     if is_quantized(unet):
         raise ValueError("pipe.unet is already quantized; load the float model again to re-quantize it")
-    prompts = _check_prompts(prompts, spec.text_conditioned, spec.name)
+    if calibration_fn is not None:
+        _check_calibration_fn(calibration_fn, prompts, pipeline_kwargs)
+    else:
+        prompts = _check_prompts(prompts, spec.text_conditioned, spec.name)
+    kwargs_list, per_trajectory = check_pipeline_kwargs(spec, pipeline_kwargs)
     calib = _calibration_config(
         config,
         num_samples=num_samples,
@@ -123,25 +143,35 @@ def quantize_pipeline(
             f"{spec.name} has no default num_inference_steps; set calibration.num_inference_steps"
         )
     num_train = int(pipe.scheduler.config.num_train_timesteps)
-    step_timesteps = planned_timesteps(pipe, steps)
-    group_map = build_group_map(config.activations.timestep_groups, num_train, step_timesteps)
     plan = plan_quantization(unet, config)
     check_budget(unet, plan, config)
     if not plan.layers and not plan.attentions:
         raise ValueError(
             "the layer selection matches no Conv2d/Linear layer of the UNet; check layers.include"
         )
-    if calib.selector == "random":
-        mask = recording_mask(calib, step_timesteps, num_train, torch.Generator().manual_seed(calib.seed))
-        if prompts is not None and mask.shape[0] > len(prompts):
-            raise ValueError(
-                f"num_samples={calib.num_samples} with the {calib.sampler!r} sampler needs {mask.shape[0]} "
-                f"trajectories (one per prompt), but only {len(prompts)} prompts were given; pass more "
-                "prompts or lower num_samples to at most "
-                f"{_max_samples(calib, len(prompts), step_timesteps, num_train)}"
-            )
-    _check_selection(config, calib, unet, len(step_timesteps))
     _check_checkpoint_dir(config, reconstruction_checkpoint)
+    driver = CalibrationDriver(
+        spec,
+        steps,
+        calib.guidance_scale,
+        prompts,
+        kwargs_list,
+        per_trajectory,
+        calibration_fn,
+        calib.batch_size,
+    )
+    # The plan: one run with a zero stub for the UNet (its own errors, e.g. a missing control image, surface
+    # here, before anything is installed).
+    step_timesteps, rows = plan_unet_calls(pipe, driver, torch.Generator().manual_seed(calib.seed))
+    if calibration_fn is not None:
+        if len(set(rows)) != 1:
+            raise ValueError(
+                f"calibration_fn called the UNet with batches of {sorted(set(rows))} rows; calibration needs "
+                "the same batch in every call"
+            )
+        driver.fn_rows, steps = rows[0], len(step_timesteps)
+    group_map = build_group_map(config.activations.timestep_groups, num_train, step_timesteps)
+    _check_selection(config, calib, unet, len(step_timesteps))
     search = config.group_search
     target = resolve_target(search.target, spec, pipe.scheduler) if search.enabled else None
 
@@ -172,6 +202,7 @@ def quantize_pipeline(
         prompts=prompts,
         generator=_seeded_generator(generator, calib.seed),
         progress=progress,
+        driver=driver,
     )
     job = QuantizationJob(
         unet,
@@ -205,13 +236,15 @@ def quantize_pipeline(
             seconds=time.perf_counter() - start,
             gptq=unet.ptq_state.gptq,
             mixed_precision=job.mixed_precision,
+            distinct_prompts=None if prompts is None else len(set(prompts)),
+            pipeline=spec.name,
         )
         unet.ptq_state.report = report
         unet.ptq_state.selection = selection.info
         # The stored recipe is the one that ran: keyword overrides and the pipeline's default step count.
         unet.ptq_state.config.calibration = dataclasses.replace(calib, num_inference_steps=steps)
         unet.ptq_state.base_model = infer_base_model(pipe, unet)
-        unet.ptq_state.num_prompts = None if prompts is None else len(prompts)
+        unet.ptq_state.num_prompts = None if prompts is None else len(set(prompts))
         # quantization_config + hf_quantizer: stock save_pretrained / from_pretrained now handle this UNet.
         attach_quantizer(unet)
     logger.info("%s", report)
@@ -284,17 +317,3 @@ def _check_selection(config: PTQConfig, calib: CalibrationConfig, unet: nn.Modul
         feature_module(unet, config.selection.feature_module)
     if calib.selector == "active":
         candidate_steps(num_steps, config.selection.active_exclude_noisiest)
-
-
-def _max_samples(
-    calib: CalibrationConfig, n_prompts: int, step_timesteps: torch.Tensor, num_train: int
-) -> int:
-    """The largest num_samples `n_prompts` trajectories can provide with this sampler."""
-    lo, hi = 1, calib.num_samples
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        trial = copy.deepcopy(calib)
-        trial.num_samples = mid
-        needed = recording_mask(trial, step_timesteps, num_train, torch.Generator().manual_seed(0)).shape[0]
-        lo, hi = (mid, hi) if needed <= n_prompts else (lo, mid - 1)
-    return lo

@@ -30,6 +30,10 @@ class QuantizationReport:
     # layers.mixed_precision: its config, `promoted` [[layer, bits or None (float)], ...] and `ranking`
     # [[layer, score], ...] (both most sensitive first), `average_weight_bits` [before, after].
     mixed_precision: dict[str, Any] | None = None
+    # Distinct calibration prompts (text-conditioned pipelines; cycled with fresh noise when fewer than the
+    # trajectories); the pipeline class calibration ran.
+    distinct_prompts: int | None = None
+    pipeline: str | None = None
 
     @classmethod
     def build(cls, plan: QuantPlan, **kwargs: Any) -> QuantizationReport:
@@ -70,6 +74,8 @@ class QuantizationReport:
         lines.append(
             f"  calibration: {self.calibration_samples} samples ({self.calibration_rows} UNet rows) from "
             f"{self.scheduler}, {self.num_inference_steps} steps"
+            + (f", {self.pipeline}" if self.pipeline else "")
+            + (f", {self.distinct_prompts} distinct prompts" if self.distinct_prompts is not None else "")
         )
         groups = self.samples_per_group
         shown_groups = ", ".join(map(str, groups[:16])) + (", ..." if len(groups) > 16 else "")

@@ -41,6 +41,7 @@ __all__ = [
     "tiny_ddim_pipeline",
     "tiny_ddpm_pipeline",
     "tiny_sd_pipeline",
+    "tiny_sd_unet",
     "tiny_sdxl_pipeline",
     "tiny_unet2d",
 ]
@@ -222,6 +223,25 @@ def _tiny_vae() -> AutoencoderKL:
     )
 
 
+def tiny_sd_unet(seed: int = 0, **overrides: Any) -> UNet2DConditionModel:
+    """The tiny SD UNet (16x16x4 latents, cross-attention); `overrides` change its config (e.g.
+    `in_channels=9` for inpainting, `time_cond_proj_dim` for LCM)."""
+    config: dict[str, Any] = {
+        "sample_size": 16,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": TEXT_HIDDEN_SIZE,
+        "norm_num_groups": 8,
+        "attention_head_dim": 2,
+    }
+    config.update(overrides)
+    return _seeded(seed, lambda: UNet2DConditionModel(**config))
+
+
 def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim") -> StableDiffusionPipeline:
     """Text-to-image Stable Diffusion pipeline: 16x16x4 latents, 32x32 images.
 
@@ -230,21 +250,7 @@ def tiny_sd_pipeline(seed: int = 0, scheduler: str = "ddim") -> StableDiffusionP
     noise_scheduler = _sd_scheduler(scheduler)
     tokenizer = tiny_clip_tokenizer()
     # Each component gets its own derived seed so changing one architecture leaves the others' weights intact.
-    unet = _seeded(
-        seed,
-        lambda: UNet2DConditionModel(
-            sample_size=16,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=TEXT_HIDDEN_SIZE,
-            norm_num_groups=8,
-            attention_head_dim=2,
-        ),
-    )
+    unet = tiny_sd_unet(seed)
     vae = _seeded(seed + 1, _tiny_vae)
     text_encoder = _seeded(seed + 2, lambda: CLIPTextModel(_text_config(tokenizer)))
     from diffusers import StableDiffusionPipeline

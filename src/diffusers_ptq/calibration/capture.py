@@ -10,24 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from diffusers_ptq.calibration.dataset import CalibrationSet
+from diffusers_ptq.calibration.dataset import CalibrationSet, tree_join, tree_leaves, tree_map
+from diffusers_ptq.calibration.driver import CalibrationDriver, quiet_pipeline
 from diffusers_ptq.calibration.pipelines import PipelineSpec
 
-# UNet arguments that are per-sample conditioning and so belong in the calibration set.
-RECORDED_ARGS = (
-    "sample",
-    "encoder_hidden_states",
-    "class_labels",
-    "timestep_cond",
-    "attention_mask",
-    "encoder_attention_mask",
-)
+# UNet arguments that are not per-sample inputs: the timestep is recorded on its own.
+_NOT_RECORDED = ("timestep", "return_dict")
 
 
 class _StopRun(Exception):
@@ -44,6 +37,7 @@ class _Recorder:
         self.first_trajectory = 0
         self.call = 0
         self.halves = 1
+        self.static: dict[str, Any] = {}  # arguments without a batch dimension, from their first call
 
     def start_run(self, mask: torch.Tensor, first_trajectory: int) -> None:
         self.mask, self.first_trajectory, self.call = mask, first_trajectory, 0
@@ -56,7 +50,7 @@ class _Recorder:
         if step >= len(self.step_timesteps):
             raise RuntimeError(
                 f"the pipeline called the UNet more than the {len(self.step_timesteps)} times "
-                "its scheduler planned"
+                "calibration planned (the planning run's calls)"
             )
         bound = self.signature.bind(*args, **kwargs).arguments
         sample, timestep = bound["sample"], bound["timestep"]
@@ -64,8 +58,9 @@ class _Recorder:
         planned = float(self.step_timesteps[step])
         if abs(t_value - planned) > 1e-3 * max(1.0, abs(planned)):
             raise RuntimeError(
-                f"UNet call {step} ran at timestep {t_value}, but the scheduler planned {planned}; "
-                "the pipeline's schedule differs from the calibration plan"
+                f"UNet call {step} ran at timestep {t_value}, but calibration planned {planned}; "
+                "the pipeline's schedule differs from the planning run's (per-trajectory pipeline_kwargs "
+                "that change the schedule, such as strength, must be the same for every trajectory)"
             )
         n_traj = self.mask.shape[0]
         if sample.shape[0] % n_traj != 0:
@@ -91,36 +86,32 @@ class _Recorder:
 
     def _row(self, bound: dict, row: int, step: int, trajectory: int, t_value: float) -> dict[str, Any]:
         batch = bound["sample"].shape[0]
-
-        def take(t: Any) -> Any:
-            if torch.is_tensor(t) and t.ndim > 0 and t.shape[0] == batch:
-                return t[row].detach().to("cpu", copy=True)
-            return None
-
-        inputs = {name: take(bound.get(name)) for name in RECORDED_ARGS}
-        added = bound.get("added_cond_kwargs") or {}
+        per_row: dict[str, Any] = {}
+        for name, value in bound.items():
+            if name in _NOT_RECORDED or value is None:
+                continue
+            leaves = tree_leaves(value)
+            if leaves and all(t.ndim > 0 and t.shape[0] == batch for t in leaves):
+                # Only this row, copied to the CPU: residuals of every UNet call would not fit in memory.
+                per_row[name] = tree_map(lambda t: t[row].detach().to("cpu", copy=True), value)
+            elif name not in self.static:
+                self.static[name] = tree_map(lambda t: t.detach().to("cpu", copy=True), value)
         timestep = torch.as_tensor(bound["timestep"]).reshape(-1)
         t_row = float(timestep[row]) if timestep.numel() == batch else t_value
-        return {
-            "inputs": {k: v for k, v in inputs.items() if v is not None},
-            "added": {k: t for k, v in added.items() if (t := take(v)) is not None},
-            "timestep": t_row,
-            "step": step,
-            "trajectory": trajectory,
-        }
+        return {"inputs": per_row, "timestep": t_row, "step": step, "trajectory": trajectory}
 
     def to_dataset(self) -> CalibrationSet:
         if not self.rows:
             raise RuntimeError("calibration recorded no UNet inputs")
 
-        def stack(key: str, name: str) -> torch.Tensor:
-            return torch.stack([r[key][name] for r in self.rows])
-
+        stacked = tree_join([r["inputs"] for r in self.rows], torch.stack)
+        added = stacked.pop("added_cond_kwargs", {})
+        inputs = {k: v for k, v in stacked.items() if torch.is_tensor(v)}
+        extra = {k: v for k, v in stacked.items() if not torch.is_tensor(v)}
         timesteps = torch.tensor([r["timestep"] for r in self.rows], dtype=torch.float64)
         train = timesteps.round().long().clamp(0, self.num_train_timesteps - 1)
-        first = self.rows[0]
         return CalibrationSet(
-            inputs={name: stack("inputs", name) for name in first["inputs"]},
+            inputs=inputs,
             timesteps=timesteps.to(
                 self.step_timesteps.dtype if self.step_timesteps.is_floating_point() else torch.long
             ),
@@ -129,8 +120,10 @@ class _Recorder:
             trajectory=torch.tensor([r["trajectory"] for r in self.rows]),
             step_timesteps=self.step_timesteps,
             num_train_timesteps=self.num_train_timesteps,
-            added_cond_kwargs={name: stack("added", name) for name in first["added"]},
+            added_cond_kwargs=added,
             guidance_halves=self.halves,
+            extra_inputs=extra,
+            static_inputs=self.static,
         )
 
 
@@ -147,11 +140,21 @@ def capture(
     batch_size: int,
     generator: torch.Generator,
     progress: bool = True,
+    driver: CalibrationDriver | None = None,
+    trajectory_offset: int = 0,
 ) -> CalibrationSet:
-    """Run `pipe` over the trajectories of `mask` (trajectories, steps), `batch_size` at a time."""
+    """Run `pipe` over the trajectories of `mask` (trajectories, steps), `batch_size` at a time.
+
+    With a `driver` (pipeline kwargs, a calibration_fn), it makes the calls, `driver.chunk` trajectories
+    each, trajectory i of the mask being the driver's trajectory `trajectory_offset + i`; without one,
+    the calls are `spec`'s with `prompts[i]` for trajectory i.
+    """
+    if driver is None:
+        driver = CalibrationDriver(spec, num_inference_steps, guidance_scale, prompts, batch_size=batch_size)
+        trajectory_offset = 0
     recorder = _Recorder(pipe.unet, step_timesteps, num_train_timesteps)
     handle = pipe.unet.register_forward_pre_hook(recorder.hook, with_kwargs=True)
-    n_traj = mask.shape[0]
+    n_traj, chunk_size = mask.shape[0], driver.chunk
     try:
         with (
             quiet_pipeline(pipe),
@@ -159,29 +162,20 @@ def capture(
                 total=int(mask.sum()), desc="calibration: capture", unit="sample", disable=not progress
             ) as bar,
         ):
-            for start in range(0, n_traj, batch_size):
-                chunk = mask[start : start + batch_size]
+            for start in range(0, n_traj, chunk_size):
+                chunk = mask[start : start + chunk_size]
+                if driver.calibration_fn is not None and len(chunk) < chunk_size:
+                    # A calibration_fn always runs its own batch: the rows past the mask are not recorded.
+                    chunk = torch.cat([chunk, chunk.new_zeros(chunk_size - len(chunk), chunk.shape[1])])
                 before = len(recorder.rows)
                 recorder.start_run(chunk, start)
-                trajectories = prompts[start : start + len(chunk)] if spec.text_conditioned else len(chunk)
                 with contextlib.suppress(_StopRun):
-                    spec.run(pipe, trajectories, num_inference_steps, guidance_scale, generator)
+                    driver.run(pipe, trajectory_offset + start, len(chunk), generator)
                 recorder.check_run(len(recorder.rows) - before)
                 bar.update((len(recorder.rows) - before) // max(recorder.halves, 1))
     finally:
         handle.remove()
     return recorder.to_dataset()
-
-
-@contextlib.contextmanager
-def quiet_pipeline(pipe: Any) -> Iterator[None]:
-    """Silence the pipeline's own progress bar (calibration shows its own), restoring it afterwards."""
-    saved_bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
-    pipe.set_progress_bar_config(disable=True)
-    try:
-        yield
-    finally:
-        pipe._progress_bar_config = saved_bar_config
 
 
 def concat_calibration_sets(sets: list[CalibrationSet]) -> CalibrationSet:
@@ -196,6 +190,7 @@ def concat_calibration_sets(sets: list[CalibrationSet]) -> CalibrationSet:
             and torch.equal(other.step_timesteps, first.step_timesteps)
             and set(other.inputs) == set(first.inputs)
             and set(other.added_cond_kwargs) == set(first.added_cond_kwargs)
+            and set(other.extra_inputs) == set(first.extra_inputs)
         )
         if not same:
             raise ValueError("calibration sets from different schedules or pipelines cannot be joined")
@@ -211,8 +206,8 @@ def concat_calibration_sets(sets: list[CalibrationSet]) -> CalibrationSet:
         trajectory=torch.cat([d.trajectory + off for d, off in zip(sets, offsets)]),
         step_timesteps=first.step_timesteps,
         num_train_timesteps=first.num_train_timesteps,
-        added_cond_kwargs={
-            k: torch.cat([d.added_cond_kwargs[k] for d in sets]) for k in first.added_cond_kwargs
-        },
+        added_cond_kwargs=tree_join([d.added_cond_kwargs for d in sets], torch.cat),
         guidance_halves=first.guidance_halves,
+        extra_inputs=tree_join([d.extra_inputs for d in sets], torch.cat),
+        static_inputs=first.static_inputs,
     )

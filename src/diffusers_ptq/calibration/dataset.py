@@ -2,11 +2,41 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+
+def tree_map(fn: Callable[[torch.Tensor], Any], tree: Any) -> Any:
+    """`fn` applied to every tensor in nested tuples / lists / dicts; other leaves kept as they are."""
+    if torch.is_tensor(tree):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: tree_map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(tree_map(fn, v) for v in tree)
+    return tree
+
+
+def tree_leaves(tree: Any) -> list[torch.Tensor]:
+    """The tensors of a nested structure, in order."""
+    leaves: list[torch.Tensor] = []
+    tree_map(leaves.append, tree)
+    return leaves
+
+
+def tree_join(trees: list[Any], join: Callable[[list[torch.Tensor]], torch.Tensor]) -> Any:
+    """Structures of the same shape joined leaf by leaf (`torch.stack` of rows, `torch.cat` of sets)."""
+    first = trees[0]
+    if torch.is_tensor(first):
+        return join(trees)
+    if isinstance(first, dict):
+        return {k: tree_join([t[k] for t in trees], join) for k in first}
+    if isinstance(first, list | tuple):
+        return type(first)(tree_join([t[i] for t in trees], join) for i in range(len(first)))
+    return first
 
 
 @dataclass
@@ -25,8 +55,10 @@ class CalibrationSet:
     trajectory: torch.Tensor
     step_timesteps: torch.Tensor
     num_train_timesteps: int
-    added_cond_kwargs: dict[str, torch.Tensor] = field(default_factory=dict)
+    added_cond_kwargs: dict[str, Any] = field(default_factory=dict)
     guidance_halves: int = 1
+    extra_inputs: dict[str, Any] = field(default_factory=dict)
+    static_inputs: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.timesteps.shape[0])
@@ -50,7 +82,11 @@ class CalibrationSet:
         kwargs: dict[str, Any] = {name: move(t) for name, t in self.inputs.items()}
         kwargs["timestep"] = move(self.timesteps)
         if self.added_cond_kwargs:
-            kwargs["added_cond_kwargs"] = {name: move(t) for name, t in self.added_cond_kwargs.items()}
+            kwargs["added_cond_kwargs"] = tree_map(move, self.added_cond_kwargs)
+        for name, tree in self.extra_inputs.items():
+            kwargs[name] = tree_map(move, tree)
+        for name, value in self.static_inputs.items():
+            kwargs[name] = tree_map(lambda t: t.to(device), value)
         return kwargs
 
     def batches(
@@ -67,10 +103,15 @@ class CalibrationSet:
 
     def check_finite(self) -> None:
         """Raise if any recorded input holds NaN or inf, naming the input and the timesteps."""
-        tensors = {
-            **self.inputs,
-            **{f"added_cond_kwargs[{k!r}]": v for k, v in self.added_cond_kwargs.items()},
-        }
+        tensors = dict(self.inputs)
+        for group, tree in (("added_cond_kwargs", self.added_cond_kwargs), ("", self.extra_inputs)):
+            for key, value in tree.items():
+                name = f"{group}[{key!r}]" if group else key
+                if torch.is_tensor(value):
+                    tensors[name] = value
+                    continue
+                for i, leaf in enumerate(tree_leaves(value)):
+                    tensors[f"{name}[{i}]"] = leaf
         for name, t in tensors.items():
             if not t.is_floating_point():
                 continue

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffusers_ptq.calibration.capture import quiet_pipeline
+from diffusers_ptq.calibration.driver import CalibrationDriver
 from diffusers_ptq.calibration.pipelines import PipelineSpec
 
 
@@ -158,8 +159,14 @@ def step_feature_grams(
     batch_size: int,
     generator: torch.Generator,
     progress: bool = True,
+    driver: CalibrationDriver | None = None,
 ) -> StepGrams:
-    """Run the float pipeline over `num_trajectories` trajectories and accumulate the step-feature Grams."""
+    """Run the float pipeline over `num_trajectories` trajectories and accumulate the step-feature Grams.
+
+    With a `driver` (pipeline kwargs, a calibration_fn) it makes the calls, `driver.chunk` trajectories each.
+    """
+    if driver is None:
+        driver = CalibrationDriver(spec, num_inference_steps, guidance_scale, prompts, batch_size=batch_size)
     module = feature_module(pipe.unet, module_name)
     recorder = _FeatureRecorder(num_steps, module_name)
     grams = StepGrams.empty(num_steps)
@@ -169,13 +176,11 @@ def step_feature_grams(
     ]
     try:
         with quiet_pipeline(pipe):
-            starts = range(0, num_trajectories, batch_size)
+            chunk = driver.chunk
+            starts = range(0, num_trajectories, chunk)
             for start in tqdm(starts, desc="calibration: step features", unit="batch", disable=not progress):
-                n = min(batch_size, num_trajectories - start)
-                trajectories = (
-                    [prompts[(start + i) % len(prompts)] for i in range(n)] if spec.text_conditioned else n
-                )
-                spec.run(pipe, trajectories, num_inference_steps, guidance_scale, generator)
+                count = chunk if driver.calibration_fn is not None else min(chunk, num_trajectories - start)
+                driver.run(pipe, start, count, generator)
                 grams.add(recorder.take())
     finally:
         for handle in handles:

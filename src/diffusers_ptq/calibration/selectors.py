@@ -24,6 +24,7 @@ import torch
 
 from diffusers_ptq.calibration.capture import capture
 from diffusers_ptq.calibration.dataset import CalibrationSet
+from diffusers_ptq.calibration.driver import CalibrationDriver
 from diffusers_ptq.calibration.features import step_feature_grams, tdac_weights
 from diffusers_ptq.calibration.pipelines import PipelineSpec
 from diffusers_ptq.calibration.samplers import recording_mask
@@ -47,6 +48,17 @@ class SelectionRequest:
     prompts: list[str] | None
     generator: torch.Generator
     progress: bool = True
+    driver: CalibrationDriver | None = None  # None: plain calls of `spec` with the prompts
+
+    def __post_init__(self) -> None:
+        if self.driver is None:
+            self.driver = CalibrationDriver(
+                self.spec,
+                self.num_inference_steps,
+                self.calibration.guidance_scale,
+                self.prompts,
+                batch_size=self.calibration.batch_size,
+            )
 
     @property
     def num_steps(self) -> int:
@@ -74,6 +86,8 @@ class SelectionRequest:
             batch_size=self.calibration.batch_size,
             generator=self.generator,
             progress=self.progress if progress is None else progress,
+            driver=self.driver,
+            trajectory_offset=prompt_offset,
         )
 
 
@@ -176,6 +190,7 @@ def density_diversity(request: SelectionRequest, feedback: SelectionFeedback | N
         batch_size=calib.batch_size,
         generator=request.generator,
         progress=request.progress,
+        driver=request.driver,
     )
     scores = tdac_weights(grams, sel.density_radius, sel.diversity_weight)
     counts = allocate_samples(scores.weights, calib.num_samples)

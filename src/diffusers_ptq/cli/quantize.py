@@ -14,6 +14,7 @@ import torch
 from diffusers_ptq import TimestepActQuantizer, WeightQuantizer, __version__, available_presets
 from diffusers_ptq.api import quantize_pipeline
 from diffusers_ptq.calibration import get_pipeline_spec
+from diffusers_ptq.calibration.driver import check_pipeline_kwargs
 from diffusers_ptq.cli.common import (
     DEFAULT_MODEL,
     DEFAULT_PROMPTS,
@@ -128,6 +129,28 @@ def add_parser(sub: Any) -> None:
         metavar="FILE",
         help="text file with one calibration prompt per line (blank lines skipped); added to --prompt.",
     )
+    call = q.add_argument_group("pipeline call arguments (img2img, inpainting, ControlNet, ...)")
+    call.add_argument(
+        "--pipeline-kwargs",
+        metavar="JSON",
+        help="a JSON object of extra arguments for every calibration and comparison call of the pipeline, "
+        'e.g. \'{"strength": 0.6, "negative_prompt": "blurry"}\'. Prompts, steps, guidance scale, '
+        "generator and output type are set by the other flags.",
+    )
+    call.add_argument(
+        "--init-image",
+        metavar="PATH",
+        help="initial image (img2img, inpainting): the pipeline's `image` argument.",
+    )
+    call.add_argument(
+        "--mask-image", metavar="PATH", help="inpainting mask (white = repaint): the `mask_image` argument."
+    )
+    call.add_argument(
+        "--control-image",
+        metavar="PATH",
+        help="ControlNet / T2I-Adapter conditioning image: `control_image` where the pipeline takes it "
+        "(ControlNet img2img / inpaint), else `image`.",
+    )
     recon = q.add_argument_group("block reconstruction (presets q-diffusion, eda-dm and tfmq-dm enable it)")
     recon.add_argument(
         "--no-reconstruction",
@@ -227,6 +250,40 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def pipeline_kwargs(args: argparse.Namespace, pipe: Any, spec: Any) -> dict[str, Any]:
+    """--pipeline-kwargs with the --init-image / --mask-image / --control-image files added, each under the
+    argument name the pipeline's `__call__` uses for it."""
+    kwargs: dict[str, Any] = {}
+    if args.pipeline_kwargs is not None:
+        try:
+            kwargs = json.loads(args.pipeline_kwargs)
+        except ValueError as err:
+            raise ValueError(f"--pipeline-kwargs is not valid JSON: {err}") from None
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"--pipeline-kwargs must be a JSON object, got {type(kwargs).__name__}")
+    conditioned = any(name in getattr(pipe, "components", {}) for name in ("controlnet", "adapter"))
+    control_arg = "control_image" if spec.accepts("control_image") else "image" if conditioned else None
+    init_arg = "image" if spec.accepts("image") and control_arg != "image" else None
+    mask_arg = "mask_image" if spec.accepts("mask_image") else None
+    for flag, path, name in (
+        ("--init-image", args.init_image, init_arg),
+        ("--mask-image", args.mask_image, mask_arg),
+        ("--control-image", args.control_image, control_arg),
+    ):
+        if path is None:
+            continue
+        if name is None:
+            raise ValueError(f"{flag} is given but {spec.name} takes no such image")
+        if name in kwargs:
+            raise ValueError(f"{flag} and --pipeline-kwargs both set {name!r}; give it once")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{flag} file {path!r} does not exist")
+        from diffusers.utils import load_image
+
+        kwargs[name] = load_image(path)
+    return kwargs
+
+
 def _images(pipe: Any, kwargs: dict[str, Any], seed: int, which: str, progress: bool) -> np.ndarray:
     """(N, H, W, C) float images in [0, 1] from one pipeline call seeded with `seed`."""
     # The pipeline's own step bar, labelled so the console says what it is.
@@ -283,6 +340,8 @@ def run(args: argparse.Namespace) -> int:
         device, dtype = resolve_device(args.device, args.dtype)
         pipe = load_pipeline(args.model, device, dtype)
         spec = get_pipeline_spec(pipe)
+        extra = pipeline_kwargs(args, pipe, spec)
+        check_pipeline_kwargs(spec, extra)  # before the float comparison images use them
     except (ValueError, TypeError, OSError, RuntimeError) as err:
         return error(err)
 
@@ -295,17 +354,23 @@ def run(args: argparse.Namespace) -> int:
         if not prompts:
             prompts = list(DEFAULT_PROMPTS)
             print(f"diffusers-ptq: no --prompt/--prompts-file given; using {len(prompts)} built-in prompts")
-        # Each calibration trajectory needs a prompt; cycling them gives every repeat fresh noise.
-        calib_prompts = [prompts[i % len(prompts)] for i in range(max(len(prompts), calib.num_samples))]
+        # quantize_pipeline cycles them when calibration needs more trajectories (fresh noise each time).
+        calib_prompts = list(prompts)
         call["prompt"] = [prompts[i % len(prompts)] for i in range(args.samples)]
         if calib.guidance_scale is not None:
             call["guidance_scale"] = calib.guidance_scale
     else:
         if prompts:
             print(f"diffusers-ptq: {spec.name} is unconditional; ignoring the prompts")
-        call["batch_size"] = args.samples
+        if spec.batch_arg is not None:
+            call[spec.batch_arg] = args.samples
+    # The comparison images use the calibration's call arguments too (after quantize_pipeline checks them).
+    compare = {**extra, **call}
     # Before quantizing: the float reference.
-    float_images = _images(pipe, call, calib.seed + 1, "float", not args.no_progress)
+    try:
+        float_images = _images(pipe, compare, calib.seed + 1, "float", not args.no_progress)
+    except (ValueError, TypeError) as err:  # the pipeline's own check of its arguments (a missing image)
+        return error(err)
 
     try:
         with atomic_directory(out) as tmp:
@@ -313,10 +378,11 @@ def run(args: argparse.Namespace) -> int:
                 pipe,
                 config,
                 prompts=calib_prompts,
+                pipeline_kwargs=extra or None,
                 reconstruction_checkpoint=args.reconstruction_checkpoint,
                 progress=not args.no_progress,
             )
-            quant_images = _images(pipe, call, calib.seed + 1, "quantized", not args.no_progress)
+            quant_images = _images(pipe, compare, calib.seed + 1, "quantized", not args.no_progress)
             _write_outputs(tmp, config, pipe.unet, float_images, quant_images)
     except (ValueError, TypeError) as err:  # quantize_pipeline's validation of the pipeline and prompts
         return error(err)

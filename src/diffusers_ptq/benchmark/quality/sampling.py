@@ -148,6 +148,8 @@ class _CpuCopies:
             return hit[1]
         if isinstance(value, dict):
             return {k: self(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):  # ControlNet / T2I-Adapter residuals
+            return type(value)(self(v) for v in value)
         return value
 
 
@@ -156,6 +158,8 @@ def _to(value: Any, device: torch.device, dtype: torch.dtype) -> Any:
         return value.to(device, dtype) if value.is_floating_point() else value.to(device)
     if isinstance(value, dict):
         return {k: _to(v, device, dtype) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to(v, device, dtype) for v in value)
     return value
 
 
