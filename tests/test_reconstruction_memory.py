@@ -11,11 +11,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from diffusers_ptq import api as api_module
+from diffusers_ptq import quantize_pipeline
 from diffusers_ptq.reconstruction import ReconstructionReport, reconstruct
 from diffusers_ptq.reconstruction import memory as memory_module
 from diffusers_ptq.reconstruction import runner as runner_module
 from diffusers_ptq.reconstruction import spill as spill_module
 from diffusers_ptq.reconstruction.spill import mapped_safetensors
+from recipe_helpers import plain
 from reconstruction_helpers import fast_config, quantized
 
 torch.set_flush_denormal(True)
@@ -184,3 +187,33 @@ def test_cpu_offload_trains_units_on_cuda(model):
     assert all(u.peak_device_bytes is not None for u in trained)
     model_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
     assert max(u.peak_device_bytes for u in trained) < model_bytes + max(u.cache_bytes for u in trained)
+
+
+def test_quantize_pipeline_checks_cache_dir_before_calibration_and_records_memory(ddim_pipe, tmp_path):
+    recon = {"enabled": True, "iterations": 4, "act_iterations": 2, "batch_size": 4, "cache_max_gb": 0.0}
+    config = plain(
+        weight_bits=4,
+        act_bits=8,
+        weights={"num_candidates": 10},
+        activations={"num_candidates": 10},
+        reconstruction=recon,
+    )
+    fast = {"num_samples": 8, "num_inference_steps": 4, "batch_size": 8, "progress": False}
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    bad = config.replace(reconstruction={**recon, "cache_dir": str(a_file)})
+    calls = []
+    select = api_module.select_calibration
+    api_module.select_calibration = lambda *a, **k: calls.append(1) or select(*a, **k)
+    try:
+        with pytest.raises(ValueError, match="is not a writable folder"):
+            quantize_pipeline(ddim_pipe, bad, **fast)
+        assert calls == [] and not hasattr(ddim_pipe.unet, "ptq_state")  # no capture ran, nothing installed
+        good = config.replace(reconstruction={**recon, "cache_dir": str(tmp_path / "spill")})
+        report = quantize_pipeline(ddim_pipe, good, **fast).unet.ptq_state.reconstruction
+    finally:
+        api_module.select_calibration = select
+    units = [u for u in report["units"] if u["cache_bytes"] is not None]
+    assert units and all(u["cache_spilled"] and u["peak_ram_bytes"] > 0 for u in units)
+    assert all("peak_device_bytes" in u for u in units)
+    assert list((tmp_path / "spill").iterdir()) == []
