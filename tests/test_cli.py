@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -275,3 +277,12 @@ def test_quantize_flags_set_the_default_recipes_parts() -> None:
     assert (three.mode, three.max_layers, three.high_bits) == ("max_layers", 3, None)
     with pytest.raises(ValueError, match=r"weights\.rounding='adaround'.*'nearest', 'gptq'"):
         quantize._build_config(parse([*base, "--weight-rounding", "adaround"]))
+
+
+def test_module_entry_point_runs_the_cli() -> None:
+    # `python -m diffusers_ptq` (what `torchrun -m` / `accelerate launch -m` run) is the console script.
+    proc = subprocess.run(
+        [sys.executable, "-m", "diffusers_ptq", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "quantize" in proc.stdout and proc.stdout.startswith("usage: diffusers-ptq")

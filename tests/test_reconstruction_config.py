@@ -40,6 +40,10 @@ def test_defaults_are_brecq_q_diffusion_values():
         ("temporal_block", "yes", "True or False"),
         ("enabled", 1, "True or False"),
         ("num_samples", 0, "an integer >= 1"),
+        ("offload", "gpu", "'none', 'cpu'"),
+        ("offload_device", "CUDA 0", "None or a device such as 'cuda'"),
+        ("cache_max_gb", -1.0, "a number in [0.0, 1000000.0]"),
+        ("cache_dir", "", "a folder path or None"),
     ],
 )
 def test_validation_names_field_value_and_choices(field, value, expected):
@@ -54,8 +58,18 @@ def test_config_that_does_nothing_is_rejected():
         ReconstructionConfig(weight_rounding="nearest", learn_act_scales=False).validate()
 
 
+def test_cache_dir_needs_cache_max_gb():
+    with pytest.raises(
+        ValueError, match=r"reconstruction.cache_dir='/x' is set but reconstruction.cache_max_gb"
+    ):
+        ReconstructionConfig(cache_dir="/x").validate()
+    ReconstructionConfig(cache_max_gb=2.0).validate()  # no cache_dir: the system temporary folder
+
+
 def test_dict_round_trip_and_unknown_keys():
     c = ReconstructionConfig(iterations=7, temporal_block=True, max_minutes=1.5, num_samples=64)
+    memory = {"offload": "cpu", "offload_device": "cuda:1", "cache_max_gb": 0.5, "cache_dir": "/tmp/c"}
+    assert ReconstructionConfig.from_dict(c.replace(**memory).to_dict()) == c.replace(**memory)
     assert ReconstructionConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ValueError, match=r"unknown ReconstructionConfig key\(s\) \['iters'\]; valid keys"):
         ReconstructionConfig.from_dict({"iters": 3})

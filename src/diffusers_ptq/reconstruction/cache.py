@@ -5,11 +5,13 @@ For every calibration row, the UNet runs twice up to the unit and stops there (a
 timestep embedding, encoder hidden states, everything it receives — and the per-sample timesteps the
 quantizers saw; once fully float, recording the unit's outputs (and its inner layers' outputs for
 fine-grained reconstruction). Only this unit's cache exists at a time; it stays on the CPU in
-`cache_dtype` and goes to the device one mini-batch at a time.
+`cache_dtype` (in RAM, or in memory-mapped files when it would exceed `cache_max_gb`: `spill.py`) and goes
+to the device one mini-batch at a time.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +24,7 @@ from diffusers_ptq.calibration import CalibrationSet
 from diffusers_ptq.initialise import set_quant_state
 from diffusers_ptq.reconstruction.units import StopForward, Unit
 
+Allocate = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -44,17 +47,18 @@ def _store(t: torch.Tensor, dtype: torch.dtype, what: str) -> torch.Tensor:
 
 class RowBuffer:
     """Rows of one tensor over the whole cache, filled batch by batch into one preallocated CPU tensor (so
-    the cache never holds a second, concatenated copy)."""
+    the cache never holds a second, concatenated copy); `allocate` makes that tensor (RAM or a file)."""
 
-    def __init__(self, total: int, dtype: torch.dtype, what: str) -> None:
+    def __init__(self, total: int, dtype: torch.dtype, what: str, allocate: Allocate | None = None) -> None:
         self.total, self.dtype, self.what = total, dtype, what
+        self.allocate = allocate or (lambda shape, dtype: torch.empty(shape, dtype=dtype))
         self.data: torch.Tensor | None = None
         self.filled = 0
 
     def append(self, t: torch.Tensor) -> None:
         chunk = _store(t, self.dtype, self.what)
         if self.data is None:
-            self.data = torch.empty((self.total, *chunk.shape[1:]), dtype=chunk.dtype)
+            self.data = self.allocate((self.total, *chunk.shape[1:]), chunk.dtype)
         if chunk.shape[1:] != self.data.shape[1:]:
             raise ValueError(f"{self.what} changes shape across batches: {tuple(chunk.shape[1:])}")
         self.data[self.filled : self.filled + chunk.shape[0]] = chunk
@@ -69,8 +73,11 @@ class RowBuffer:
 class CachedArgs:
     """Call arguments of a unit over all rows: per-row tensors stacked, everything else stored once."""
 
-    def __init__(self, unit: str, cache_dtype: torch.dtype, total: int) -> None:
+    def __init__(
+        self, unit: str, cache_dtype: torch.dtype, total: int, allocate: Allocate | None = None
+    ) -> None:
         self.unit = unit
+        self.allocate = allocate
         self.cache_dtype = cache_dtype
         self.total = total
         self.spec: pytree.TreeSpec | None = None
@@ -87,7 +94,8 @@ class CachedArgs:
             self.constants = [None if torch.is_tensor(leaf) else leaf for leaf in leaves]
             what = f"the input of {self.unit}"
             self.buffers = [
-                RowBuffer(self.total, self.cache_dtype, what) if torch.is_tensor(x) else None for x in leaves
+                RowBuffer(self.total, self.cache_dtype, what, self.allocate) if torch.is_tensor(x) else None
+                for x in leaves
             ]
         elif spec != self.spec:
             raise ValueError(f"{self.unit} was called with differently structured arguments across batches")
@@ -180,16 +188,18 @@ def build_cache(
     quant_state: tuple[bool, bool],
     with_inner: bool = False,
     progress: bool = False,
+    allocate: Allocate | None = None,
 ) -> BlockCache:
     """Cache `unit`'s inputs under `quant_state` = (weights, acts) and its float targets over `rows`.
 
-    Leaves every quantizer switched as `quant_state` says.
+    Leaves every quantizer switched as `quant_state` says. `allocate(shape, dtype)` makes each cached
+    tensor's storage (default: `torch.empty`, in RAM).
     """
     dtype = _DTYPES[cache_dtype]
     param = next(unet.parameters())
     context = unet.ptq_state.context
     total = len(rows)
-    inputs = CachedArgs(unit.name, dtype, total)
+    inputs = CachedArgs(unit.name, dtype, total, allocate)
     timesteps: list[torch.Tensor] = []
     targets: list[RowBuffer] = []
     inner: dict[str, RowBuffer] = {}
@@ -198,12 +208,14 @@ def build_cache(
 
     def on_output(outputs: list[torch.Tensor], inner_out: dict[str, torch.Tensor]) -> None:
         if not targets:
-            targets.extend(RowBuffer(total, dtype, f"the float output of {unit.name}") for _ in outputs)
+            targets.extend(
+                RowBuffer(total, dtype, f"the float output of {unit.name}", allocate) for _ in outputs
+            )
         for buffer, out in zip(targets, outputs, strict=True):
             buffer.append(out)
         for name, out in inner_out.items():
             if name not in inner:
-                inner[name] = RowBuffer(total, dtype, f"the float output of {name}")
+                inner[name] = RowBuffer(total, dtype, f"the float output of {name}", allocate)
             inner[name].append(out)
 
     # Two sweeps (float targets, then quantized inputs) switch the quantizers twice per unit, not per batch.

@@ -8,6 +8,7 @@ published values (docs/methods.md, "Block reconstruction"); the method presets o
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -18,6 +19,8 @@ WEIGHT_ROUNDINGS = ("adaround", "nearest")
 LR_SCHEDULES = ("constant", "cosine")
 TRANSFORMER_UNITS = ("block", "model")
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
+OFFLOADS = ("none", "cpu")
+_DEVICE = re.compile(r"^[a-z]+(:[0-9]+)?$")
 
 
 @dataclass
@@ -97,6 +100,26 @@ class ReconstructionConfig:
         "float16", "dtype of the block input/target cache held on the CPU", CACHE_DTYPES
     )
     cache_batch_size: int = _field(16, "rows per UNet forward while building a block's cache")
+    cache_max_gb: float | None = _field(
+        None,
+        "RAM budget of one unit's block cache in GiB: a cache estimated larger (one probe row's bytes times "
+        "the rows) is written to memory-mapped safetensors files in cache_dir and read back per mini-batch "
+        "(identical results); 0 spills every cache; None: always in RAM",
+    )
+    cache_dir: str | None = _field(
+        None,
+        "folder for spilled caches (a temporary subfolder, deleted afterwards, also on failure); None with "
+        "cache_max_gb set: the system temporary folder (tempfile.gettempdir())",
+    )
+    offload: str = _field(
+        "none",
+        "'cpu': the UNet stays in CPU memory (caches are built there) and only the unit being trained moves "
+        "to offload_device, so peak device memory is one unit; 'none': everything where the UNet is",
+        OFFLOADS,
+    )
+    offload_device: str | None = _field(
+        None, "device units train on with offload='cpu'; None: 'cuda' when available, else the CPU"
+    )
     max_minutes: float | None = _field(
         None,
         "time budget of the whole call: each block's iteration count is set before it trains so that the "
@@ -136,6 +159,27 @@ class ReconstructionConfig:
             _check_int(f"{path}.num_samples", self.num_samples, 1)
         _check_choice(f"{path}.cache_dtype", self.cache_dtype, CACHE_DTYPES)
         _check_int(f"{path}.cache_batch_size", self.cache_batch_size, 1)
+        if self.cache_max_gb is not None:
+            _check_float(f"{path}.cache_max_gb", self.cache_max_gb, 0.0, 1e6)
+        if self.cache_dir is not None:
+            if not isinstance(self.cache_dir, str) or not self.cache_dir:
+                raise ValueError(
+                    f"{path}.cache_dir={self.cache_dir!r} is invalid; expected a folder path or None."
+                )
+            if self.cache_max_gb is None:
+                raise ValueError(
+                    f"{path}.cache_dir={self.cache_dir!r} is set but {path}.cache_max_gb is None (every "
+                    "cache stays in RAM); set cache_max_gb, the RAM budget above which a unit's cache "
+                    "spills there"
+                )
+        _check_choice(f"{path}.offload", self.offload, OFFLOADS)
+        if self.offload_device is not None and not (
+            isinstance(self.offload_device, str) and _DEVICE.match(self.offload_device)
+        ):
+            raise ValueError(
+                f"{path}.offload_device={self.offload_device!r} is invalid; expected None or a device "
+                "such as 'cuda', 'cuda:1' or 'cpu'."
+            )
         if self.max_minutes is not None:
             _check_float(f"{path}.max_minutes", self.max_minutes, 0.0, 1e7, open_lo=True)
         _check_float(f"{path}.holdout", self.holdout, 0.0, 0.5, open_lo=True)

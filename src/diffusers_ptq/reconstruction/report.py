@@ -28,6 +28,13 @@ class UnitReport:
     holdout_before: float | None = None
     holdout_after: float | None = None
     holdout_rows: int = 0
+    # Memory while the unit's cache was built and it trained (None: not measured, e.g. resumed or skipped):
+    # the process's peak resident set (RAM), torch.cuda.max_memory_allocated on a CUDA device (else None),
+    # the cache's bytes and whether it was spilled to disk (reconstruction.cache_max_gb).
+    peak_ram_bytes: int | None = None
+    peak_device_bytes: int | None = None
+    cache_bytes: int | None = None
+    cache_spilled: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,6 +98,8 @@ class ReconstructionReport:
                 losses = f"loss {u.loss_before:.4g} -> {u.loss_after:.4g}"
             if u.holdout_before is not None and u.holdout_after is not None:
                 losses += f", held out {u.holdout_before:.4g} -> {u.holdout_after:.4g}"
+            if u.cache_bytes is not None:
+                losses += f", cache {u.cache_bytes / 2**20:.1f} MiB" + (" on disk" if u.cache_spilled else "")
             lines.append(f"  {u.phase:7s} {u.unit:55s} {u.status:8s} {u.iterations:6d} it  {losses}")
         reverted = self.reverted
         if reverted:

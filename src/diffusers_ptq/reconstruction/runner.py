@@ -31,9 +31,11 @@ from diffusers_ptq.reconstruction.checkpoint import (
     run_identity,
 )
 from diffusers_ptq.reconstruction.config import ReconstructionConfig
+from diffusers_ptq.reconstruction.memory import estimate_cache_bytes, offloaded, peak_memory, unit_on
 from diffusers_ptq.reconstruction.report import ReconstructionReport, UnitReport
 from diffusers_ptq.reconstruction.rounding import bake_layers, wrapped_layers
 from diffusers_ptq.reconstruction.safeguard import holdout_error, split_rows
+from diffusers_ptq.reconstruction.spill import CacheStore, check_cache_dir
 from diffusers_ptq.reconstruction.state import SavedState, learned_tensors, restore_learned
 from diffusers_ptq.reconstruction.trainer import Phase, seeded, train_unit
 from diffusers_ptq.reconstruction.units import Unit
@@ -120,6 +122,8 @@ def _check_inputs(
             f"the calibration set has {data.num_train_timesteps} training timesteps but the UNet was "
             f"quantized for {state.context.num_train_timesteps}; pass the calibration set of this model"
         )
+    if config.cache_max_gb is not None:
+        check_cache_dir(config.cache_dir)
     if any(isinstance(m, AdaRoundQuantizer) for m in unet.modules()):
         raise ValueError("the UNet is in the middle of another reconstruction")
     # GPTQ (inside the same job) leaves on-grid weights but keeps the float ones: reconstruction starts there.
@@ -145,7 +149,9 @@ def reconstruct(
     `unet` must be quantized by `quantize_pipeline` / `quantize_unet` and still hold its float weights.
     AdaRound codes are baked into the weights at the end, so save/load stores plain integers. With
     `checkpoint_dir`, every finished unit is saved there and a later call with the same model, calibration
-    rows and config resumes after the last finished unit (`max_minutes` may differ).
+    rows and config resumes after the last finished unit (`max_minutes` may differ). Memory: with
+    `config.offload='cpu'` only the unit being trained is on the accelerator; a unit cache estimated above
+    `config.cache_max_gb` is spilled to disk (`memory.py`, `spill.py`).
     """
     config = _check_inputs(unet, calibration_set, config)
     started = time.perf_counter()
@@ -174,48 +180,62 @@ def reconstruct(
     holdout_rows = rows[split[1]]
     report = ReconstructionReport(config=config.to_dict(), rows=len(rows))
     saved = SavedState(unet)
-    run = _Run(
-        unet=unet,
-        data=calibration_set,
-        rows=rows,
-        config=config,
-        budget=Budget(config.max_minutes, sum(weights), len(steps)),
-        checkpoint=checkpoint,
-        total=len(steps),
-        progress=progress,
-        split=split,
-    )
-    done = False
-    try:
-        unet.eval()
-        reference, before = holdout_error(unet, calibration_set, holdout_rows, config)
-        report.holdout_error_before, report.holdout_bias_before = before
-        for p in unet.parameters():
-            p.requires_grad_(False)
-        for index, ((phase, unit), weight) in enumerate(zip(steps, weights)):
-            report.units.append(run.step(phase, unit, index, weight))
-        bake_layers(wrapped_layers(unet))
-        saved.restore_switches()
-        _, after = holdout_error(unet, calibration_set, holdout_rows, config, reference)
-        report.holdout_error_after, report.holdout_bias_after = after
-        if after[0] > before[0] or after[1] > before[1]:
-            logger.warning(
-                "reconstruction: the UNet's noise-prediction error on %d held-out calibration rows rose "
-                "(mean square %.4g -> %.4g, its mean over the rows %.4g -> %.4g); every unit is put back "
-                "to where the run started",
-                len(holdout_rows),
-                before[0],
-                after[0],
-                before[1],
-                after[1],
-            )
-            saved.undo()
-            report.model_reverted = True
-        done = True
-    finally:
-        if not done:
-            saved.undo()
-        saved.restore_switches()
+    # Offload wraps the undo too: a restored weight Parameter then goes back to the UNet's device with it.
+    with (
+        offloaded(unet, config.offload, config.offload_device) as device,
+        CacheStore(config.cache_dir, config.cache_max_gb) as store,
+    ):
+        estimates = {}
+        if store.max_bytes is not None:
+            inner = config.layer_loss_weight > 0
+            estimates = estimate_cache_bytes(unet, units, calibration_set, rows, config.cache_dtype, inner)
+            spilled = [b for b in estimates.values() if store.spills(b)]
+            check_cache_dir(config.cache_dir, max(spilled, default=0))
+        run = _Run(
+            unet=unet,
+            data=calibration_set,
+            rows=rows,
+            config=config,
+            budget=Budget(config.max_minutes, sum(weights), len(steps)),
+            checkpoint=checkpoint,
+            total=len(steps),
+            progress=progress,
+            split=split,
+            device=device,
+            store=store,
+            estimates=estimates,
+        )
+        done = False
+        try:
+            unet.eval()
+            reference, before = holdout_error(unet, calibration_set, holdout_rows, config)
+            report.holdout_error_before, report.holdout_bias_before = before
+            for p in unet.parameters():
+                p.requires_grad_(False)
+            for index, ((phase, unit), weight) in enumerate(zip(steps, weights)):
+                report.units.append(run.step(phase, unit, index, weight))
+            bake_layers(wrapped_layers(unet))
+            saved.restore_switches()
+            _, after = holdout_error(unet, calibration_set, holdout_rows, config, reference)
+            report.holdout_error_after, report.holdout_bias_after = after
+            if after[0] > before[0] or after[1] > before[1]:
+                logger.warning(
+                    "reconstruction: the UNet's noise-prediction error on %d held-out calibration rows rose "
+                    "(mean square %.4g -> %.4g, its mean over the rows %.4g -> %.4g); every unit is put "
+                    "back to where the run started",
+                    len(holdout_rows),
+                    before[0],
+                    after[0],
+                    before[1],
+                    after[1],
+                )
+                saved.undo()
+                report.model_reverted = True
+            done = True
+        finally:
+            if not done:
+                saved.undo()
+            saved.restore_switches()
     report.seconds = time.perf_counter() - started
     logger.info("%s", report)
     return report
@@ -234,6 +254,9 @@ class _Run:
     total: int
     progress: bool
     split: tuple[torch.Tensor, torch.Tensor]
+    device: torch.device | None = None  # offload='cpu': where each unit trains (the UNet stays on the CPU)
+    store: CacheStore | None = None
+    estimates: dict[str, int] | None = None  # unit name -> estimated cache bytes (with cache_max_gb)
     skipped_any: bool = False
 
     def step(self, phase: Phase, unit: Unit, index: int, weight: int) -> UnitReport:
@@ -267,35 +290,46 @@ class _Run:
             return UnitReport.from_dict({**stored, "status": status}), False
         if budget.exhausted() or budget.share(weight) <= 0:  # no time left for it: not even cached
             return self._skip(phase, unit), False
-        cache = build_cache(
-            unet,
-            unit,
-            self.data,
-            self.rows,
-            batch_size=config.cache_batch_size,
-            cache_dtype=config.cache_dtype,
-            quant_state=(True, phase.acts_on),
-            with_inner=config.layer_loss_weight > 0 and bool(unit.inner_layers),
-            progress=self.progress,
-        )
         if budget.limited:
 
             def iterations(seconds_per_step: float) -> int:
                 return budget.iterations(weight, weight, seconds_per_step)
         else:
             iterations = weight
-        result = train_unit(
-            unet,
-            cache,
-            phase,
-            config,
-            iterations,
-            configured=weight,
-            split=self.split,
-            desc=f"{phase.name} {index + 1}/{self.total} {unit.name}",
-            progress=self.progress,
-        )
-        del cache
+        store = self.store or CacheStore(None, None)
+        spill = store.spills((self.estimates or {}).get(unit.name, 0))
+        store.begin_unit(spill)
+        try:
+            with peak_memory(self.device or next(unet.parameters()).device) as peak:
+                cache = build_cache(
+                    unet,
+                    unit,
+                    self.data,
+                    self.rows,
+                    batch_size=config.cache_batch_size,
+                    cache_dtype=config.cache_dtype,
+                    quant_state=(True, phase.acts_on),
+                    with_inner=config.layer_loss_weight > 0 and bool(unit.inner_layers),
+                    progress=self.progress,
+                    allocate=store.allocate,
+                )
+                cache_bytes = cache.nbytes
+                with unit_on(unet, unit, self.device):
+                    result = train_unit(
+                        unet,
+                        cache,
+                        phase,
+                        config,
+                        iterations,
+                        configured=weight,
+                        split=self.split,
+                        desc=f"{phase.name} {index + 1}/{self.total} {unit.name}",
+                        progress=self.progress,
+                        device=self.device,
+                    )
+                del cache
+        finally:
+            store.end_unit()
         if result.status == "skipped":  # not started: nothing to record, a resumed run may train it
             return self._skip(phase, unit), True
         unit_report = UnitReport(
@@ -312,6 +346,10 @@ class _Run:
             holdout_before=result.holdout_before,
             holdout_after=result.holdout_after,
             holdout_rows=result.holdout_rows,
+            peak_ram_bytes=peak.ram_bytes,
+            peak_device_bytes=peak.device_bytes,
+            cache_bytes=cache_bytes,
+            cache_spilled=spill,
         )
         logger.info(
             "reconstruction: %s %d/%d %s: %d it, held-out loss %.4g -> %.4g%s",

@@ -78,6 +78,11 @@ class TemporalUnit(Unit):
     def anchors(self, unet: nn.Module) -> list[nn.Module]:
         return [unet.get_submodule(r) for r in self.resnets]
 
+    def modules(self, unet: nn.Module) -> list[nn.Module]:
+        act = self._activation(unet)
+        projections = [unet.get_submodule(f"{r}.time_emb_proj") for r in self.resnets]
+        return [unet.get_submodule(EMBEDDING), *([act] if act is not None else []), *projections]
+
     @staticmethod
     def _activation(unet: nn.Module) -> nn.Module | None:
         act = getattr(unet, "time_embed_act", None)

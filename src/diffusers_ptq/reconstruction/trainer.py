@@ -69,14 +69,16 @@ def seeded(seed: int, *parts: object) -> int:
 class _Step:
     """One forward of the unit on a cached mini-batch and its loss terms."""
 
-    def __init__(self, unet: nn.Module, cache: BlockCache, phase: Phase, gamma: float) -> None:
+    def __init__(
+        self, unet: nn.Module, cache: BlockCache, phase: Phase, gamma: float, device: torch.device | None
+    ) -> None:
         self.unet = unet
         self.cache = cache
         self.unit = cache.unit
         self.phase = phase
         self.gamma = gamma
         param = next(unet.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        self.device, self.dtype = device or param.device, param.dtype
         self.context = unet.ptq_state.context
 
     def batch(self, index: torch.Tensor) -> CacheBatch:
@@ -120,6 +122,7 @@ def train_unit(
     split: tuple[torch.Tensor, torch.Tensor] | None = None,
     desc: str = "",
     progress: bool = True,
+    device: torch.device | None = None,
 ) -> TrainResult:
     """Optimise `cache.unit` for `iterations` steps (or as many as the callback allows given the measured
     seconds per step), then keep the result only if the held-out block loss went down (`safeguard.py`).
@@ -129,14 +132,15 @@ def train_unit(
     fewer than `configured` (the pass's configured iterations, cut by a time budget), the AdaRound learning
     rate is raised (`rounding_lr`). Step-size learning rates are not (an Adam step moves a step size by
     about its learning rate in absolute units). With zero iterations the unit is not started. AdaRound
-    roundings are frozen and step sizes fixed on return.
+    roundings are frozen and step sizes fixed on return. `device`: where the unit's modules are and its
+    mini-batches go (CPU offload moves only the unit there); None: the UNet's device.
     """
     start_time = time.perf_counter()
     unit = cache.unit
     layers = [unet.get_submodule(name) for name in unit.layers] if phase.learn_rounding else []
     scales_owned = [unet.get_submodule(n) for n in unit.act_quantizers] if phase.learn_scales else []
     start = StartingPoint(layers, scales_owned)
-    step = _Step(unet, cache, phase, config.layer_loss_weight)
+    step = _Step(unet, cache, phase, config.layer_loss_weight, device)
     inner = config.layer_loss_weight > 0 and bool(unit.inner_layers)
     n = len(cache)
     if split is None:

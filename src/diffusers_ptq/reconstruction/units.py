@@ -55,6 +55,10 @@ class Unit:
         """Modules whose first call places this unit in the UNet's execution order."""
         raise NotImplementedError
 
+    def modules(self, unet: nn.Module) -> list[nn.Module]:
+        """Every module `run` calls: what CPU offload moves to the device for training."""
+        raise NotImplementedError
+
     def capture_inputs(self, unet: nn.Module, sink: InputSink) -> list[RemovableHandle]:
         raise NotImplementedError
 
@@ -98,6 +102,9 @@ class ModuleUnit(Unit):
         return unet.get_submodule(self.name)
 
     def anchors(self, unet: nn.Module) -> list[nn.Module]:
+        return [self.module(unet)]
+
+    def modules(self, unet: nn.Module) -> list[nn.Module]:
         return [self.module(unet)]
 
     def capture_inputs(self, unet: nn.Module, sink: InputSink) -> list[RemovableHandle]:
