@@ -28,6 +28,7 @@ from diffusers_ptq.job import QuantizationJob
 from diffusers_ptq.offload import onloaded
 from diffusers_ptq.prepare import is_quantized, plan_quantization
 from diffusers_ptq.quantizers import contiguous_group_map, nearest_step_group_map
+from diffusers_ptq.reconstruction.spill import check_cache_dir
 from diffusers_ptq.report import QuantizationReport
 from diffusers_ptq.search import NoiseTargets, resolve_target, sample_clean_images
 from diffusers_ptq.sensitivity.mixed import check_budget
@@ -300,6 +301,10 @@ def quantize_unet(
 
 
 def _check_checkpoint_dir(config: PTQConfig, path: str | os.PathLike[str] | None) -> None:
+    """The reconstruction's directories: the resume checkpoint and, when caches may spill, `cache_dir`."""
+    recon = config.reconstruction
+    if recon.enabled and recon.cache_max_gb is not None:  # before any model runs, not hours in
+        check_cache_dir(recon.cache_dir)
     if path is None:
         return
     if not config.reconstruction.enabled:

@@ -21,7 +21,6 @@ from diffusers_ptq.initialise import initialise_activations, initialise_weights,
 from diffusers_ptq.nn import QuantLayerMixin
 from diffusers_ptq.prepare import QuantPlan, install
 from diffusers_ptq.reconstruction import reconstruct
-from diffusers_ptq.reconstruction.spill import check_cache_dir
 from diffusers_ptq.report import QuantizationReport
 from diffusers_ptq.search import FloatTargets, GroupSearch, NoiseTargets
 from diffusers_ptq.sensitivity.mixed import choose_mixed_precision
@@ -84,9 +83,6 @@ class QuantizationJob:
         targets: NoiseTargets | None,
         reconstruction_checkpoint: str | os.PathLike[str] | None = None,
     ) -> None:
-        recon = config.reconstruction
-        if recon.enabled and recon.cache_max_gb is not None:  # before any calibration work, not hours in
-            check_cache_dir(recon.cache_dir)
         self.unet, self.config, self.plan, self.group_map = unet, config, plan, group_map
         self.step_timesteps, self.batch_size, self.seed, self.progress = (
             step_timesteps,
