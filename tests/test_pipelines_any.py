@@ -17,9 +17,11 @@ from diffusers_ptq.calibration.pipelines import spec_for_class_name
 from diffusers_ptq.tiny import tiny_ddpm_pipeline, tiny_sd_pipeline
 from diffusers_ptq.tiny_variants import (
     tiny_controlnet_pipeline,
+    tiny_depth2img_pipeline,
     tiny_image,
     tiny_inpaint_pipeline,
     tiny_lcm_pipeline,
+    tiny_sample_prediction_pipeline,
     tiny_sd_img2img_pipeline,
     tiny_sdxl_img2img_pipeline,
     tiny_upscale_pipeline,
@@ -37,6 +39,9 @@ def _subclass_pipeline():
 
 
 IMAGE, MASK = tiny_image(0), tiny_image(1, "mask")
+DEPTH = torch.linspace(0.0, 1.0, 32 * 32).reshape(
+    1, 32, 32
+)  # a depth ramp, given as the pipeline's depth_map
 # name: (builder, pipeline_kwargs, UNet inputs the capture must record, image SQNR bound in dB)
 # Bounds sit a few dB under the measured values; ControlNet's fails (24 dB) without its residuals replayed.
 CASES = {
@@ -64,6 +69,14 @@ CASES = {
         28.0,  # 31.7
     ),
     "subclass": (_subclass_pipeline, {}, set(), 27.0),  # 30.7
+    # x0 prediction: the UNet's error reaches the image undamped (random weights), hence the lower bound
+    "sample_prediction": (tiny_sample_prediction_pipeline, {}, set(), 16.0),  # 18.8
+    "sd_depth2img": (
+        tiny_depth2img_pipeline,
+        {"image": IMAGE, "depth_map": DEPTH, "strength": 0.7},
+        set(),
+        20.0,
+    ),
 }
 
 

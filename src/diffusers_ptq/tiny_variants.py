@@ -24,9 +24,11 @@ from diffusers_ptq.tiny import (
 
 __all__ = [
     "tiny_controlnet_pipeline",
+    "tiny_depth2img_pipeline",
     "tiny_image",
     "tiny_inpaint_pipeline",
     "tiny_lcm_pipeline",
+    "tiny_sample_prediction_pipeline",
     "tiny_sd_img2img_pipeline",
     "tiny_sdxl_img2img_pipeline",
     "tiny_upscale_pipeline",
@@ -144,3 +146,29 @@ def tiny_upscale_pipeline(seed: int = 0) -> Any:
         scheduler=_sd_scheduler("ddim"),
         max_noise_level=350,
     )
+
+
+def tiny_depth2img_pipeline(seed: int = 0) -> Any:
+    """StableDiffusionDepth2ImgPipeline (as SD 2 depth): a 5-channel UNet (latents and the depth map).
+    No depth estimator is built: call it with `depth_map=`, which the pipeline then uses as given."""
+    from diffusers import StableDiffusionDepth2ImgPipeline
+
+    components = _sd_components(seed, in_channels=5)
+    return StableDiffusionDepth2ImgPipeline(
+        vae=components["vae"],
+        text_encoder=components["text_encoder"],
+        tokenizer=components["tokenizer"],
+        unet=components["unet"],
+        scheduler=components["scheduler"],
+        depth_estimator=None,
+        feature_extractor=None,
+    )
+
+
+def tiny_sample_prediction_pipeline(seed: int = 0) -> Any:
+    """The tiny SD pipeline with a scheduler whose UNet predicts the clean sample x0 ('sample')."""
+    pipe = tiny_sd_pipeline(seed)
+    from diffusers import DDIMScheduler
+
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="sample")
+    return pipe
