@@ -31,6 +31,7 @@ TESTED_PIPELINES = (
     "StableDiffusionXLImg2ImgPipeline",
     "LatentConsistencyModelPipeline",
     "StableDiffusionUpscalePipeline",
+    "StableDiffusionDepth2ImgPipeline",
 )
 
 
