@@ -17,7 +17,9 @@ float ones.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
+import torch
 from example_common import (
     compare_and_save,
     compared_prompts,
@@ -53,7 +55,7 @@ def synthetic_drawing(size: int = 32) -> Image.Image:
     return image
 
 
-def load_real(dtype: object) -> object:
+def load_real(dtype: torch.dtype) -> Any:
     from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 
     controlnet = ControlNetModel.from_pretrained(CONTROLNET_ID, torch_dtype=dtype)

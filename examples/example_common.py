@@ -50,7 +50,9 @@ def act_bits_arg(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {value!r}") from None
 
 
-def make_parser(doc: str | None, output: str, guidance: float = 7.5, bits_default: str = "8") -> Any:
+def make_parser(
+    doc: str | None, output: str, guidance: float = 7.5, bits_default: str = "8"
+) -> argparse.ArgumentParser:
     """A parser with the flags every example has; the script adds its own before parsing."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weight-bits", type=int, help=f"weight bits (default: {bits_default})")
@@ -112,8 +114,10 @@ def calibration_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def device_and_dtype(tiny: bool) -> tuple[str, torch.dtype]:
-    """CUDA in float16 when there is a GPU; the CPU in float32 otherwise and for the tiny models."""
-    torch.set_flush_denormal(True)  # an application may: denormals slow CPU calibration down a lot
+    """CUDA in float16 when there is a GPU; the CPU in float32 otherwise and for the tiny models.
+
+    Also flushes denormals to zero, as an application may: they slow CPU calibration down a lot."""
+    torch.set_flush_denormal(True)
     if torch.cuda.is_available():
         return "cuda", torch.float32 if tiny else torch.float16
     return "cpu", torch.float32

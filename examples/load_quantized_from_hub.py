@@ -21,8 +21,10 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from typing import Any
 
 import numpy as np
+import torch
 from example_common import (
     compare_and_save,
     compared_prompts,
@@ -37,7 +39,7 @@ from example_common import (
 import diffusers_ptq  # noqa: F401  (registers the diffusers-ptq quantizer: needed before from_pretrained)
 
 
-def load_quantized(source: str, dtype: object, device: str, tiny: bool) -> object:
+def load_quantized(source: str, dtype: torch.dtype, device: str, tiny: bool) -> Any:
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)

@@ -14,7 +14,9 @@ print the SQNR of the quantized images against the float ones.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
+import torch
 from example_common import (
     compare_and_save,
     compared_prompts,
@@ -28,10 +30,10 @@ from example_common import (
 MODEL_ID = "stabilityai/stable-diffusion-xl-base-1.0"
 
 
-def load_real(dtype: object) -> object:
+def load_real(dtype: torch.dtype) -> Any:
     from diffusers import StableDiffusionXLPipeline
 
-    variant = "fp16" if str(dtype) == "torch.float16" else None
+    variant = "fp16" if dtype == torch.float16 else None  # the half-size weight files
     return StableDiffusionXLPipeline.from_pretrained(MODEL_ID, torch_dtype=dtype, variant=variant)
 
 

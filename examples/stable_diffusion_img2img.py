@@ -16,7 +16,9 @@ images against the float ones.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
+import torch
 from example_common import (
     compare_and_save,
     compared_prompts,
@@ -36,7 +38,7 @@ INIT_IMAGE = (
 PROMPTS = ["a fantasy landscape at dusk, oil painting", "a mountain valley in winter, watercolor"]
 
 
-def load_real(dtype: object) -> object:
+def load_real(dtype: torch.dtype) -> Any:
     from diffusers import StableDiffusionImg2ImgPipeline
 
     return StableDiffusionImg2ImgPipeline.from_pretrained(MODEL_ID, torch_dtype=dtype)

@@ -16,7 +16,9 @@ the float ones.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
+import torch
 from example_common import (
     compare_and_save,
     compared_prompts,
@@ -33,7 +35,7 @@ IMAGES = "https://huggingface.co/datasets/huggingface/documentation-images/resol
 PROMPTS = ["a white cat sitting on a park bench, photograph", "a bouquet of flowers on a park bench"]
 
 
-def load_real(dtype: object) -> object:
+def load_real(dtype: torch.dtype) -> Any:
     from diffusers import StableDiffusionInpaintPipeline
 
     return StableDiffusionInpaintPipeline.from_pretrained(MODEL_ID, torch_dtype=dtype)
