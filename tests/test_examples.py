@@ -147,3 +147,14 @@ def test_load_quantized_from_hub_from_a_local_hub(tmp_path: Path) -> None:
     assert 20.0 < _sqnr(proc.stdout) < math.inf
     with Image.open(tmp_path / "grid.png") as image:
         assert image.height == 2 * image.width
+
+
+def test_common_flags_and_input_images(tmp_path: Path) -> None:
+    common = _load("example_common")
+    with pytest.raises(SystemExit):  # argparse's usage error, before any model is built
+        common.make_parser(None, "x.png").parse_args(["--act-bits", "four"])
+    args = common.make_parser(None, "x.png").parse_args(["--act-bits", "none", "--weight-bits", "4"])
+    assert common.default_recipe_kwargs(args) == {"weight_bits": 4, "act_bits": None}
+    Image.new("RGB", (40, 20), (255, 0, 0)).save(tmp_path / "red.png")
+    image = common.load_input_image(str(tmp_path / "red.png"), 64)
+    assert image.size == (64, 64) and image.getpixel((10, 10)) == (255, 0, 0)
