@@ -86,3 +86,33 @@ def test_image_flags_map_to_the_pipelines_argument_names(files):
     assert sorted(pipeline_kwargs(_args(control_image=str(files["init"])), controlnet, spec)) == ["image"]
     with pytest.raises(ValueError, match="--init-image is given but StableDiffusionControlNetPipeline"):
         pipeline_kwargs(_args(init_image=str(files["init"])), controlnet, spec)
+
+
+def _truncated_timesteps(steps: int, strength: float) -> list[int]:
+    scheduler = tiny_sd_img2img_pipeline().scheduler
+    scheduler.set_timesteps(steps)
+    return [int(t) for t in scheduler.timesteps[steps - int(steps * strength) :]]
+
+
+def test_inspect_ranges_with_init_image_and_strength(files, tmp_path: Path) -> None:
+    out = tmp_path / "ranges"
+    argv = ["inspect", "--model", str(files["img2img"]), "--prompt", "a cat", "--num-inference-steps", "4"]
+    argv += ["--init-image", str(files["init"]), "--pipeline-kwargs", '{"strength": 0.5}']
+    assert cli.main([*argv, "--output", str(out)]) == 0
+    data = json.loads((out / "activation_ranges.json").read_text())
+    assert data["timesteps"] == _truncated_timesteps(4, 0.5)
+    # --quantized replays a plain DDIM trajectory: image arguments are refused before any work.
+    bad = tmp_path / "bad"
+    assert cli.main([*argv, "--quantized", str(tmp_path), "--output", str(bad)]) == 2
+    assert not bad.exists()
+
+
+def test_inspect_sensitivity_with_init_image_and_strength(files, tmp_path: Path) -> None:
+    out = tmp_path / "sens"
+    argv = ["inspect", "--sensitivity", "--model", str(files["img2img"]), "--num-samples", "4"]
+    argv += ["--num-inference-steps", "4", "--max-rows", "2", "--no-progress", "--prompt", "a cat"]
+    argv += ["--init-image", str(files["init"]), "--pipeline-kwargs", '{"strength": 0.5}']
+    assert cli.main([*argv, "--output", str(out)]) == 0
+    data = json.loads((out / "sensitivity.json").read_text())
+    assert set(data["timesteps"]) <= set(_truncated_timesteps(4, 0.5))
+    assert data["units"]

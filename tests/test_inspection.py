@@ -92,3 +92,20 @@ def test_inspect_reports_noise_sqnr_and_bias_of_a_quantized_unet(tmp_path: Path,
     assert data == expected  # the checkpoint reloads bit-exactly, so the numbers are identical
     assert len(data["bias"]) == 3 and all(b > 0 for b in data["bias"])
     assert "largest bias" in capsys.readouterr().out
+
+
+def test_ranges_of_an_img2img_pipeline_follow_its_truncated_schedule(prompts) -> None:
+    from diffusers_ptq.tiny_variants import tiny_image, tiny_sd_img2img_pipeline
+
+    pipe = tiny_sd_img2img_pipeline()
+    kwargs = {"image": tiny_image(seed=1), "strength": 0.5}
+    ranges = record_activation_ranges(
+        pipe, prompts=prompts[:2], num_inference_steps=4, pipeline_kwargs=kwargs
+    )
+    pipe.scheduler.set_timesteps(4)
+    # strength 0.5: only the last 2 of the 4 steps run
+    assert ranges.timesteps == [int(t) for t in pipe.scheduler.timesteps[2:]]
+    with pytest.raises(TypeError, match="takes no argument 'mask_image'"):
+        record_activation_ranges(pipe, prompts=prompts, pipeline_kwargs={**kwargs, "mask_image": None})
+    with pytest.raises(TypeError, match="must be a dict"):
+        record_activation_ranges(pipe, prompts=prompts, pipeline_kwargs=[kwargs])

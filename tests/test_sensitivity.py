@@ -123,3 +123,24 @@ def test_cli_inspect_sensitivity_writes_table_json_and_plot(tmp_path, capsys):
     assert "1. " in capsys.readouterr().out
     assert cli.main([*argv, "--top", "0", "--output", str(tmp_path / "bad")]) == 2
     assert "--top=0" in capsys.readouterr().err
+
+
+def test_img2img_pipeline_kwargs_plan_the_truncated_schedule(prompts):
+    from diffusers_ptq.tiny_variants import tiny_image, tiny_sd_img2img_pipeline
+
+    pipe = tiny_sd_img2img_pipeline()
+    config = _config(calibration={**CALIB, "num_samples": 4})
+    kwargs = {"image": tiny_image(seed=1), "strength": 0.5}
+    report = measure_sensitivity(
+        pipe, config, prompts=prompts, pipeline_kwargs=kwargs, max_rows=2, groups=False, progress=False
+    )
+    # strength 0.5 of 4 steps: the pipeline runs the last 2 (timesteps 501 and 1 of the tiny DDIM schedule).
+    pipe.scheduler.set_timesteps(4)
+    assert report.timesteps == [float(t) for t in pipe.scheduler.timesteps[2:][report.steps]]
+    assert report.units and not is_quantized(pipe.unet)
+    with pytest.raises(TypeError, match="takes no argument 'mask_image'"):
+        measure_sensitivity(pipe, config, prompts=prompts, pipeline_kwargs={**kwargs, "mask_image": None})
+    with pytest.raises(ValueError, match="use prompts= instead"):
+        measure_sensitivity(pipe, config, prompts=prompts, pipeline_kwargs={**kwargs, "prompt": "x"})
+    with pytest.raises(ValueError, match="with data= there is none"):
+        measure_sensitivity(pipe, config, data=object(), pipeline_kwargs=kwargs)

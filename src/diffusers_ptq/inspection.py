@@ -20,6 +20,7 @@ from diffusers_ptq.benchmark.quality.sampling import (
     record_trajectory,
 )
 from diffusers_ptq.calibration import get_pipeline_spec
+from diffusers_ptq.calibration.driver import CalibrationDriver, check_pipeline_kwargs
 from diffusers_ptq.timestep import TimestepContext
 
 _QUANTILE_SAMPLES = 65536
@@ -66,15 +67,24 @@ def record_activation_ranges(
     guidance_scale: float | None = None,
     layers: str | None = None,
     seed: int = 0,
+    pipeline_kwargs: dict[str, Any] | None = None,
 ) -> ActivationRanges:
     """Run `pipe` once (float) and record every Conv2d/Linear input range at each UNet call.
 
     `layers` is an optional regular expression on module names; text-conditioned pipelines need `prompts`
-    (one image each).
+    (one image each). `pipeline_kwargs` (one dict: the pipeline runs once) are added to the call, as in
+    `quantize_pipeline` (an init image and `strength`, a mask, a control image).
     """
     spec = get_pipeline_spec(pipe)
     if spec.text_conditioned and not prompts:
         raise ValueError(f"{spec.name} is text-conditioned: pass prompts to inspect it")
+    if pipeline_kwargs is not None and not isinstance(pipeline_kwargs, dict):
+        raise TypeError("pipeline_kwargs must be a dict here: the pipeline runs once, for every image")
+    kwargs_list, _ = check_pipeline_kwargs(spec, pipeline_kwargs)
+    count = len(prompts) if spec.text_conditioned else num_images
+    driver = CalibrationDriver(
+        spec, num_inference_steps, guidance_scale, prompts, kwargs_list, batch_size=count
+    )
     pattern = re.compile(layers) if layers else None
     unet = pipe.unet
     modules = {
@@ -106,8 +116,7 @@ def record_activation_ranges(
     context.attach(unet)
     handles.append(unet.register_forward_pre_hook(step_hook, with_kwargs=True))  # runs after the context's
     try:
-        trajectories = list(prompts) if spec.text_conditioned else num_images
-        spec.run(pipe, trajectories, num_inference_steps, guidance_scale, torch.Generator().manual_seed(seed))
+        driver.run(pipe, 0, count, torch.Generator().manual_seed(seed))
     finally:
         for handle in handles:
             handle.remove()

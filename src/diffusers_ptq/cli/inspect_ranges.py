@@ -21,6 +21,7 @@ from diffusers_ptq.cli.common import (
     load_pipeline,
     resolve_device,
 )
+from diffusers_ptq.cli.quantize import add_pipeline_call_arguments, pipeline_kwargs
 from diffusers_ptq.inspection import (
     noise_error_by_step,
     plot_activation_ranges,
@@ -61,6 +62,7 @@ def add_parser(sub: Any) -> None:
     )
     i.add_argument("--output", required=True, metavar="DIR", help="output directory (required).")
     i.add_argument("--overwrite", action="store_true", help="replace a non-empty --output. Default: refuse.")
+    add_pipeline_call_arguments(i, "the pipeline's inspected run (with --sensitivity: its calibration calls)")
     inspect_sensitivity.add_arguments(i)
 
 
@@ -77,8 +79,15 @@ def run(args: argparse.Namespace) -> int:
         pyplot()  # the plot is written last: a missing matplotlib must stop the run before any work
         device, dtype = resolve_device(args.device, args.dtype)
         pipe = load_pipeline(args.model, device, dtype)
-        if get_pipeline_spec(pipe).text_conditioned and not args.prompt:
+        spec = get_pipeline_spec(pipe)
+        if spec.text_conditioned and not args.prompt:
             args.prompt = DEFAULT_PROMPTS[:2]
+        extra = pipeline_kwargs(args, pipe, spec) or None
+        if extra is not None and args.quantized is not None:
+            raise ValueError(
+                "--quantized compares on a plain DDIM trajectory of the model; it takes no "
+                "--pipeline-kwargs / --init-image / --mask-image / --control-image"
+            )
         ranges = record_activation_ranges(
             pipe,
             prompts=args.prompt,
@@ -86,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
             num_inference_steps=args.num_inference_steps,
             layers=args.layers,
             seed=args.seed,
+            pipeline_kwargs=extra,
         )
         noise = None if args.quantized is None else _noise_error(args, pipe, device, dtype)
     except (ValueError, TypeError, OSError, ImportError) as err:

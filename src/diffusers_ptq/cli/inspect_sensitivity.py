@@ -19,6 +19,7 @@ from diffusers_ptq.cli.common import (
     load_pipeline,
     resolve_device,
 )
+from diffusers_ptq.cli.quantize import pipeline_kwargs
 from diffusers_ptq.config import PTQConfig
 from diffusers_ptq.sensitivity import measure_sensitivity
 
@@ -99,14 +100,16 @@ def run(args: argparse.Namespace) -> int:
             torch.set_num_threads(args.threads)
         device, dtype = resolve_device(args.device, args.dtype)
         pipe = load_pipeline(args.model, device, dtype)
+        spec = get_pipeline_spec(pipe)
         prompts = None
-        if get_pipeline_spec(pipe).text_conditioned:
+        if spec.text_conditioned:
             base = args.prompt or DEFAULT_PROMPTS
             prompts = [base[i % len(base)] for i in range(max(len(base), args.num_samples))]
         report = measure_sensitivity(
             pipe,
             config,
             prompts=prompts,
+            pipeline_kwargs=pipeline_kwargs(args, pipe, spec) or None,
             max_rows=args.max_rows,
             metric=args.rank_by,
             progress=not args.no_progress,

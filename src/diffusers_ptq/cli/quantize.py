@@ -94,6 +94,33 @@ _OVERRIDES = [
 ]
 
 
+def add_pipeline_call_arguments(parser: argparse.ArgumentParser, calls: str) -> None:
+    """--pipeline-kwargs and the --init-image / --mask-image / --control-image conveniences (read back with
+    `pipeline_kwargs`); `calls` says which pipeline calls receive them."""
+    call = parser.add_argument_group("pipeline call arguments (img2img, inpainting, ControlNet, ...)")
+    call.add_argument(
+        "--pipeline-kwargs",
+        metavar="JSON",
+        help=f"a JSON object of extra arguments for {calls}, "
+        'e.g. \'{"strength": 0.6, "negative_prompt": "blurry"}\'. Prompts, steps, guidance scale, '
+        "generator and output type are set by the other flags.",
+    )
+    call.add_argument(
+        "--init-image",
+        metavar="PATH",
+        help="initial image (img2img, inpainting): the pipeline's `image` argument.",
+    )
+    call.add_argument(
+        "--mask-image", metavar="PATH", help="inpainting mask (white = repaint): the `mask_image` argument."
+    )
+    call.add_argument(
+        "--control-image",
+        metavar="PATH",
+        help="ControlNet / T2I-Adapter conditioning image: `control_image` where the pipeline takes it "
+        "(ControlNet img2img / inpaint), else `image`.",
+    )
+
+
 def add_parser(sub: Any) -> None:
     raw = argparse.RawDescriptionHelpFormatter
     q = sub.add_parser(
@@ -129,28 +156,7 @@ def add_parser(sub: Any) -> None:
         metavar="FILE",
         help="text file with one calibration prompt per line (blank lines skipped); added to --prompt.",
     )
-    call = q.add_argument_group("pipeline call arguments (img2img, inpainting, ControlNet, ...)")
-    call.add_argument(
-        "--pipeline-kwargs",
-        metavar="JSON",
-        help="a JSON object of extra arguments for every calibration and comparison call of the pipeline, "
-        'e.g. \'{"strength": 0.6, "negative_prompt": "blurry"}\'. Prompts, steps, guidance scale, '
-        "generator and output type are set by the other flags.",
-    )
-    call.add_argument(
-        "--init-image",
-        metavar="PATH",
-        help="initial image (img2img, inpainting): the pipeline's `image` argument.",
-    )
-    call.add_argument(
-        "--mask-image", metavar="PATH", help="inpainting mask (white = repaint): the `mask_image` argument."
-    )
-    call.add_argument(
-        "--control-image",
-        metavar="PATH",
-        help="ControlNet / T2I-Adapter conditioning image: `control_image` where the pipeline takes it "
-        "(ControlNet img2img / inpaint), else `image`.",
-    )
+    add_pipeline_call_arguments(q, "every calibration and comparison call of the pipeline")
     recon = q.add_argument_group("block reconstruction (presets q-diffusion, eda-dm and tfmq-dm enable it)")
     recon.add_argument(
         "--no-reconstruction",

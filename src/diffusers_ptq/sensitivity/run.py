@@ -11,9 +11,9 @@ from diffusers_ptq.calibration import (
     CalibrationSet,
     SelectionRequest,
     get_pipeline_spec,
-    planned_timesteps,
     select_calibration,
 )
+from diffusers_ptq.calibration.driver import CalibrationDriver, check_pipeline_kwargs, plan_unet_calls
 from diffusers_ptq.calibration.pipelines import default_call_arg
 from diffusers_ptq.config import PTQConfig
 from diffusers_ptq.prepare import is_quantized, plan_quantization
@@ -32,6 +32,7 @@ def measure_sensitivity(
     num_inference_steps: int | None = None,
     guidance_scale: float | None = None,
     batch_size: int | None = None,
+    pipeline_kwargs: dict[str, Any] | list[dict[str, Any]] | None = None,
     max_rows: int | None = None,
     layers: bool = True,
     groups: bool = True,
@@ -43,10 +44,12 @@ def measure_sensitivity(
     `config`'s plan and bits are used, with the scales its calibration would set (weights by their search,
     activations per timestep group from the float activations), all computed once from one calibration set:
     `data`, or one captured through the pipeline's own loop with `config.calibration` (keyword arguments
-    override its fields, as in `quantize_pipeline`). Each unit's error against the float prediction is
-    reported per sampling step as MSE, SQNR and bias (RMS over elements of the per-element mean error over
-    the step's rows). `max_rows` spreads the measurement over that many rows evenly. The UNet is left float.
-    Group search and reconstruction are not run: the ranking is of calibration-only quantization.
+    override its fields, and `pipeline_kwargs` go to every call, as in `quantize_pipeline`; the steps are
+    planned from what the pipeline really calls, e.g. the truncated schedule of img2img `strength`). Each
+    unit's error against the float prediction is reported per sampling step as MSE, SQNR and bias (RMS over
+    elements of the per-element mean error over the step's rows). `max_rows` spreads the measurement over
+    that many rows evenly. The UNet is left float. Group search and reconstruction are not run: the ranking
+    is of calibration-only quantization.
     """
     config = PTQConfig() if config is None else config
     if not isinstance(config, PTQConfig):
@@ -74,6 +77,9 @@ def measure_sensitivity(
     if data is None:
         if isinstance(pipe_or_unet, nn.Module):
             raise ValueError("pass data=CalibrationSet(...) with a bare UNet, or pass the pipeline")
+    elif pipeline_kwargs is not None:
+        raise ValueError("pipeline_kwargs configure the calibration run; with data= there is none")
+    if data is None:
         data = capture_for_sensitivity(
             pipe_or_unet,
             config,
@@ -83,6 +89,7 @@ def measure_sensitivity(
             guidance_scale,
             batch_size,
             progress,
+            pipeline_kwargs=pipeline_kwargs,
         )
     group_map = build_group_map(
         config.activations.timestep_groups, data.num_train_timesteps, data.step_timesteps
@@ -135,12 +142,14 @@ def capture_for_sensitivity(
     guidance_scale: float | None,
     batch_size: int | None,
     progress: bool,
+    pipeline_kwargs: dict[str, Any] | list[dict[str, Any]] | None = None,
 ) -> CalibrationSet:
     """The calibration set `quantize_pipeline` would capture ('active' selection needs the group search)."""
     from diffusers_ptq.api import _calibration_config, _check_prompts, _seeded_generator
 
     spec = get_pipeline_spec(pipe)
     prompts = _check_prompts(prompts, spec.text_conditioned, spec.name)
+    kwargs_list, per_trajectory = check_pipeline_kwargs(spec, pipeline_kwargs)
     calib = _calibration_config(
         config,
         num_samples=num_samples,
@@ -158,17 +167,29 @@ def capture_for_sensitivity(
         raise ValueError(
             f"{spec.name} has no default num_inference_steps; set calibration.num_inference_steps"
         )
+    driver = CalibrationDriver(
+        spec,
+        steps,
+        calib.guidance_scale,
+        prompts,
+        kwargs_list,
+        per_trajectory,
+        batch_size=calib.batch_size,
+    )
+    # The steps the pipeline really calls (img2img strength, custom schedules), from one stub run.
+    step_timesteps, _ = plan_unet_calls(pipe, driver, torch.Generator().manual_seed(calib.seed))
     request = SelectionRequest(
         pipe=pipe,
         spec=spec,
         calibration=calib,
         selection=config.selection,
-        step_timesteps=planned_timesteps(pipe, steps),
+        step_timesteps=step_timesteps,
         num_train_timesteps=int(pipe.scheduler.config.num_train_timesteps),
         num_inference_steps=steps,
         prompts=prompts,
         generator=_seeded_generator(None, calib.seed),
         progress=progress,
+        driver=driver,
     )
     with torch.no_grad():
         return select_calibration(request, None).data
