@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from diffusers_ptq import quantize_pipeline
+from diffusers_ptq import cli, quantize_pipeline
+from diffusers_ptq.cli import quantize as cli_quantize
 from diffusers_ptq.distributed import broadcast_module
 from diffusers_ptq.job import QuantizationJob
 from diffusers_ptq.prepare import is_quantized
@@ -84,6 +85,29 @@ def run_case(name: str, rank: int) -> dict[str, Any]:
     }
 
 
+CLI_ARGS = ["quantize", "--model", "tiny:ddim", "--weight-rounding", "nearest", "--bias-correction", "off"]
+# 2 steps, both recorded, 1 trajectory a call: 2 pipeline runs, one a rank.
+CLI_ARGS += ["--no-reconstruction", "--num-samples", "4", "--num-inference-steps", "2", "--batch-size", "1"]
+CLI_ARGS += ["--samples", "1", "--no-progress"]
+
+
+def run_cli(rank: int, out: str) -> dict[str, Any]:
+    """`diffusers-ptq quantize` on this rank (the ranks that wrote outputs go to `out`.writers)."""
+    original = cli_quantize._write_outputs
+
+    def write(*args: Any) -> None:
+        with open(out + ".writers", "a") as f:
+            f.write(f"{rank}\n")
+        original(*args)
+
+    cli_quantize._write_outputs = write
+    try:
+        code = cli.main([*CLI_ARGS, "--output", out])
+    finally:
+        cli_quantize._write_outputs = original
+    return {"code": code}
+
+
 def worker(rank: int, world: int, port: int, out_dir: str, names: list[str]) -> None:
     """One rank: join the loopback Gloo group, run every case in turn, save the results."""
     torch.set_num_threads(1)
@@ -104,6 +128,7 @@ def worker(rank: int, world: int, port: int, out_dir: str, names: list[str]) -> 
             module.running_mean.fill_(rank - 5.0)
         broadcast_module(module)
         results["broadcast"] = {k: v.clone() for k, v in module.state_dict().items()}
+        results["cli"] = run_cli(rank, os.path.join(out_dir, "cli"))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:

@@ -6,6 +6,7 @@ calibration sets, UNets and errors with the same cases run in this process witho
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
@@ -44,7 +45,9 @@ def results(tmp_path_factory):
     errors = [f.read_text() for f in sorted(out.glob("rank*.err"))]
     assert not errors, "\n".join(errors)
     assert [p.exitcode for p in procs] == [0] * WORLD
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    loaded = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    loaded[0]["out"] = out
+    return loaded
 
 
 def _assert_same_data(a: dict, b: dict) -> None:
@@ -119,6 +122,25 @@ def test_broadcast_module_copies_rank_0_parameters_and_buffers(results):
     _assert_same_tensors(results[1]["broadcast"], results[0]["broadcast"])
     assert results[1]["broadcast"]["weight"].tolist() == [1.0, 1.0, 1.0]
     assert results[1]["broadcast"]["running_mean"].tolist() == [-5.0, -5.0, -5.0]
+
+
+def test_only_rank_0_writes_the_cli_outputs(results):
+    assert [results[r]["cli"]["code"] for r in range(WORLD)] == [0, 0]
+    out = results[0]["out"] / "cli"
+    assert (results[0]["out"] / "cli.writers").read_text() == "0\n"
+    assert {p.name for p in out.iterdir()} == {
+        "ptq_config.json",
+        "report.json",
+        "report.txt",
+        "quantizer_state.safetensors",
+        "comparison.png",
+    }
+    report = json.loads((out / "report.json").read_text())
+    expected = {"world_size": 2, "trajectories_per_rank": [1, 1], "samples_per_rank": [2, 2]}
+    assert report["distributed"] == expected
+    # Nothing else next to it: no second (temporary) output directory from rank 1.
+    written = sorted(p.name for p in results[0]["out"].iterdir() if p.name.startswith("cli"))
+    assert written == ["cli", "cli.writers"]
 
 
 def test_split_evenly_and_no_group():
