@@ -40,6 +40,26 @@ CASES: dict[str, tuple[str, Any, dict[str, Any], bool]] = {
         {"prompts": PROMPTS, "guidance_scale": 3.0},
         False,
     ),
+    # Selectors that capture after a float feature pass, or in rounds steered by the group search.
+    "density_diversity": (
+        "ddim",
+        lambda r: plain(
+            calibration=_calib(selector="density_diversity", num_samples=8),
+            selection={"feature_samples": 2},
+        ),
+        {},
+        False,
+    ),
+    "active": (
+        "ddim",
+        lambda r: plain(
+            calibration=_calib(selector="active", num_samples=16, num_inference_steps=6),
+            selection={"active_round_size": 8},
+            group_search={"enabled": True, "num_images": 2, "epochs": 1, "batch_size": 8},
+        ),
+        {},
+        False,
+    ),
     "fail": ("ddim", lambda r: plain(calibration=_calib(num_samples=8)), {}, True),
     "disagree": ("ddim", lambda r: plain(calibration=_calib(num_samples=8, seed=r)), {}, False),
     # One pipeline run (4 samples) for 2 ranks: one rank would get none.

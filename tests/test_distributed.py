@@ -87,6 +87,17 @@ def test_two_ranks_capture_and_quantize_exactly_as_one_process(results, case):
     assert results[0][case]["distributed"] == expected
 
 
+@pytest.mark.parametrize("case", ["density_diversity", "active"])
+def test_other_selectors_capture_exactly_as_one_process(results, case):
+    single = run_case(case, 0)
+    assert single["error"] is None
+    for r in range(WORLD):
+        got = results[r][case]
+        assert got["error"] is None and got["quantized"]
+        _assert_same_data(got["data"], single["data"])
+        _assert_same_tensors(got["tensors"], single["tensors"])
+
+
 def test_failure_on_one_rank_raises_on_every_rank_and_restores_float(results):
     reference = dict(build_pipe("ddim").unet.state_dict())
     errors = [results[r]["fail"]["error"] for r in range(WORLD)]
