@@ -62,6 +62,8 @@ CASES: dict[str, tuple[str, Any, dict[str, Any], bool]] = {
     ),
     "fail": ("ddim", lambda r: plain(calibration=_calib(num_samples=8)), {}, True),
     "disagree": ("ddim", lambda r: plain(calibration=_calib(num_samples=8, seed=r)), {}, False),
+    # Same call, but rank 1 holds different UNet weights (see run_case).
+    "weights_disagree": ("ddim", lambda r: plain(calibration=_calib(num_samples=8)), {}, False),
     # One pipeline run (4 samples) for 2 ranks: one rank would get none.
     "too_few": ("ddim", lambda r: plain(calibration=_calib(num_samples=4)), {}, False),
 }
@@ -77,6 +79,9 @@ def run_case(name: str, rank: int) -> dict[str, Any]:
     """Run case `name` as `rank` (0 without a group); its calibration set, UNet tensors and error."""
     kind, config, kwargs, inject = CASES[name]
     pipe = build_pipe(kind)
+    if name == "weights_disagree" and rank == 1:
+        with torch.no_grad():
+            next(pipe.unet.parameters()).view(-1)[0] += 1e-3
     seen: dict[str, Any] = {}
     original = QuantizationJob.finish
 

@@ -112,11 +112,12 @@ def test_failure_on_one_rank_raises_on_every_rank_and_restores_float(results):
         _assert_same_tensors(got["tensors"], reference)
 
 
-def test_ranks_disagreeing_on_the_config_get_the_same_error(results):
-    errors = [results[r]["disagree"]["error"] for r in range(WORLD)]
+@pytest.mark.parametrize("case", ["disagree", "weights_disagree"])
+def test_ranks_disagreeing_on_the_config_or_weights_get_the_same_error(results, case):
+    errors = [results[r][case]["error"] for r in range(WORLD)]
     assert errors[0] == errors[1]
     assert errors[0].startswith("ValueError: ranks disagree on the quantize_pipeline call")
-    assert not any(results[r]["disagree"]["quantized"] for r in range(WORLD))
+    assert not any(results[r][case]["quantized"] for r in range(WORLD))
 
 
 def test_a_rank_without_a_pipeline_run_is_an_error_on_every_rank(results):

@@ -149,7 +149,7 @@ def quantize_pipeline(
     on_ranks = distributed.is_initialized()
     if on_ranks:
         distributed.check_same(
-            "the quantize_pipeline call (config, pipeline, prompts, arguments)",
+            "the quantize_pipeline call (config, pipeline, prompts, arguments, UNet weights)",
             [
                 config.to_dict(),
                 dataclasses.asdict(calib),
@@ -158,6 +158,7 @@ def quantize_pipeline(
                 prompts,
                 pipeline_kwargs,
                 None if isinstance(generator, torch.Generator) else generator,
+                distributed.module_checksum(unet),
             ],
         )
         progress = progress and distributed.is_main_process()

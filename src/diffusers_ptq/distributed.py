@@ -27,6 +27,7 @@ __all__ = [
     "guard",
     "is_initialized",
     "is_main_process",
+    "module_checksum",
     "rank",
     "split_evenly",
     "world_size",
@@ -109,6 +110,23 @@ def fingerprint(value: Any) -> str:
     """A short stable hash of a JSON-able value (sorted keys; other objects by their repr)."""
     text = json.dumps(value, sort_keys=True, default=repr)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def module_checksum(module: nn.Module) -> list[Any]:
+    """Per parameter and buffer: name, shape, dtype, and float64 sum and absolute sum (on its device).
+
+    Not a cryptographic hash: enough to tell ranks that loaded different weights apart, without copying a
+    multi-gigabyte UNet to the CPU.
+    """
+    out = []
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        entry: list[Any] = [name, list(t.shape), str(t.dtype)]
+        if t.device.type != "meta":  # offloaded weights have no values here
+            values = t.detach().double()
+            entry += [float(values.sum()), float(values.abs().sum())]
+        out.append(entry)
+    return out
 
 
 def check_same(what: str, value: Any) -> None:
