@@ -118,6 +118,8 @@ def quantize_pipeline(
     with `reconstruction_checkpoint` a directory where finished blocks are saved, so an interrupted run
     resumes there). Keyword arguments override the matching `config.calibration` fields. Everything is
     validated before any model runs; if anything fails later, the UNet is restored to exactly what it was.
+    Under an initialised torch.distributed group, call it the same way on every rank: capture is split
+    among the ranks and every rank ends with the same UNet (README, "Several processes").
     """
     config = PTQConfig() if config is None else config
     if not isinstance(config, PTQConfig):
