@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from diffusers_ptq import cli, quantize_pipeline
+from diffusers_ptq.calibration.driver import CalibrationDriver
 from diffusers_ptq.cli import quantize as cli_quantize
 from diffusers_ptq.distributed import broadcast_module
 from diffusers_ptq.job import QuantizationJob
@@ -61,6 +62,10 @@ CASES: dict[str, tuple[str, Any, dict[str, Any], bool]] = {
         False,
     ),
     "fail": ("ddim", lambda r: plain(calibration=_calib(num_samples=8)), {}, True),
+    # Rank 1's pipeline call fails: in the planning run (before any exchange), or in its first capture run
+    # while rank 0 waits to gather (see run_case).
+    "fail_plan": ("ddim", lambda r: plain(calibration=_calib(num_samples=8)), {}, False),
+    "fail_capture": ("ddim", lambda r: plain(calibration=_calib(num_samples=8)), {}, False),
     "disagree": ("ddim", lambda r: plain(calibration=_calib(num_samples=8, seed=r)), {}, False),
     # Same call, but rank 1 holds different UNet weights (see run_case).
     "weights_disagree": ("ddim", lambda r: plain(calibration=_calib(num_samples=8)), {}, False),
@@ -83,7 +88,7 @@ def run_case(name: str, rank: int) -> dict[str, Any]:
         with torch.no_grad():
             next(pipe.unet.parameters()).view(-1)[0] += 1e-3
     seen: dict[str, Any] = {}
-    original = QuantizationJob.finish
+    original, original_run = QuantizationJob.finish, CalibrationDriver.run
 
     def finish(job: QuantizationJob, data: Any) -> None:
         seen["data"] = data
@@ -91,7 +96,17 @@ def run_case(name: str, rank: int) -> dict[str, Any]:
         if inject and rank == 1:
             raise RuntimeError("injected failure")
 
+    calls = []
+
+    def fail_run(*args: Any) -> None:
+        calls.append(1)
+        if len(calls) == (1 if name == "fail_plan" else 2):
+            raise RuntimeError(f"injected failure in pipeline call {len(calls)}")
+        original_run(*args)
+
     QuantizationJob.finish = finish
+    if name.startswith("fail_") and rank == 1:
+        CalibrationDriver.run = fail_run
     error = None
     try:
         quantize_pipeline(pipe, config(rank), progress=False, **kwargs)
@@ -99,6 +114,7 @@ def run_case(name: str, rank: int) -> dict[str, Any]:
         error = f"{type(exc).__name__}: {exc}"
     finally:
         QuantizationJob.finish = original
+        CalibrationDriver.run = original_run
     unet = pipe.unet
     report = getattr(getattr(unet, "ptq_state", None), "report", None)
     return {

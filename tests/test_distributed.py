@@ -98,16 +98,21 @@ def test_other_selectors_capture_exactly_as_one_process(results, case):
         _assert_same_tensors(got["tensors"], single["tensors"])
 
 
-def test_failure_on_one_rank_raises_on_every_rank_and_restores_float(results):
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("fail", "injected failure"),  # after finish, while rank 0 goes on to the broadcast
+        ("fail_plan", "injected failure in pipeline call 1"),  # planning, before any exchange
+        ("fail_capture", "injected failure in pipeline call 2"),  # capture, while rank 0 waits to gather
+    ],
+)
+def test_failure_on_one_rank_raises_on_every_rank_and_restores_float(results, case, message):
     reference = dict(build_pipe("ddim").unet.state_dict())
-    errors = [results[r]["fail"]["error"] for r in range(WORLD)]
+    errors = [results[r][case]["error"] for r in range(WORLD)]
     assert errors[0] == errors[1]
-    assert (
-        errors[0]
-        == "RankFailure: rank 1 of 2 failed during quantize_pipeline: RuntimeError: injected failure"
-    )
+    assert errors[0] == f"RankFailure: rank 1 of 2 failed during quantize_pipeline: RuntimeError: {message}"
     for r in range(WORLD):
-        got = results[r]["fail"]
+        got = results[r][case]
         assert not got["quantized"]
         _assert_same_tensors(got["tensors"], reference)
 

@@ -91,6 +91,8 @@ def _seeded_generator(generator: torch.Generator | int | None, seed: int) -> tor
     return torch.Generator().manual_seed(seed if generator is None else int(generator))
 
 
+# distributed hook: a failure on one rank before the first exchange (checks, planning) reaches every rank too.
+@distributed.collective("quantize_pipeline")
 def quantize_pipeline(
     pipe: Any,
     config: PTQConfig | None = None,

@@ -11,9 +11,10 @@ NCCL and 30 for Gloo): set one that fits the longest stage between two exchanges
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ __all__ = [
     "RankFailure",
     "broadcast_module",
     "check_same",
+    "collective",
     "exchange",
     "guard",
     "is_initialized",
@@ -104,6 +106,20 @@ def guard(stage: str) -> Iterator[None]:
         exchange(stage, error=error)
         raise  # unreachable: exchange raised
     exchange(stage)
+
+
+def collective(stage: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: the whole call runs under `guard(stage)`, its argument checks and planning included."""
+
+    def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with guard(stage):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorator
 
 
 def fingerprint(value: Any) -> str:
