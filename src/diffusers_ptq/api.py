@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffusers_ptq import distributed
 from diffusers_ptq.calibration import (
     CalibrationSet,
     SelectionRequest,
@@ -90,6 +91,8 @@ def _seeded_generator(generator: torch.Generator | int | None, seed: int) -> tor
     return torch.Generator().manual_seed(seed if generator is None else int(generator))
 
 
+# distributed hook: a failure on one rank before the first exchange (checks, planning) reaches every rank too.
+@distributed.collective("quantize_pipeline")
 def quantize_pipeline(
     pipe: Any,
     config: PTQConfig | None = None,
@@ -117,6 +120,8 @@ def quantize_pipeline(
     with `reconstruction_checkpoint` a directory where finished blocks are saved, so an interrupted run
     resumes there). Keyword arguments override the matching `config.calibration` fields. Everything is
     validated before any model runs; if anything fails later, the UNet is restored to exactly what it was.
+    Under an initialised torch.distributed group, call it the same way on every rank: capture is split
+    among the ranks and every rank ends with the same UNet (README, "Several processes").
     """
     config = PTQConfig() if config is None else config
     if not isinstance(config, PTQConfig):
@@ -144,6 +149,23 @@ def quantize_pipeline(
             f"{spec.name} has no default num_inference_steps; set calibration.num_inference_steps"
         )
     num_train = int(pipe.scheduler.config.num_train_timesteps)
+    # --- distributed hook: with a process group, every rank makes the same call; only rank 0 reports.
+    on_ranks = distributed.is_initialized()
+    if on_ranks:
+        distributed.check_same(
+            "the quantize_pipeline call (config, pipeline, prompts, arguments, UNet weights)",
+            [
+                config.to_dict(),
+                dataclasses.asdict(calib),
+                spec.name,
+                type(unet).__name__,
+                prompts,
+                pipeline_kwargs,
+                None if isinstance(generator, torch.Generator) else generator,
+                distributed.module_checksum(unet),
+            ],
+        )
+        progress = progress and distributed.is_main_process()
     plan = plan_quantization(unet, config)
     check_budget(unet, plan, config)
     if not plan.layers and not plan.attentions:
@@ -204,6 +226,7 @@ def quantize_pipeline(
         generator=_seeded_generator(generator, calib.seed),
         progress=progress,
         driver=driver,
+        distributed=on_ranks,
     )
     job = QuantizationJob(
         unet,
@@ -220,7 +243,8 @@ def quantize_pipeline(
     job.search_seconds = target_seconds  # the search's clean target images count as search time
     # Everything that changes the UNet, up to the quantizer attachment, is undone if any of it fails; a UNet
     # under sequential CPU offload is held on its execution device meanwhile and offloaded again after.
-    with onloaded(unet), job.guarded():
+    # distributed hook: inside guarded(), so a failure on any rank restores every rank's UNet.
+    with onloaded(unet), job.guarded(), distributed.guard("quantize_pipeline"):
         selection = select_calibration(request, job.feedback if search.enabled else None)
         data = selection.data
         job.finish(data)
@@ -239,7 +263,10 @@ def quantize_pipeline(
             mixed_precision=job.mixed_precision,
             distinct_prompts=None if prompts is None else len(set(prompts)),
             pipeline=spec.name,
+            distributed=_rank_summary(request) if on_ranks else None,
         )
+        # distributed hook: rank 0's parameters and buffers everywhere (reduction order may differ).
+        distributed.broadcast_module(unet)
         unet.ptq_state.report = report
         unet.ptq_state.selection = selection.info
         # The stored recipe is the one that ran: keyword overrides and the pipeline's default step count.
@@ -248,10 +275,21 @@ def quantize_pipeline(
         unet.ptq_state.num_prompts = None if prompts is None else len(set(prompts))
         # quantization_config + hf_quantizer: stock save_pretrained / from_pretrained now handle this UNet.
         attach_quantizer(unet)
-    logger.info("%s", report)
+    if distributed.is_main_process():
+        logger.info("%s", report)
     if progress:
         print(report)
     return pipe
+
+
+def _rank_summary(request: SelectionRequest) -> dict[str, Any]:
+    """World size and what each rank captured, for the report."""
+    counts = request.rank_counts
+    return {
+        "world_size": distributed.world_size(),
+        "trajectories_per_rank": counts.get("trajectories", []),
+        "samples_per_rank": counts.get("samples", []),
+    }
 
 
 def quantize_unet(

@@ -34,6 +34,8 @@ class QuantizationReport:
     # trajectories); the pipeline class calibration ran.
     distinct_prompts: int | None = None
     pipeline: str | None = None
+    # With a torch.distributed group: {"world_size", "trajectories_per_rank", "samples_per_rank"}.
+    distributed: dict[str, Any] | None = None
 
     @classmethod
     def build(cls, plan: QuantPlan, **kwargs: Any) -> QuantizationReport:
@@ -77,6 +79,12 @@ class QuantizationReport:
             + (f", {self.pipeline}" if self.pipeline else "")
             + (f", {self.distinct_prompts} distinct prompts" if self.distinct_prompts is not None else "")
         )
+        if self.distributed is not None:
+            d = self.distributed
+            lines.append(
+                f"  distributed: {d['world_size']} ranks; trajectories per rank "
+                f"{d['trajectories_per_rank']}, samples per rank {d['samples_per_rank']}"
+            )
         groups = self.samples_per_group
         shown_groups = ", ".join(map(str, groups[:16])) + (", ..." if len(groups) > 16 else "")
         lines.append(f"  rows per timestep group ({len(groups)} groups): {shown_groups}")

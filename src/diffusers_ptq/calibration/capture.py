@@ -16,8 +16,9 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusers_ptq.calibration.dataset import CalibrationSet, tree_join, tree_leaves, tree_map
-from diffusers_ptq.calibration.driver import CalibrationDriver, quiet_pipeline
+from diffusers_ptq.calibration.driver import CalibrationDriver, quiet_pipeline, zero_forward
 from diffusers_ptq.calibration.pipelines import PipelineSpec
+from diffusers_ptq.distributed import exchange, rank, split_evenly, world_size
 
 # UNet arguments that are not per-sample inputs: the timestep is recorded on its own.
 _NOT_RECORDED = ("timestep", "return_dict")
@@ -38,9 +39,10 @@ class _Recorder:
         self.call = 0
         self.halves = 1
         self.static: dict[str, Any] = {}  # arguments without a batch dimension, from their first call
+        self.dry = False  # another rank's run: count and check the calls, record nothing
 
-    def start_run(self, mask: torch.Tensor, first_trajectory: int) -> None:
-        self.mask, self.first_trajectory, self.call = mask, first_trajectory, 0
+    def start_run(self, mask: torch.Tensor, first_trajectory: int, dry: bool = False) -> None:
+        self.mask, self.first_trajectory, self.call, self.dry = mask, first_trajectory, 0, dry
         steps_needed = mask.any(dim=0).nonzero()
         self.last_step = int(steps_needed.max()) if len(steps_needed) else -1
 
@@ -66,7 +68,7 @@ class _Recorder:
         if sample.shape[0] % n_traj != 0:
             raise RuntimeError(f"UNet batch {sample.shape[0]} is not a multiple of the {n_traj} trajectories")
         self.halves = sample.shape[0] // n_traj
-        for j in self.mask[:, step].nonzero().flatten().tolist():
+        for j in [] if self.dry else self.mask[:, step].nonzero().flatten().tolist():
             # With classifier-free guidance the pipeline stacks [uncond, cond]: row j + h * n_traj.
             for h in range(self.halves):
                 self.rows.append(self._row(bound, j + h * n_traj, step, self.first_trajectory + j, t_value))
@@ -76,7 +78,8 @@ class _Recorder:
     def check_run(self, recorded: int) -> None:
         """RuntimeError if the run just made recorded fewer rows than its mask planned (it ended early)."""
         planned = int(self.mask.sum()) * self.halves
-        if recorded != planned:
+        ended_early = self.call <= self.last_step if self.dry else recorded != planned
+        if ended_early:
             raise RuntimeError(
                 f"calibration planned {planned} UNet input rows from this pipeline run but recorded "
                 f"{recorded}: it ended after {self.call} UNet calls, but recording needed "
@@ -142,12 +145,19 @@ def capture(
     progress: bool = True,
     driver: CalibrationDriver | None = None,
     trajectory_offset: int = 0,
+    distributed: bool = False,
 ) -> CalibrationSet:
     """Run `pipe` over the trajectories of `mask` (trajectories, steps), `batch_size` at a time.
 
     With a `driver` (pipeline kwargs, a calibration_fn), it makes the calls, `driver.chunk` trajectories
     each, trajectory i of the mask being the driver's trajectory `trajectory_offset + i`; without one,
     the calls are `spec`'s with `prompts[i]` for trajectory i.
+
+    With `distributed` (an initialised process group), the runs are split among the ranks as evenly as
+    possible in contiguous blocks (ValueError on every rank if a rank would get none). Every rank still
+    makes the other ranks' runs, with the UNet replaced by a zero stub and stopped where the recording would
+    stop, so its generator draws the same noise as one process; the recorded rows are then gathered in rank
+    order, which is recording order, so every rank returns the one-process CalibrationSet.
     """
     if driver is None:
         driver = CalibrationDriver(spec, num_inference_steps, guidance_scale, prompts, batch_size=batch_size)
@@ -155,6 +165,8 @@ def capture(
     recorder = _Recorder(pipe.unet, step_timesteps, num_train_timesteps)
     handle = pipe.unet.register_forward_pre_hook(recorder.hook, with_kwargs=True)
     n_traj, chunk_size = mask.shape[0], driver.chunk
+    starts = list(range(0, n_traj, chunk_size))
+    mine = split_runs(n_traj, chunk_size, world_size())[rank()] if distributed else range(len(starts))
     try:
         with (
             quiet_pipeline(pipe),
@@ -162,20 +174,50 @@ def capture(
                 total=int(mask.sum()), desc="calibration: capture", unit="sample", disable=not progress
             ) as bar,
         ):
-            for start in range(0, n_traj, chunk_size):
+            for run, start in enumerate(starts):
                 chunk = mask[start : start + chunk_size]
                 if driver.calibration_fn is not None and len(chunk) < chunk_size:
                     # A calibration_fn always runs its own batch: the rows past the mask are not recorded.
                     chunk = torch.cat([chunk, chunk.new_zeros(chunk_size - len(chunk), chunk.shape[1])])
                 before = len(recorder.rows)
-                recorder.start_run(chunk, start)
-                with contextlib.suppress(_StopRun):
+                recorder.start_run(chunk, start, dry=run not in mine)
+                stub = contextlib.nullcontext() if run in mine else zero_forward(pipe.unet)
+                with contextlib.suppress(_StopRun), stub:
                     driver.run(pipe, trajectory_offset + start, len(chunk), generator)
                 recorder.check_run(len(recorder.rows) - before)
                 bar.update((len(recorder.rows) - before) // max(recorder.halves, 1))
     finally:
         handle.remove()
+    if distributed:
+        _gather(recorder)
     return recorder.to_dataset()
+
+
+def split_runs(n_traj: int, chunk_size: int, world: int) -> list[range]:
+    """The pipeline runs (`chunk_size` trajectories each) of every rank: contiguous, as even as possible."""
+    runs = -(-n_traj // chunk_size)
+    return split_evenly(runs, world, f"calibration pipeline runs ({chunk_size} trajectories each)")
+
+
+def rank_counts(mask: torch.Tensor, chunk_size: int, world: int) -> dict[str, list[int]]:
+    """Trajectories and samples (recorded steps) each rank captures from `mask` (see `split_runs`)."""
+    trajectories, samples = [], []
+    for runs in split_runs(mask.shape[0], chunk_size, world):
+        rows = mask[runs.start * chunk_size : runs.stop * chunk_size]
+        trajectories.append(int(rows.shape[0]))
+        samples.append(int(rows.sum()))
+    return {"trajectories": trajectories, "samples": samples}
+
+
+def _gather(recorder: _Recorder) -> None:
+    """Every rank's recorded rows, in rank order (= recording order), into `recorder` on every rank."""
+    parts = exchange("calibration capture", (recorder.rows, recorder.static))
+    recorder.rows = [row for rows, _ in parts for row in rows]
+    static: dict[str, Any] = {}
+    for _, part in parts:  # first seen, as one process keeps it
+        for name, value in part.items():
+            static.setdefault(name, value)
+    recorder.static = static
 
 
 def concat_calibration_sets(sets: list[CalibrationSet]) -> CalibrationSet:

@@ -144,6 +144,21 @@ class _Stub:
         return self.output_class(sample=out) if bound.get("return_dict", True) else (out,)
 
 
+@contextlib.contextmanager
+def zero_forward(unet: torch.nn.Module) -> Iterator[None]:
+    """The UNet's forward replaced by a zero stub (its hooks still run); restored afterwards."""
+    had_own = "forward" in unet.__dict__
+    saved = unet.__dict__.get("forward")
+    unet.forward = _Stub(unet)
+    try:
+        yield
+    finally:
+        if had_own:
+            unet.forward = saved
+        else:
+            del unet.forward
+
+
 @torch.no_grad()
 def plan_unet_calls(
     pipe: Any, driver: CalibrationDriver, generator: torch.Generator

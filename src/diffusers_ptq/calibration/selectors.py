@@ -22,13 +22,14 @@ from typing import Any
 
 import torch
 
-from diffusers_ptq.calibration.capture import capture
+from diffusers_ptq.calibration.capture import capture, rank_counts
 from diffusers_ptq.calibration.dataset import CalibrationSet
 from diffusers_ptq.calibration.driver import CalibrationDriver
 from diffusers_ptq.calibration.features import step_feature_grams, tdac_weights
 from diffusers_ptq.calibration.pipelines import PipelineSpec
 from diffusers_ptq.calibration.samplers import recording_mask
 from diffusers_ptq.config import CalibrationConfig, SelectionConfig
+from diffusers_ptq.distributed import world_size
 
 # Called by the 'active' selector with the data gathered so far; returns H(sigma_t) per sampling step.
 SelectionFeedback = Callable[[CalibrationSet], torch.Tensor]
@@ -49,6 +50,10 @@ class SelectionRequest:
     generator: torch.Generator
     progress: bool = True
     driver: CalibrationDriver | None = None  # None: plain calls of `spec` with the prompts
+    # An initialised process group: captures split their runs among the ranks (capture's `distributed`).
+    distributed: bool = False
+    # Per rank: trajectories run and samples recorded, summed over this request's captures.
+    rank_counts: dict[str, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.driver is None:
@@ -74,6 +79,11 @@ class SelectionRequest:
         self, mask: torch.Tensor, prompt_offset: int = 0, progress: bool | None = None
     ) -> CalibrationSet:
         """Record the (trajectory, step) pairs of `mask` through the pipeline."""
+        if self.distributed:
+            counts = rank_counts(mask, self.driver.chunk, world_size())
+            for key, values in counts.items():
+                old = self.rank_counts.get(key, [0] * len(values))
+                self.rank_counts[key] = [a + b for a, b in zip(old, values)]
         return capture(
             self.pipe,
             self.spec,
@@ -88,6 +98,7 @@ class SelectionRequest:
             progress=self.progress if progress is None else progress,
             driver=self.driver,
             trajectory_offset=prompt_offset,
+            distributed=self.distributed,
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffusers_ptq import TimestepActQuantizer, WeightQuantizer, __version__, available_presets
+from diffusers_ptq import TimestepActQuantizer, WeightQuantizer, __version__, available_presets, distributed
 from diffusers_ptq.api import quantize_pipeline
 from diffusers_ptq.calibration import get_pipeline_spec
 from diffusers_ptq.calibration.driver import check_pipeline_kwargs
@@ -372,14 +373,16 @@ def run(args: argparse.Namespace) -> int:
             call[spec.batch_arg] = args.samples
     # The comparison images use the calibration's call arguments too (after quantize_pipeline checks them).
     compare = {**extra, **call}
+    # With a torch.distributed group every rank quantizes; only rank 0 makes the images and writes.
+    main = distributed.is_main_process()
     # Before quantizing: the float reference.
     try:
-        float_images = _images(pipe, compare, calib.seed + 1, "float", not args.no_progress)
+        float_images = _images(pipe, compare, calib.seed + 1, "float", not args.no_progress) if main else None
     except (ValueError, TypeError) as err:  # the pipeline's own check of its arguments (a missing image)
         return error(err)
 
     try:
-        with atomic_directory(out) as tmp:
+        with atomic_directory(out) if main else contextlib.nullcontext() as tmp:
             quantize_pipeline(
                 pipe,
                 config,
@@ -388,10 +391,15 @@ def run(args: argparse.Namespace) -> int:
                 reconstruction_checkpoint=args.reconstruction_checkpoint,
                 progress=not args.no_progress,
             )
-            quant_images = _images(pipe, compare, calib.seed + 1, "quantized", not args.no_progress)
-            _write_outputs(tmp, config, pipe.unet, float_images, quant_images)
+            # The other ranks wait here for rank 0's writing; a failure there is raised on every rank.
+            with distributed.guard("writing the outputs"):
+                if main:
+                    quant_images = _images(pipe, compare, calib.seed + 1, "quantized", not args.no_progress)
+                    _write_outputs(tmp, config, pipe.unet, float_images, quant_images)
     except (ValueError, TypeError) as err:  # quantize_pipeline's validation of the pipeline and prompts
         return error(err)
+    if not main:
+        return 0
     if args.no_progress:  # quantize_pipeline prints the report itself when progress is on
         print(pipe.unet.ptq_state.report)
     sqnr = sqnr_db(torch.from_numpy(float_images), torch.from_numpy(quant_images))

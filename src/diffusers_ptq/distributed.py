@@ -1,0 +1,190 @@
+"""Running `quantize_pipeline` on N processes of an initialised torch.distributed group.
+
+The group is the caller's (`torchrun`, `accelerate launch`, or `torch.distributed.init_process_group`);
+nothing here initialises one. Every collective of a run goes through `exchange`, an all-gather of a tagged
+Python object, so that a rank that failed tells the others at their next exchange and every rank raises the
+same error instead of waiting forever. A rank that dies without raising (killed, out of memory) is caught
+only by the group's own timeout (the `timeout=` of `init_process_group`; torch's default is 10 minutes for
+NCCL and 30 for Gloo): set one that fits the longest stage between two exchanges.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "RankFailure",
+    "broadcast_module",
+    "check_same",
+    "collective",
+    "exchange",
+    "guard",
+    "is_initialized",
+    "is_main_process",
+    "module_checksum",
+    "rank",
+    "split_evenly",
+    "world_size",
+]
+
+
+class RankFailure(RuntimeError):
+    """A rank failed (or ranks fell out of step); raised with the same message on every rank."""
+
+
+def is_initialized() -> bool:
+    """Whether a torch.distributed process group is initialised in this process."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if is_initialized() else 1
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if is_initialized() else 0
+
+
+def is_main_process() -> bool:
+    """True on rank 0, or without a process group: the rank that logs and writes files."""
+    return rank() == 0
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def exchange(stage: str, payload: Any = None, error: BaseException | None = None) -> list[Any]:
+    """Every rank's `payload` in rank order; raise on every rank when any rank reports an `error`.
+
+    All ranks must call it the same number of times; `stage` names the call so ranks that fell out of
+    step are reported instead of mixing their payloads. Without a process group: `[payload]`.
+    """
+    if not is_initialized():
+        if error is not None:
+            raise error
+        return [payload]
+    mine = (stage, None if error is None else _describe(error), payload)
+    gathered: list[Any] = [None] * world_size()
+    torch.distributed.all_gather_object(gathered, mine)
+    failed = [(r, s, e) for r, (s, e, _) in enumerate(gathered) if e is not None]
+    if failed:
+        messages = {e for _, _, e in failed}
+        if error is not None and len(failed) == len(gathered) and messages == {_describe(error)}:
+            raise error  # every rank failed alike (a bad argument): the error itself, on every rank
+        r, s, e = failed[0]
+        raise RankFailure(f"rank {r} of {len(gathered)} failed during {s}: {e}") from error
+    stages = [s for s, _, _ in gathered]
+    if len(set(stages)) != 1:
+        raise RankFailure(f"ranks are out of step (stage per rank: {stages})")
+    return [p for _, _, p in gathered]
+
+
+@contextlib.contextmanager
+def guard(stage: str) -> Iterator[None]:
+    """Run the body on every rank; a failure on any rank raises on all of them (see `exchange`).
+
+    A local exception is reported at one final exchange; a `RankFailure` (already agreed on) is re-raised
+    as it is. On success the ranks exchange once more, so a rank never leaves while another has failed.
+    """
+    if not is_initialized():
+        yield
+        return
+    try:
+        yield
+    except RankFailure:
+        raise
+    except Exception as error:
+        exchange(stage, error=error)
+        raise  # unreachable: exchange raised
+    exchange(stage)
+
+
+def collective(stage: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: the whole call runs under `guard(stage)`, its argument checks and planning included."""
+
+    def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with guard(stage):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorator
+
+
+def fingerprint(value: Any) -> str:
+    """A short stable hash of a JSON-able value (sorted keys; other objects by their repr)."""
+    text = json.dumps(value, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def module_checksum(module: nn.Module) -> list[Any]:
+    """Per parameter and buffer: name, shape, dtype, and float64 sum and absolute sum (on its device).
+
+    Not a cryptographic hash: enough to tell ranks that loaded different weights apart, without copying a
+    multi-gigabyte UNet to the CPU.
+    """
+    out = []
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        entry: list[Any] = [name, list(t.shape), str(t.dtype)]
+        if t.device.type != "meta":  # offloaded weights have no values here
+            values = t.detach().double()
+            entry += [float(values.sum()), float(values.abs().sum())]
+        out.append(entry)
+    return out
+
+
+def check_same(what: str, value: Any) -> None:
+    """ValueError on every rank when ranks hold different `value`s (compared by `fingerprint`)."""
+    hashes = exchange(f"check {what}", fingerprint(value))
+    if len(set(hashes)) != 1:
+        raise ValueError(
+            f"ranks disagree on {what} (hash per rank: {hashes}); every rank must make the same call"
+        )
+
+
+def split_evenly(count: int, parts: int, what: str = "items") -> list[range]:
+    """`count` items as `parts` contiguous ranges, the first `count % parts` one longer.
+
+    ValueError when `count < parts`: a rank would get none.
+    """
+    if count < parts:
+        raise ValueError(f"{count} {what} cannot be split among {parts} ranks: each rank needs at least one")
+    base, extra = divmod(count, parts)
+    ranges, start = [], 0
+    for p in range(parts):
+        stop = start + base + (p < extra)
+        ranges.append(range(start, stop))
+        start = stop
+    return ranges
+
+
+@torch.no_grad()
+def broadcast_module(module: nn.Module, src: int = 0) -> None:
+    """Copy `module`'s parameters and buffers from rank `src` to every rank, in place.
+
+    Ranks first compare the names, shapes and dtypes (a mismatch raises RankFailure on every rank rather
+    than hanging in a broadcast of the wrong size).
+    """
+    if not is_initialized():
+        return
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    layout = [(name, list(t.shape), str(t.dtype)) for name, t in tensors]
+    if len(set(exchange("broadcast layout", fingerprint(layout)))) != 1:
+        raise RankFailure("ranks hold modules of different layouts; cannot broadcast the parameters")
+    for _, tensor in tensors:
+        buffer = tensor.data if tensor.data.is_contiguous() else tensor.data.contiguous()
+        torch.distributed.broadcast(buffer, src)
+        if buffer is not tensor.data:
+            tensor.data.copy_(buffer)

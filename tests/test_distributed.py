@@ -1,0 +1,170 @@
+"""`quantize_pipeline` on 2 Gloo processes (spawned here, loopback only) against one process.
+
+One spawn runs every case of distributed_helpers.CASES on both ranks in turn; the tests compare the ranks'
+calibration sets, UNets and errors with the same cases run in this process without a group.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from diffusers_ptq import distributed
+from distributed_helpers import CASES, build_pipe, run_case, worker
+
+WORLD = 2
+TIMEOUT_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ranks")
+    port = _free_port()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=worker, args=(r, WORLD, port, str(out), list(CASES))) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(TIMEOUT_S)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+    errors = [f.read_text() for f in sorted(out.glob("rank*.err"))]
+    assert not errors, "\n".join(errors)
+    assert [p.exitcode for p in procs] == [0] * WORLD
+    loaded = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    loaded[0]["out"] = out
+    return loaded
+
+
+def _assert_same_data(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        x, y = a[key], b[key]
+        if isinstance(x, dict):
+            _assert_same_data(x, y)
+        elif torch.is_tensor(x):
+            assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y), key
+        else:
+            assert x == y, key
+
+
+def _assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("case", ["ddim", "sd"])
+def test_two_ranks_capture_and_quantize_exactly_as_one_process(results, case):
+    single = run_case(case, 0)
+    assert single["error"] is None and single["distributed"] is None
+    for r in range(WORLD):
+        got = results[r][case]
+        assert got["error"] is None and got["quantized"]
+        # The gathered calibration set is the one-process set, bit for bit and in the same order.
+        _assert_same_data(got["data"], single["data"])
+        # Everything after capture is the same computation on the same data, then rank 0's tensors are
+        # broadcast: the UNets are bit-identical, to each other and to one process's.
+        _assert_same_tensors(got["tensors"], single["tensors"])
+    # Every step recorded: ddim 3 trajectories, 1 a run (split 2 + 1); sd 4 trajectories, 2 a run (1 + 1).
+    runs = {"ddim": [2, 1], "sd": [2, 2]}[case]
+    samples = {"ddim": [8, 4], "sd": [8, 8]}[case]
+    expected = {"world_size": 2, "trajectories_per_rank": runs, "samples_per_rank": samples}
+    assert results[0][case]["distributed"] == expected
+
+
+@pytest.mark.parametrize("case", ["density_diversity", "active"])
+def test_other_selectors_capture_exactly_as_one_process(results, case):
+    single = run_case(case, 0)
+    assert single["error"] is None
+    for r in range(WORLD):
+        got = results[r][case]
+        assert got["error"] is None and got["quantized"]
+        _assert_same_data(got["data"], single["data"])
+        _assert_same_tensors(got["tensors"], single["tensors"])
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("fail", "injected failure"),  # after finish, while rank 0 goes on to the broadcast
+        ("fail_plan", "injected failure in pipeline call 1"),  # planning, before any exchange
+        ("fail_capture", "injected failure in pipeline call 2"),  # capture, while rank 0 waits to gather
+    ],
+)
+def test_failure_on_one_rank_raises_on_every_rank_and_restores_float(results, case, message):
+    reference = dict(build_pipe("ddim").unet.state_dict())
+    errors = [results[r][case]["error"] for r in range(WORLD)]
+    assert errors[0] == errors[1]
+    assert errors[0] == f"RankFailure: rank 1 of 2 failed during quantize_pipeline: RuntimeError: {message}"
+    for r in range(WORLD):
+        got = results[r][case]
+        assert not got["quantized"]
+        _assert_same_tensors(got["tensors"], reference)
+
+
+@pytest.mark.parametrize("case", ["disagree", "weights_disagree"])
+def test_ranks_disagreeing_on_the_config_or_weights_get_the_same_error(results, case):
+    errors = [results[r][case]["error"] for r in range(WORLD)]
+    assert errors[0] == errors[1]
+    assert errors[0].startswith("ValueError: ranks disagree on the quantize_pipeline call")
+    assert not any(results[r][case]["quantized"] for r in range(WORLD))
+
+
+def test_a_rank_without_a_pipeline_run_is_an_error_on_every_rank(results):
+    errors = [results[r]["too_few"]["error"] for r in range(WORLD)]
+    assert errors[0] == errors[1]
+    assert errors[0] == (
+        "ValueError: 1 calibration pipeline runs (1 trajectories each) cannot be split among 2 ranks: "
+        "each rank needs at least one"
+    )
+    assert not any(results[r]["too_few"]["quantized"] for r in range(WORLD))
+
+
+def test_broadcast_module_copies_rank_0_parameters_and_buffers(results):
+    _assert_same_tensors(results[1]["broadcast"], results[0]["broadcast"])
+    assert results[1]["broadcast"]["weight"].tolist() == [1.0, 1.0, 1.0]
+    assert results[1]["broadcast"]["running_mean"].tolist() == [-5.0, -5.0, -5.0]
+
+
+def test_only_rank_0_writes_the_cli_outputs(results):
+    assert [results[r]["cli"]["code"] for r in range(WORLD)] == [0, 0]
+    out = results[0]["out"] / "cli"
+    assert (results[0]["out"] / "cli.writers").read_text() == "0\n"
+    assert {p.name for p in out.iterdir()} == {
+        "ptq_config.json",
+        "report.json",
+        "report.txt",
+        "quantizer_state.safetensors",
+        "comparison.png",
+    }
+    report = json.loads((out / "report.json").read_text())
+    expected = {"world_size": 2, "trajectories_per_rank": [1, 1], "samples_per_rank": [2, 2]}
+    assert report["distributed"] == expected
+    # Nothing else next to it: no second (temporary) output directory from rank 1.
+    written = sorted(p.name for p in results[0]["out"].iterdir() if p.name.startswith("cli"))
+    assert written == ["cli", "cli.writers"]
+
+
+def test_split_evenly_and_no_group():
+    assert distributed.split_evenly(5, 2) == [range(0, 3), range(3, 5)]
+    assert distributed.split_evenly(4, 4) == [range(i, i + 1) for i in range(4)]
+    with pytest.raises(ValueError, match="2 items cannot be split among 3 ranks"):
+        distributed.split_evenly(2, 3)
+    assert not distributed.is_initialized()
+    assert distributed.world_size() == 1 and distributed.rank() == 0 and distributed.is_main_process()
+    assert distributed.exchange("x", 7) == [7]
