@@ -164,11 +164,11 @@ def test_defaults_validate_and_have_documented_values():
     cfg = PTQConfig()
     cfg.validate()
     assert cfg.weights.bits == 8
-    # The default recipe (methods/default.py, BENCHMARKS.md): GPTQ, output correction, 2 layers float, G = 1.
+    # The default recipe (methods/default.py, BENCHMARKS.md): GPTQ, output correction, 4 layers float, G = 1.
     assert cfg.weights.rounding == "gptq" and cfg.weights.gptq_damp == 0.01
     assert cfg.bias_correction == "output" and cfg.activations.timestep_groups == 1
     mixed = cfg.layers.mixed_precision
-    assert (mixed.mode, mixed.max_layers, mixed.high_bits, mixed.metric) == ("max_layers", 2, None, "mse")
+    assert (mixed.mode, mixed.max_layers, mixed.high_bits, mixed.metric) == ("max_layers", 4, None, "mse")
     assert not cfg.weights.gptq_act_order and cfg.weights.gptq_block_size == 128
     assert cfg.activations.bits == 8
     assert cfg.activations.enabled

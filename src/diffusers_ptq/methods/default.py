@@ -3,7 +3,7 @@
 Not a published method: the combination of the library's parts that measured best on both shipped
 benchmark models (BENCHMARKS.md §8), at W8A8, W6A6 and W4A8, within minutes of CPU
 calibration. GPTQ rounding of the weights; PTQD-style correction of the noise prediction's per-step mean
-error (`bias_correction="output"`); the two layers whose quantization alone hurts the noise prediction most
+error (`bias_correction="output"`); the four layers whose quantization alone hurts the noise prediction most
 kept float (`layers.mixed_precision`, ranked on the calibration set, so it holds on models it was not tuned
 on); one activation scale for all timesteps, because finer timestep scales did not lower FD beyond noise
 (colour model with the correction, shipped model without it); no block reconstruction.
@@ -14,7 +14,7 @@ from diffusers_ptq.methods.registry import register_preset
 
 # One line for `diffusers-ptq presets`.
 WHY = (
-    "the library's default (PTQConfig()): GPTQ + output bias correction + the 2 most sensitive layers "
+    "the library's default (PTQConfig()): GPTQ + output bias correction + the 4 most sensitive layers "
     "float, G = 1; best measured FD on both shipped models (BENCHMARKS.md)"
 )
 
