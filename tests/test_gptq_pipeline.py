@@ -18,6 +18,7 @@ from diffusers_ptq.initialise import set_quant_state
 from diffusers_ptq.reconstruction.runner import _weights_on_grid
 from diffusers_ptq.tiny import tiny_unet2d
 from integer_helpers import assert_unet_agrees, unet_inputs
+from recipe_helpers import plain
 from reconstruction_helpers import calibration_set
 
 PROMPTS = ["a photo of a cat", "a red car", "a watercolor of a tree", "a city at night"]
@@ -25,7 +26,8 @@ FAST = {"num_samples": 8, "num_inference_steps": 4, "batch_size": 8, "progress":
 
 
 def _config(rounding: str, **weights) -> PTQConfig:
-    return PTQConfig(
+    # The other data-dependent parts off (recipe_helpers.plain): the comparison is GPTQ against nearest alone.
+    return plain(
         weight_bits=4,
         act_bits=8,
         weights={"num_candidates": 20, "symmetric": False, "rounding": rounding, **weights},
