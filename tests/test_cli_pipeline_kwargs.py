@@ -12,7 +12,7 @@ import torch
 
 from diffusers_ptq import cli
 from diffusers_ptq.calibration import get_pipeline_spec
-from diffusers_ptq.cli.quantize import pipeline_kwargs
+from diffusers_ptq.cli.pipeline_args import pipeline_kwargs
 from diffusers_ptq.tiny_variants import (
     tiny_controlnet_pipeline,
     tiny_image,

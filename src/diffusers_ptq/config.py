@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable
-from dataclasses import MISSING, InitVar, dataclass, field, fields, is_dataclass
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 from diffusers_ptq.config_fields import (
@@ -21,6 +21,7 @@ from diffusers_ptq.config_fields import (
     _field,
     _section_from_dict,
     _section_to_dict,
+    field_rows,
 )
 
 # Re-exported: `from diffusers_ptq.config import ...` stays the one place users and presets import from.
@@ -380,26 +381,8 @@ def apply_overrides(config: PTQConfig, overrides: dict[str, Any]) -> None:
 
 
 def describe_fields(
-    cls: type = PTQConfig, prefix: str = "", defaults: Any = None
+    cls: type | None = None, prefix: str = "", defaults: Any = None
 ) -> list[tuple[str, Any, str]]:
-    """(dotted name, default, help) for every field, for the CLI's --help and the docs.
-
-    `defaults`: the instance a nested section's defaults come from (its parent's default factory may set
-    values other than the section class's own, as `layers.mixed_precision` does).
-    """
-    rows = []
-    for f in fields(cls):
-        if f.name in ("weight_bits", "act_bits"):
-            continue
-        if defaults is not None:
-            default = getattr(defaults, f.name)
-        else:
-            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
-        if is_dataclass(default):
-            rows.extend(describe_fields(type(default), f"{prefix}{f.name}.", default))
-            continue
-        help_text = f.metadata.get("help", "")
-        if "choices" in f.metadata:
-            help_text += " (choices: " + ", ".join(map(str, f.metadata["choices"])) + ")"
-        rows.append((prefix + f.name, default, help_text))
-    return rows
+    """(dotted name, default, help) for every field of `cls` (default: PTQConfig), for the CLI's --help and
+    the docs; see `config_fields.field_rows`."""
+    return field_rows(PTQConfig if cls is None else cls, prefix, defaults)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import field, fields, is_dataclass
+from dataclasses import MISSING, field, fields, is_dataclass
 from typing import Any
 
 
@@ -72,3 +72,27 @@ def _section_from_dict(name: str, cls: type, data: Any) -> Any:
         if isinstance(getattr(section, f.name), tuple):
             setattr(section, f.name, list(getattr(section, f.name)))
     return section
+
+
+def field_rows(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, Any, str]]:
+    """(dotted name, default, help) for every field, for the CLI's --help and the docs.
+
+    `defaults`: the instance a nested section's defaults come from (its parent's default factory may set
+    values other than the section class's own, as `layers.mixed_precision` does).
+    """
+    rows = []
+    for f in fields(cls):
+        if f.name in ("weight_bits", "act_bits"):
+            continue
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        else:
+            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        if is_dataclass(default):
+            rows.extend(field_rows(type(default), f"{prefix}{f.name}.", default))
+            continue
+        help_text = f.metadata.get("help", "")
+        if "choices" in f.metadata:
+            help_text += " (choices: " + ", ".join(map(str, f.metadata["choices"])) + ")"
+        rows.append((prefix + f.name, default, help_text))
+    return rows

@@ -21,7 +21,7 @@ from diffusers_ptq.cli.common import (
     load_pipeline,
     resolve_device,
 )
-from diffusers_ptq.cli.quantize import add_pipeline_call_arguments, pipeline_kwargs
+from diffusers_ptq.cli.pipeline_args import add_pipeline_call_arguments, pipeline_kwargs
 from diffusers_ptq.inspection import (
     noise_error_by_step,
     plot_activation_ranges,

@@ -19,7 +19,7 @@ from diffusers_ptq.cli.common import (
     load_pipeline,
     resolve_device,
 )
-from diffusers_ptq.cli.quantize import pipeline_kwargs
+from diffusers_ptq.cli.pipeline_args import pipeline_kwargs
 from diffusers_ptq.config import PTQConfig
 from diffusers_ptq.sensitivity import measure_sensitivity
 
