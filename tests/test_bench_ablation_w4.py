@@ -61,6 +61,7 @@ def test_w4_rows_vary_exactly_their_part():
         "gptq bias=output mixed=4": ("gptq", "per_channel", None, "output", 1),
         "gptq bias=output mixed=2 recon=5min": ("gptq", "per_channel", None, "output", 1),
         "gptq group 64 bias=output mixed=2": ("gptq", "per_group", 64, "output", 1),
+        "gptq group 64 bias=output mixed=4": ("gptq", "per_group", 64, "output", 1),
     }
     kept = {
         "gptq bias=layer special=float": ("float", "off"),
@@ -69,6 +70,7 @@ def test_w4_rows_vary_exactly_their_part():
         "gptq bias=output mixed=4": ("8bit", "max_layers"),
         "gptq bias=output mixed=2 recon=5min": ("8bit", "max_layers"),
         "gptq group 64 bias=output mixed=2": ("8bit", "max_layers"),
+        "gptq group 64 bias=output mixed=4": ("8bit", "max_layers"),
     }
     assert set(expected) == set(VARIANTS)
     for label, parts in expected.items():

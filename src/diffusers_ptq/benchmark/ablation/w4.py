@@ -8,9 +8,9 @@ timestep-aware bias correction (`layer` tables, PTQD-style `output`), and timest
 groups without search, per-step scales) with and without `layer` or `output` correction: whether timestep
 groups pay once the bias is corrected. Two rows keep layers off the 4-bit grid on top of GPTQ + `layer`
 correction: the special layers (conv_in, conv_out, time embeddings) float, or the two layers the sensitivity
-pass ranks worst (`layers.mixed_precision`, float), the model-agnostic form of the same idea; two more
-combine that with `output` correction and groups of 64. The last row is the default recipe itself, whatever
-it is when the study runs.
+pass ranks worst (`layers.mixed_precision`, float), the model-agnostic form of the same idea; more rows
+combine that with `output` correction, groups of 64 (two and four float layers) and a short reconstruction.
+The last row is the default recipe itself, whatever it is when the study runs.
 """
 
 from __future__ import annotations
@@ -86,6 +86,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "weights": {**GPTQ, "granularity": "per_group", "group_size": 64},
         "bias_correction": "output",
         "layers": {"mixed_precision": MIXED_2},
+    },
+    "gptq group 64 bias=output mixed=4": {
+        "weights": {**GPTQ, "granularity": "per_group", "group_size": 64},
+        "bias_correction": "output",
+        "layers": {"mixed_precision": MIXED_4},
     },
 }
 W4_ROWS = (*VARIANTS, DEFAULT_LABEL)
