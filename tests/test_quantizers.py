@@ -8,7 +8,6 @@ import torch
 from diffusers_ptq.config import ActivationQuantConfig, WeightQuantConfig
 from diffusers_ptq.primitives import qrange
 from diffusers_ptq.quantizers import (
-    GroupObserver,
     TimestepActQuantizer,
     WeightQuantizer,
     contiguous_group_map,
@@ -362,30 +361,6 @@ def test_activation_quantizer_preserves_dtype():
     with ctx.use(torch.tensor([500, 500])):
         out = q(x.to(torch.bfloat16))
     assert out.dtype == torch.bfloat16
-
-
-# ------------------------------------------------------------------------------------------- observer
-
-
-def test_group_observer_exact_extremes_and_bounded_subsample():
-    obs = GroupObserver(num_groups=3, max_values=64, generator=_gen(11))
-    gen = _gen(12)
-    x = torch.randn(10, 50, generator=gen)
-    x[3, 7] = 42.0
-    x[8, 1] = -17.0
-    groups = torch.tensor([0, 0, 0, 0, 0, 2, 2, 2, 2, 2])
-    obs.update(x, groups)
-    obs.update(x[:5] * 0.5, torch.zeros(5, dtype=torch.long))
-    assert obs.lo[0] == x[:5].min() and obs.hi[0] == 42.0
-    assert obs.lo[2] == -17.0 and obs.hi[2] == x[5:].max()
-    assert obs.seen.tolist() == [500, 0, 250]
-    assert obs.values[0].numel() <= 64 and obs.values[2].numel() <= 64
-    assert obs.values[1] is None
-    assert obs.empty_groups() == [1]
-    assert not obs.has_nonfinite()
-    # Kept values come from the observed ones.
-    pool = torch.cat([x[:5].reshape(-1), (x[:5] * 0.5).reshape(-1)])
-    assert torch.isin(obs.values[0], pool).all()
 
 
 # --------------------------------------------------------------------------------------- timestep context

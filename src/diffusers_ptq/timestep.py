@@ -25,6 +25,8 @@ class TimestepContext:
             raise ValueError(f"num_train_timesteps={num_train_timesteps} must be >= 1")
         self.num_train_timesteps = int(num_train_timesteps)
         self.timesteps: torch.Tensor | None = None
+        # Calibration row of each UNet batch row while observers run (`observing_rows`); None otherwise.
+        self.row_ids: torch.Tensor | None = None
         self._handle: torch.utils.hooks.RemovableHandle | None = None
         self._positions = (0, 1)
 
@@ -56,6 +58,24 @@ class TimestepContext:
                 f"cannot match a tensor of batch {batch_size} to the UNet batch of {t.shape[0]} timesteps"
             )
         return t.repeat_interleave(batch_size // t.shape[0])
+
+    @contextlib.contextmanager
+    def observing_rows(self, rows: torch.Tensor) -> Iterator[None]:
+        """Name the calibration rows of the UNet batches run inside, so observers key their values by row."""
+        previous, self.row_ids = self.row_ids, rows.reshape(-1).long()
+        try:
+            yield
+        finally:
+            self.row_ids = previous
+
+    def element_ids(self, batch_size: int) -> torch.Tensor | None:
+        """A distinct id per leading element of a tensor of leading dim `batch_size` (a multiple of the UNet
+        batch, as in `per_sample`) from the current row ids; None when no rows are named."""
+        rows = self.row_ids
+        if rows is None or batch_size % rows.shape[0] != 0:
+            return None
+        m = batch_size // rows.shape[0]
+        return rows.repeat_interleave(m) * m + torch.arange(batch_size) % m
 
     @contextlib.contextmanager
     def use(self, timesteps: torch.Tensor) -> Iterator[None]:

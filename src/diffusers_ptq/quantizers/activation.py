@@ -15,7 +15,7 @@ from torch import nn
 from diffusers_ptq.config import ActivationQuantConfig
 from diffusers_ptq.primitives import compute_qparams, fake_quantize, search_range
 from diffusers_ptq.quantizers.grid import GridMixin
-from diffusers_ptq.quantizers.observer import GroupObserver
+from diffusers_ptq.quantizers.observer import GroupObserver, observer_salt
 from diffusers_ptq.timestep import TimestepContext
 
 
@@ -105,7 +105,10 @@ class TimestepActQuantizer(GridMixin, nn.Module):
             num_slots = int(self._slots.max()) + 1 if num_slots is None else num_slots
         else:
             self._slots = None
-        self.observer = GroupObserver(num_slots or self.num_groups, self.max_values, generator)
+        seed = generator.initial_seed() if generator is not None else 0
+        self.observer = GroupObserver(
+            num_slots or self.num_groups, self.max_values, salt=observer_salt(seed, self.name)
+        )
 
     def stop_observing(self) -> GroupObserver:
         """End observation and return the raw statistics, without setting any scale."""
@@ -124,7 +127,8 @@ class TimestepActQuantizer(GridMixin, nn.Module):
                 f"for timestep(s) {bad}; check the model's dtype and the calibration inputs"
             )
         t = self.context.per_sample(x.shape[0])
-        self.observer.update(x, (self.group_map if self._slots is None else self._slots)[t])
+        groups = (self.group_map if self._slots is None else self._slots)[t]
+        self.observer.update(x, groups, self.context.element_ids(x.shape[0]))
 
     @torch.no_grad()
     def finish_observing(self) -> list[int]:
