@@ -7,6 +7,7 @@ captured saved on the side, and returns what the test compares: that set, the UN
 from __future__ import annotations
 
 import os
+import tempfile
 import traceback
 from datetime import timedelta
 from typing import Any
@@ -19,6 +20,8 @@ from diffusers_ptq.cli import quantize as cli_quantize
 from diffusers_ptq.distributed import broadcast_module
 from diffusers_ptq.job import QuantizationJob
 from diffusers_ptq.prepare import is_quantized
+from diffusers_ptq.reconstruction import checkpoint as recon_checkpoint
+from diffusers_ptq.reconstruction import trainer as recon_trainer
 from diffusers_ptq.tiny import tiny_ddim_pipeline, tiny_sd_pipeline
 from recipe_helpers import plain
 
@@ -28,6 +31,28 @@ PROMPTS = ["a photo of a cat", "a red car", "a watercolor of a tree"]
 def _calib(**fields: Any) -> dict[str, Any]:
     # 4 steps, every step recorded, 1 trajectory a call: num_samples / 4 pipeline runs to split.
     return {"sampler": "uniform", "num_inference_steps": 4, "batch_size": 1, **fields}
+
+
+# 12 rows: 2 held out, 10 trained on in batches of 4 (stratified: strata of 3, 3, 2, 2 rows; rank 0 caches
+# the first two, rank 1 the last two).
+RECON: dict[str, Any] = {
+    "enabled": True,
+    "iterations": 24,
+    "act_iterations": 8,
+    "batch_size": 4,
+    "batch_sampling": "stratified",
+    "cache_dtype": "float32",
+    "cache_batch_size": 4,
+}
+
+
+def _recon(**fields: Any) -> Any:
+    return lambda r: plain(
+        weight_bits=4,
+        weights={"symmetric": False},
+        calibration=_calib(num_samples=12),
+        reconstruction={**RECON, **fields},
+    )
 
 
 # name -> (pipeline, config per rank, quantize_pipeline kwargs, inject a failure on rank 1 after finish)
@@ -71,7 +96,21 @@ CASES: dict[str, tuple[str, Any, dict[str, Any], bool]] = {
     "weights_disagree": ("ddim", lambda r: plain(calibration=_calib(num_samples=8)), {}, False),
     # One pipeline run (4 samples) for 2 ranks: one rank would get none.
     "too_few": ("ddim", lambda r: plain(calibration=_calib(num_samples=4)), {}, False),
+    # Data-parallel stages: GPTQ's Hessians summed across ranks; block reconstruction (stratified and
+    # random batches, a disk-spilled cache, a resume checkpoint written by rank 0, a failure mid-training).
+    "gptq": (
+        "ddim",
+        lambda r: plain(weight_bits=4, weights={"rounding": "gptq"}, calibration=_calib(num_samples=12)),
+        {},
+        False,
+    ),
+    "recon": ("ddim", _recon(), {}, False),
+    "recon_random": ("ddim", _recon(batch_sampling="random"), {}, False),
+    "recon_spill": ("ddim", _recon(cache_max_gb=0.0), {}, False),
+    "fail_recon": ("ddim", _recon(), {}, False),
 }
+# Cases whose reconstruction_checkpoint is a folder under the run's output (same path on every rank).
+CHECKPOINTED = ("recon",)
 
 
 def build_pipe(kind: str) -> Any:
@@ -80,9 +119,13 @@ def build_pipe(kind: str) -> Any:
     return pipe
 
 
-def run_case(name: str, rank: int) -> dict[str, Any]:
-    """Run case `name` as `rank` (0 without a group); its calibration set, UNet tensors and error."""
+def run_case(name: str, rank: int, workdir: str | None = None) -> dict[str, Any]:
+    """Run case `name` as `rank` (0 without a group); its calibration set, UNet tensors and error.
+    `workdir`: where a checkpointed case keeps its reconstruction checkpoint."""
     kind, config, kwargs, inject = CASES[name]
+    kwargs = dict(kwargs)
+    if name in CHECKPOINTED:
+        kwargs["reconstruction_checkpoint"] = os.path.join(workdir or tempfile.mkdtemp(), f"{name}-ckpt")
     pipe = build_pipe(kind)
     if name == "weights_disagree" and rank == 1:
         with torch.no_grad():
@@ -93,6 +136,8 @@ def run_case(name: str, rank: int) -> dict[str, Any]:
     def finish(job: QuantizationJob, data: Any) -> None:
         seen["data"] = data
         original(job, data)
+        # Before quantize_pipeline's final broadcast from rank 0: what each rank computed itself.
+        seen["own"] = {k: v.clone() for k, v in [*job.unet.named_parameters(), *job.unet.named_buffers()]}
         if inject and rank == 1:
             raise RuntimeError("injected failure")
 
@@ -104,9 +149,25 @@ def run_case(name: str, rank: int) -> dict[str, Any]:
             raise RuntimeError(f"injected failure in pipeline call {len(calls)}")
         original_run(*args)
 
+    writes: list[str] = []
+    original_write, original_losses = recon_checkpoint._atomic_write, recon_trainer._Step.losses
+
+    def write(path: Any, fn: Any) -> None:
+        writes.append(os.path.basename(str(path)))
+        original_write(path, fn)
+
+    def failing_losses(step: Any, *args: Any, **kw: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("injected failure in a reconstruction step")
+        return original_losses(step, *args, **kw)
+
     QuantizationJob.finish = finish
-    if name.startswith("fail_") and rank == 1:
+    recon_checkpoint._atomic_write = write
+    if name in ("fail_plan", "fail_capture") and rank == 1:
         CalibrationDriver.run = fail_run
+    if name == "fail_recon" and rank == 1:
+        recon_trainer._Step.losses = failing_losses
     error = None
     try:
         quantize_pipeline(pipe, config(rank), progress=False, **kwargs)
@@ -115,6 +176,8 @@ def run_case(name: str, rank: int) -> dict[str, Any]:
     finally:
         QuantizationJob.finish = original
         CalibrationDriver.run = original_run
+        recon_checkpoint._atomic_write = original_write
+        recon_trainer._Step.losses = original_losses
     unet = pipe.unet
     report = getattr(getattr(unet, "ptq_state", None), "report", None)
     return {
@@ -123,7 +186,36 @@ def run_case(name: str, rank: int) -> dict[str, Any]:
         "quantized": is_quantized(unet),
         "error": error,
         "distributed": None if report is None else report.distributed,
+        "reconstruction": getattr(getattr(unet, "ptq_state", None), "reconstruction", None),
+        "checkpoint_writes": writes,
+        "own_tensors": seen.get("own"),
+        "output": unet_output(unet) if kind == "ddim" else None,
     }
+
+
+@torch.no_grad()
+def unet_output(unet: Any) -> torch.Tensor:
+    """The UNet's noise prediction on fixed inputs (quantized or float, as it is)."""
+    gen = torch.Generator().manual_seed(5)
+    cfg = unet.config
+    x = torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=gen)
+    return unet(x, torch.tensor([700, 40])).sample
+
+
+def hessian_shares(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """X Xᵀ of a fixed input accumulated over this rank's rows and summed over the ranks, and the whole."""
+    from diffusers_ptq.distributed import all_reduce_sum, split_evenly
+    from diffusers_ptq.gptq.hessian import HessianAccumulator
+
+    layer = torch.nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(10, 3, 6, 6, generator=torch.Generator().manual_seed(3))
+    share = split_evenly(10, world)[rank]
+    acc = HessianAccumulator(27, torch.device("cpu"))
+    acc.add(layer, x[share.start : share.stop])
+    all_reduce_sum([acc.sum], "test hessian")
+    whole = HessianAccumulator(27, torch.device("cpu"))
+    whole.add(layer, x)
+    return {"summed": acc.sum, "whole": whole.sum}
 
 
 CLI_ARGS = ["quantize", "--model", "tiny:ddim", "--weight-rounding", "nearest", "--bias-correction", "off"]
@@ -161,7 +253,7 @@ def worker(rank: int, world: int, port: int, out_dir: str, names: list[str]) -> 
             world_size=world,
             timeout=timedelta(seconds=60),
         )
-        results: dict[str, Any] = {name: run_case(name, rank) for name in names}
+        results: dict[str, Any] = {name: run_case(name, rank, out_dir) for name in names}
         # Different tensors on each rank (a parameter, a buffer), then rank 0's broadcast to all.
         module = torch.nn.BatchNorm1d(3)
         with torch.no_grad():
@@ -169,6 +261,7 @@ def worker(rank: int, world: int, port: int, out_dir: str, names: list[str]) -> 
             module.running_mean.fill_(rank - 5.0)
         broadcast_module(module)
         results["broadcast"] = {k: v.clone() for k, v in module.state_dict().items()}
+        results["hessian"] = hessian_shares(rank, world)
         results["cli"] = run_cli(rank, os.path.join(out_dir, "cli"))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:

@@ -129,6 +129,7 @@ def _non_default_config() -> PTQConfig:
             iterations=77,
             act_iterations=33,
             batch_size=5,
+            batch_sampling="stratified",
             weight_lr=0.2,
             act_lr=1e-3,
             weight_lr_schedule="cosine",

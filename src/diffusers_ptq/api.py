@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffusers_ptq import distributed
+from diffusers_ptq import distributed as ranks
 from diffusers_ptq.calibration import (
     CalibrationSet,
     SelectionRequest,
@@ -92,7 +92,7 @@ def _seeded_generator(generator: torch.Generator | int | None, seed: int) -> tor
 
 
 # distributed hook: a failure on one rank before the first exchange (checks, planning) reaches every rank too.
-@distributed.collective("quantize_pipeline")
+@ranks.collective("quantize_pipeline")
 def quantize_pipeline(
     pipe: Any,
     config: PTQConfig | None = None,
@@ -107,6 +107,7 @@ def quantize_pipeline(
     calibration_fn: Callable[[Any], Any] | None = None,
     reconstruction_checkpoint: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    distributed: bool = False,
 ) -> Any:
     """Quantize `pipe.unet` in place with timestep-aware fake quantization and return `pipe`.
 
@@ -120,9 +121,13 @@ def quantize_pipeline(
     with `reconstruction_checkpoint` a directory where finished blocks are saved, so an interrupted run
     resumes there). Keyword arguments override the matching `config.calibration` fields. Everything is
     validated before any model runs; if anything fails later, the UNet is restored to exactly what it was.
-    Under an initialised torch.distributed group, call it the same way on every rank: capture is split
-    among the ranks and every rank ends with the same UNet (README, "Several processes").
+    Under an initialised torch.distributed group, call it the same way on every rank: capture, activation
+    statistics, GPTQ's Hessians and reconstruction are split among the ranks and every rank ends with the
+    same UNet (README, "Many GPUs, big models"). `distributed=True` first initialises the default group
+    from torchrun / accelerate launch's environment when none exists (NCCL with CUDA, else Gloo).
     """
+    if distributed:
+        ranks.init_from_environment()
     config = PTQConfig() if config is None else config
     if not isinstance(config, PTQConfig):
         raise TypeError(f"config must be a PTQConfig, got {type(config).__name__}")
@@ -150,9 +155,9 @@ def quantize_pipeline(
         )
     num_train = int(pipe.scheduler.config.num_train_timesteps)
     # --- distributed hook: with a process group, every rank makes the same call; only rank 0 reports.
-    on_ranks = distributed.is_initialized()
+    on_ranks = ranks.is_initialized()
     if on_ranks:
-        distributed.check_same(
+        ranks.check_same(
             "the quantize_pipeline call (config, pipeline, prompts, arguments, UNet weights)",
             [
                 config.to_dict(),
@@ -162,10 +167,10 @@ def quantize_pipeline(
                 prompts,
                 pipeline_kwargs,
                 None if isinstance(generator, torch.Generator) else generator,
-                distributed.module_checksum(unet),
+                ranks.module_checksum(unet),
             ],
         )
-        progress = progress and distributed.is_main_process()
+        progress = progress and ranks.is_main_process()
     plan = plan_quantization(unet, config)
     check_budget(unet, plan, config)
     if not plan.layers and not plan.attentions:
@@ -244,7 +249,7 @@ def quantize_pipeline(
     # Everything that changes the UNet, up to the quantizer attachment, is undone if any of it fails; a UNet
     # under sequential CPU offload is held on its execution device meanwhile and offloaded again after.
     # distributed hook: inside guarded(), so a failure on any rank restores every rank's UNet.
-    with onloaded(unet), job.guarded(), distributed.guard("quantize_pipeline"):
+    with onloaded(unet), job.guarded(), ranks.guard("quantize_pipeline"):
         selection = select_calibration(request, job.feedback if search.enabled else None)
         data = selection.data
         job.finish(data)
@@ -266,7 +271,7 @@ def quantize_pipeline(
             distributed=_rank_summary(request) if on_ranks else None,
         )
         # distributed hook: rank 0's parameters and buffers everywhere (reduction order may differ).
-        distributed.broadcast_module(unet)
+        ranks.broadcast_module(unet)
         unet.ptq_state.report = report
         unet.ptq_state.selection = selection.info
         # The stored recipe is the one that ran: keyword overrides and the pipeline's default step count.
@@ -275,7 +280,7 @@ def quantize_pipeline(
         unet.ptq_state.num_prompts = None if prompts is None else len(set(prompts))
         # quantization_config + hf_quantizer: stock save_pretrained / from_pretrained now handle this UNet.
         attach_quantizer(unet)
-    if distributed.is_main_process():
+    if ranks.is_main_process():
         logger.info("%s", report)
     if progress:
         print(report)
@@ -286,7 +291,7 @@ def _rank_summary(request: SelectionRequest) -> dict[str, Any]:
     """World size and what each rank captured, for the report."""
     counts = request.rank_counts
     return {
-        "world_size": distributed.world_size(),
+        "world_size": ranks.world_size(),
         "trajectories_per_rank": counts.get("trajectories", []),
         "samples_per_rank": counts.get("samples", []),
     }

@@ -14,7 +14,10 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
+import os
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -22,11 +25,14 @@ from torch import nn
 
 __all__ = [
     "RankFailure",
+    "all_reduce_sum",
     "broadcast_module",
     "check_same",
     "collective",
     "exchange",
+    "gather_rows",
     "guard",
+    "init_from_environment",
     "is_initialized",
     "is_main_process",
     "module_checksum",
@@ -34,6 +40,38 @@ __all__ = [
     "split_evenly",
     "world_size",
 ]
+
+
+logger = logging.getLogger("diffusers_ptq")
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+DEFAULT_TIMEOUT = timedelta(minutes=30)
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun / accelerate launch with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_environment(timeout: timedelta = DEFAULT_TIMEOUT) -> None:
+    """Initialise the default process group from the variables torchrun / accelerate launch set.
+
+    NCCL when CUDA is available (each rank on the GPU `LOCAL_RANK`), else Gloo. `timeout` bounds every
+    collective, so a rank that died unannounced stops the others after it. No-op when a group exists.
+    """
+    if is_initialized():
+        return
+    missing = [name for name in LAUNCH_VARIABLES if name not in os.environ]
+    if missing:
+        raise ValueError(
+            f"distributed=True needs a launcher's environment ({', '.join(LAUNCH_VARIABLES)}); "
+            f"{', '.join(missing)} not set: start with `torchrun --nproc-per-node N ...` or "
+            "`accelerate launch ...`, or initialise a process group yourself"
+        )
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(backend, timeout=timeout)
+    logger.info("torch.distributed: rank %d of %d (%s)", rank(), world_size(), backend)
 
 
 class RankFailure(RuntimeError):
@@ -188,3 +226,48 @@ def broadcast_module(module: nn.Module, src: int = 0) -> None:
         torch.distributed.broadcast(buffer, src)
         if buffer is not tensor.data:
             tensor.data.copy_(buffer)
+
+
+def _collective_device(tensors: list[torch.Tensor]) -> torch.device:
+    if tensors:
+        return tensors[0].device
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def all_reduce_sum(tensors: list[torch.Tensor], stage: str, error: BaseException | None = None) -> None:
+    """Sum `tensors` over ranks in place (one flat buffer, one collective), carrying a failure flag.
+
+    A rank whose local work raised passes its `error` (its tensors are then ignored): every rank sees the
+    flag and raises the same error through `exchange`, instead of the others waiting for a rank that left.
+    Without a process group: raises `error` if given, else nothing changes.
+    """
+    if not is_initialized():
+        if error is not None:
+            raise error
+        return
+    device = _collective_device(tensors)
+    flag = torch.tensor([0.0 if error is None else 1.0], device=device)
+    # float32: gradients and loss sums are float32; a sum of two float32 values is rounded once, alike on
+    # every rank (the reduced buffer is what every rank receives).
+    if error is None:
+        parts = [t.reshape(-1).to(device=device, dtype=torch.float32) for t in tensors]
+    else:
+        parts = [torch.zeros(t.numel(), device=device) for t in tensors]
+    flat = torch.cat([*parts, flag])
+    torch.distributed.all_reduce(flat)
+    if float(flat[-1]) > 0:
+        exchange(stage, error=error)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def gather_rows(local: torch.Tensor, stage: str) -> torch.Tensor:
+    """Every rank's `local` rows (dim 0, on the CPU) concatenated in rank order."""
+    if not is_initialized():
+        return local
+    return torch.cat(exchange(stage, local.cpu()))

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffusers_ptq import distributed
 from diffusers_ptq.calibration import CalibrationSet
 from diffusers_ptq.nn import QuantAttnProcessor, QuantLayerMixin
 from diffusers_ptq.quantizers import GroupObserver, OutputCorrection, TimestepActQuantizer
+from diffusers_ptq.quantizers.observer import merge_observers
 
 
 def quant_layers(unet: nn.Module) -> list[tuple[str, QuantLayerMixin]]:
@@ -40,15 +43,33 @@ def initialise_weights(unet: nn.Module, progress: bool = True) -> None:
 
 @torch.no_grad()
 def run_float(
-    unet: nn.Module, data: CalibrationSet, batch_size: int, progress: bool = True, desc: str = "activations"
+    unet: nn.Module,
+    data: CalibrationSet,
+    batch_size: int,
+    progress: bool = True,
+    desc: str = "activations",
+    rows: range | None = None,
 ) -> None:
-    """Run every row of `data` through `unet` with fake quantization off (observers see float inputs)."""
+    """Run the `rows` of `data` (default: all) through `unet` with fake quantization off (observers see
+    float inputs)."""
     param = next(unet.parameters())
     set_quant_state(unet, weights=False, acts=False)
-    n_batches = (len(data) + batch_size - 1) // batch_size
-    batches = data.batches(batch_size, param.device, param.dtype)
-    for kwargs in tqdm(batches, total=n_batches, desc=f"calibration: {desc}", disable=not progress):
-        unet(**kwargs)
+    rows = range(len(data)) if rows is None else rows
+    contexts = {id(q.context): q.context for q in act_quantizers(unet)}.values()
+    starts = range(rows.start, rows.stop, batch_size)
+    for start in tqdm(starts, desc=f"calibration: {desc}", disable=not progress):
+        stop = min(start + batch_size, rows.stop)
+        with contextlib.ExitStack() as stack:
+            for context in contexts:  # observers key their subsample by calibration row
+                stack.enter_context(context.observing_rows(torch.arange(start, stop)))
+            unet(**data.unet_kwargs(slice(start, stop), param.device, param.dtype))
+
+
+def observed_rows(data: CalibrationSet) -> range:
+    """This rank's contiguous share of the calibration rows (all of them in one process)."""
+    return distributed.split_evenly(len(data), distributed.world_size(), "calibration rows")[
+        distributed.rank()
+    ]
 
 
 @torch.no_grad()
@@ -70,7 +91,8 @@ def observe_activations(
     for q in quantizers:
         q.start_observing(generator, slots=slots, num_slots=num_slots)
     try:
-        run_float(unet, data, batch_size, progress, desc="activations per step")
+        run_float(unet, data, batch_size, progress, desc="activations per step", rows=observed_rows(data))
+        merge_observers([q.observer for q in quantizers])
         return {q: q.stop_observing() for q in quantizers}
     finally:
         for q in quantizers:
@@ -94,7 +116,8 @@ def initialise_activations(
     for q in quantizers:
         q.start_observing(generator)
     try:
-        run_float(unet, data, batch_size, progress)
+        run_float(unet, data, batch_size, progress, rows=observed_rows(data))
+        merge_observers([q.observer for q in quantizers])
         borrowed: dict[int, int] = {}
         for q in tqdm(
             quantizers, desc="calibration: activation scales", unit="quantizer", disable=not progress

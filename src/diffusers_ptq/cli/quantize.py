@@ -285,6 +285,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--samples={args.samples} is invalid; expected an integer >= 1")
         prompts = _read_prompts(args)
         device, dtype = resolve_device(args.device, args.dtype)
+        if distributed.launched():  # torchrun / accelerate launch: one rank per process, one GPU per rank
+            distributed.init_from_environment()
+            if device.type == "cuda" and device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
         pipe = load_pipeline(args.model, device, dtype)
         spec = get_pipeline_spec(pipe)
         extra = pipeline_kwargs(args, pipe, spec)

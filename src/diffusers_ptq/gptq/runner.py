@@ -7,6 +7,10 @@ input the layer multiplies by its weight (after its own input quantizer when act
 that X is what the deployed layer sees), the weight is solved, and the layer gets a NEW weight Parameter
 holding the on-grid result, so the next layer's inputs already carry this layer's rounding. Only one
 layer's H exists at a time, on the UNet's device. The float layer's Parameter is never written.
+
+Under a torch.distributed group each rank caches and runs its contiguous share of the calibration rows; the
+layers' X Xᵀ sums and vector counts are summed across ranks before each solve, so every rank solves the H
+one process would (up to float summation order) and gets the same weights.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffusers_ptq import distributed
 from diffusers_ptq.calibration import CalibrationSet
 from diffusers_ptq.config import WeightQuantConfig
 from diffusers_ptq.gptq.hessian import HessianAccumulator
@@ -99,10 +104,21 @@ def _hessians(
             acc.add(module, x[:, part] if isinstance(module, nn.Conv2d) else x)
 
     handle = layer.register_forward_pre_hook(hook)
+    error = None
     try:
         _run_unit(unet, unit, cache, device, dtype, batch=batch)
+    except Exception as err:
+        if not distributed.is_initialized():
+            raise
+        error = err
     finally:
         handle.remove()
+    if distributed.is_initialized():  # the sums over every rank's rows: H as one process would see it
+        distributed.all_reduce_sum([acc.sum for acc in accs], f"gptq: Hessian of {name}", error)
+        counts = distributed.exchange(f"gptq: rows of {name}", [(acc.vectors, acc.samples) for acc in accs])
+        for i, acc in enumerate(accs):
+            acc.vectors = sum(c[i][0] for c in counts)
+            acc.samples = sum(c[i][1] for c in counts)
     return accs
 
 
@@ -207,7 +223,10 @@ def gptq_quantize(
     for name, m in unet.named_modules():
         if isinstance(m, QuantLayerMixin) and name not in reached:
             report.skipped[name] = "never runs in a UNet forward"
-    rows = torch.arange(len(data))
+    share = distributed.split_evenly(len(data), distributed.world_size(), "calibration rows")[
+        distributed.rank()
+    ]
+    rows = torch.arange(share.start, share.stop)  # this rank's (all of them in one process)
     saved = _Saved(unet)
     done = False
     bar = tqdm(total=len(reached), desc="gptq", unit="layer", disable=not progress)
@@ -215,15 +234,16 @@ def gptq_quantize(
         for unit in units:
             if not unit.layers:
                 continue
-            cache = build_cache(
-                unet,
-                unit,
-                data,
-                rows,
-                batch_size=batch_size,
-                cache_dtype="float32",
-                quant_state=(True, acts),
-            )
+            with distributed.guard(f"gptq: caching {unit.name}"):
+                cache = build_cache(
+                    unet,
+                    unit,
+                    data,
+                    rows,
+                    batch_size=batch_size,
+                    cache_dtype="float32",
+                    quant_state=(True, acts),
+                )
             order = _layer_order(unet, unit, cache, device, dtype)
             for name in unit.layers:
                 if name not in order:

@@ -108,9 +108,12 @@ def _atomic_write(path: Path, write: Any) -> None:
 class ResumeCheckpoint:
     """The progress of one reconstruction run in `directory` (created on first use)."""
 
-    def __init__(self, directory: str | os.PathLike[str], identity: dict[str, Any]) -> None:
+    def __init__(
+        self, directory: str | os.PathLike[str], identity: dict[str, Any], writer: bool = True
+    ) -> None:
         self.directory = Path(directory)
         self.identity = identity
+        self.writer = writer  # False: record finished units in memory only (ranks other than 0)
         self.finished: list[dict[str, Any]] = []
         path = self.directory / MANIFEST
         if path.is_file():
@@ -153,13 +156,15 @@ class ResumeCheckpoint:
     def save(
         self, phase: str, index: int, unit: str, tensors: dict[str, torch.Tensor], shapes: dict, report: dict
     ) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
         name = f"{phase}-{index:04d}.safetensors"
-        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        _atomic_write(self.directory / name, lambda p: safetensors.torch.save_file(tensors, str(p)))
         entry = {"phase": phase, "unit": unit, "file": name, "shapes": shapes, "report": report}
         self.finished = [e for e in self.finished if not (e["phase"] == phase and e["unit"] == unit)]
         self.finished.append(entry)
+        if not self.writer:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        _atomic_write(self.directory / name, lambda p: safetensors.torch.save_file(tensors, str(p)))
         manifest = {"format_version": FORMAT_VERSION, "identity": self.identity, "finished": self.finished}
         text = json.dumps(manifest, indent=1)
         _atomic_write(self.directory / MANIFEST, lambda p: p.write_text(text))

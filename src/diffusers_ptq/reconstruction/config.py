@@ -20,6 +20,7 @@ LR_SCHEDULES = ("constant", "cosine")
 TRANSFORMER_UNITS = ("block", "model")
 CACHE_DTYPES = ("float16", "bfloat16", "float32")
 OFFLOADS = ("none", "cpu")
+BATCH_SAMPLINGS = ("random", "stratified")
 _DEVICE = re.compile(r"^[a-z]+(:[0-9]+)?$")
 
 
@@ -52,6 +53,13 @@ class ReconstructionConfig:
     )
     act_iterations: int = _field(5000, "'sequential': optimiser steps per block of the activation pass")
     batch_size: int = _field(32, "calibration rows per optimiser step")
+    batch_sampling: str = _field(
+        "random",
+        "how a mini-batch is drawn: 'random' (batch_size rows without replacement, BRECQ) or 'stratified' "
+        "(one row from each of batch_size contiguous slices of the recorded rows, so every batch spans the "
+        "schedule); under torch.distributed 'stratified' gives every rank the same share of every batch",
+        BATCH_SAMPLINGS,
+    )
     weight_lr: float = _field(1e-3, "Adam learning rate of the AdaRound variables V")
     act_lr: float = _field(4e-4, "Adam learning rate of the activation step sizes")
     weight_lr_schedule: str = _field(
@@ -141,6 +149,7 @@ class ReconstructionConfig:
         _check_int(f"{path}.iterations", self.iterations, 0)
         _check_int(f"{path}.act_iterations", self.act_iterations, 0)
         _check_int(f"{path}.batch_size", self.batch_size, 1)
+        _check_choice(f"{path}.batch_sampling", self.batch_sampling, BATCH_SAMPLINGS)
         _check_float(f"{path}.weight_lr", self.weight_lr, 0.0, 1e3, open_lo=True)
         _check_float(f"{path}.act_lr", self.act_lr, 0.0, 1e3, open_lo=True)
         _check_choice(f"{path}.weight_lr_schedule", self.weight_lr_schedule, LR_SCHEDULES)

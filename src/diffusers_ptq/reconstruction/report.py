@@ -58,6 +58,8 @@ class ReconstructionReport:
     holdout_bias_before: float | None = None
     holdout_bias_after: float | None = None
     model_reverted: bool = False
+    # Under torch.distributed: rows each rank cached, in rank order (None: one process).
+    rows_per_rank: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -70,6 +72,7 @@ class ReconstructionReport:
             "holdout_bias_before": self.holdout_bias_before,
             "holdout_bias_after": self.holdout_bias_after,
             "model_reverted": self.model_reverted,
+            "rows_per_rank": self.rows_per_rank,
         }
 
     @classmethod
@@ -85,12 +88,14 @@ class ReconstructionReport:
             holdout_bias_before=data.get("holdout_bias_before"),
             holdout_bias_after=data.get("holdout_bias_after"),
             model_reverted=data.get("model_reverted", False),
+            rows_per_rank=data.get("rows_per_rank"),
         )
 
     def __str__(self) -> str:
         lines = [
             f"reconstruction: {len(self.units)} unit passes over {self.rows} calibration rows, "
             f"{self.seconds:.1f} s"
+            + ("" if self.rows_per_rank is None else f" (rows cached per rank: {self.rows_per_rank})")
         ]
         for u in self.units:
             losses = ""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from diffusers_ptq import distributed
 from diffusers_ptq.calibration import CalibrationSet
 from diffusers_ptq.nn.layers import QuantLayerMixin
 from diffusers_ptq.primitives import fake_quantize
@@ -35,6 +36,7 @@ from diffusers_ptq.reconstruction.memory import estimate_cache_bytes, offloaded,
 from diffusers_ptq.reconstruction.report import ReconstructionReport, UnitReport
 from diffusers_ptq.reconstruction.rounding import bake_layers, wrapped_layers
 from diffusers_ptq.reconstruction.safeguard import holdout_error, split_rows
+from diffusers_ptq.reconstruction.shard import RowShard
 from diffusers_ptq.reconstruction.spill import CacheStore, check_cache_dir
 from diffusers_ptq.reconstruction.state import SavedState, learned_tensors, restore_learned
 from diffusers_ptq.reconstruction.trainer import Phase, seeded, train_unit
@@ -152,6 +154,10 @@ def reconstruct(
     rows and config resumes after the last finished unit (`max_minutes` may differ). Memory: with
     `config.offload='cpu'` only the unit being trained is on the accelerator; a unit cache estimated above
     `config.cache_max_gb` is spilled to disk (`memory.py`, `spill.py`).
+
+    Under an initialised torch.distributed group, call it on every rank with the same arguments: each rank
+    caches its share of the rows and gradients are summed across ranks every step (`shard.py`); only
+    rank 0 writes the checkpoint, which every rank must be able to read to resume.
     """
     config = _check_inputs(unet, calibration_set, config)
     started = time.perf_counter()
@@ -172,13 +178,22 @@ def reconstruct(
             calibration_fingerprint(calibration_set, rows),
             model_fingerprint(unet),
         )
-        checkpoint = ResumeCheckpoint(checkpoint_dir, identity)
+        checkpoint = ResumeCheckpoint(checkpoint_dir, identity, writer=distributed.is_main_process())
+        if distributed.is_initialized():
+            distributed.check_same(
+                f"the finished units in checkpoint_dir {checkpoint_dir} (every rank must read the same "
+                "folder, e.g. on a shared filesystem)",
+                [(e["phase"], e["unit"]) for e in checkpoint.finished],
+            )
     weights = [config.act_iterations if phase.name == "acts" else config.iterations for phase, _ in steps]
     # The same rows are held out of every unit, so the whole run can be judged on them too.
     split_gen = torch.Generator().manual_seed(seeded(config.seed, "holdout"))
     split = split_rows(len(rows), config.holdout, split_gen)
-    holdout_rows = rows[split[1]]
+    shard = RowShard.plan(len(rows), split, config.batch_size, config.batch_sampling)
+    holdout_rows = rows[shard.owned[torch.isin(shard.owned, split[1])]]  # this rank's, in order
     report = ReconstructionReport(config=config.to_dict(), rows=len(rows))
+    if shard.sharded:
+        report.rows_per_rank = distributed.exchange("reconstruction: rows per rank", len(shard.owned))
     saved = SavedState(unet)
     # Offload wraps the undo too: a restored weight Parameter then goes back to the UNet's device with it.
     with (
@@ -188,7 +203,10 @@ def reconstruct(
         estimates = {}
         if store.max_bytes is not None:
             inner = config.layer_loss_weight > 0
-            estimates = estimate_cache_bytes(unet, units, calibration_set, rows, config.cache_dtype, inner)
+            local_rows = rows[shard.owned]
+            estimates = estimate_cache_bytes(
+                unet, units, calibration_set, local_rows, config.cache_dtype, inner
+            )
             spilled = [b for b in estimates.values() if store.spills(b)]
             check_cache_dir(config.cache_dir, max(spilled, default=0))
         run = _Run(
@@ -201,6 +219,7 @@ def reconstruct(
             total=len(steps),
             progress=progress,
             split=split,
+            shard=shard,
             device=device,
             store=store,
             estimates=estimates,
@@ -254,6 +273,7 @@ class _Run:
     total: int
     progress: bool
     split: tuple[torch.Tensor, torch.Tensor]
+    shard: RowShard
     device: torch.device | None = None  # offload='cpu': where each unit trains (the UNet stays on the CPU)
     store: CacheStore | None = None
     estimates: dict[str, int] | None = None  # unit name -> estimated cache bytes (with cache_max_gb)
@@ -288,12 +308,16 @@ class _Run:
                 restore_learned(unet, unit, phase, checkpoint, entry)
             status = "reverted" if stored.get("status") == "reverted" else "resumed"
             return UnitReport.from_dict({**stored, "status": status}), False
-        if budget.exhausted() or budget.share(weight) <= 0:  # no time left for it: not even cached
+        # No time left for it: not even cached (ranks agree: any rank out of time skips it everywhere).
+        if any(
+            distributed.exchange("reconstruction: budget", budget.exhausted() or budget.share(weight) <= 0)
+        ):
             return self._skip(phase, unit), False
         if budget.limited:
 
             def iterations(seconds_per_step: float) -> int:
-                return budget.iterations(weight, weight, seconds_per_step)
+                fit = budget.iterations(weight, weight, seconds_per_step)
+                return min(distributed.exchange("reconstruction: iterations", fit))
         else:
             iterations = weight
         store = self.store or CacheStore(None, None)
@@ -301,18 +325,19 @@ class _Run:
         store.begin_unit(spill)
         try:
             with peak_memory(self.device or next(unet.parameters()).device) as peak:
-                cache = build_cache(
-                    unet,
-                    unit,
-                    self.data,
-                    self.rows,
-                    batch_size=config.cache_batch_size,
-                    cache_dtype=config.cache_dtype,
-                    quant_state=(True, phase.acts_on),
-                    with_inner=config.layer_loss_weight > 0 and bool(unit.inner_layers),
-                    progress=self.progress,
-                    allocate=store.allocate,
-                )
+                with distributed.guard(f"reconstruction: caching {unit.name}"):
+                    cache = build_cache(
+                        unet,
+                        unit,
+                        self.data,
+                        self.rows[self.shard.owned],
+                        batch_size=config.cache_batch_size,
+                        cache_dtype=config.cache_dtype,
+                        quant_state=(True, phase.acts_on),
+                        with_inner=config.layer_loss_weight > 0 and bool(unit.inner_layers),
+                        progress=self.progress,
+                        allocate=store.allocate,
+                    )
                 cache_bytes = cache.nbytes
                 with unit_on(unet, unit, self.device):
                     result = train_unit(
@@ -326,6 +351,7 @@ class _Run:
                         desc=f"{phase.name} {index + 1}/{self.total} {unit.name}",
                         progress=self.progress,
                         device=self.device,
+                        shard=self.shard,
                     )
                 del cache
         finally:
@@ -362,7 +388,7 @@ class _Run:
             result.holdout_after,
             " (not lower: reverted to its starting point)" if result.status == "reverted" else "",
         )
-        if checkpoint is not None:
+        if checkpoint is not None:  # rank 0 writes, every rank records it (learned tensors are alike)
             tensors, shapes = learned_tensors(unet, unit, phase) if result.status == "trained" else ({}, {})
             checkpoint.save(phase.name, index, unit.name, tensors, shapes, unit_report.to_dict())
         return unit_report, True

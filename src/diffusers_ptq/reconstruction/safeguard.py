@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from diffusers_ptq import distributed
 from diffusers_ptq.calibration import CalibrationSet
 from diffusers_ptq.initialise import set_quant_state
 from diffusers_ptq.quantizers import TimestepActQuantizer, WeightQuantizer
@@ -60,13 +61,26 @@ class StartingPoint:
 
 @torch.no_grad()
 def model_outputs(unet: nn.Module, data: CalibrationSet, rows: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The UNet's outputs (float32, CPU) on the calibration `rows`, in its current quantization state."""
+    """The UNet's outputs (float32, CPU) on the calibration `rows`, in its current quantization state.
+
+    Under torch.distributed, `rows` are this rank's and the result is every rank's, in rank order.
+    """
     param = next(unet.parameters())
-    outputs = []
-    for start in range(0, len(rows), batch_size):
-        kwargs = data.unet_kwargs(rows[start : start + batch_size], param.device, param.dtype)
-        outputs.append(main_output(unet(**kwargs)).float().cpu())
-    return torch.cat(outputs)
+    outputs, error = [], None
+    try:
+        for start in range(0, len(rows), batch_size):
+            kwargs = data.unet_kwargs(rows[start : start + batch_size], param.device, param.dtype)
+            outputs.append(main_output(unet(**kwargs)).float().cpu())
+    except Exception as err:
+        if not distributed.is_initialized():
+            raise
+        error = err
+    if not distributed.is_initialized():
+        return torch.cat(outputs)
+    gathered = distributed.exchange(
+        "reconstruction: held-out outputs", torch.cat(outputs) if outputs else None, error
+    )
+    return torch.cat([t for t in gathered if t is not None])
 
 
 def output_errors(outputs: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:

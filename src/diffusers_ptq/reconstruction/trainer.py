@@ -2,8 +2,12 @@
 
 Loss = sum_outputs |B_q - B_fp|^p  (+ gamma * sum_inner |y_l^q - y_l^fp|^p, EDA-DM FBR)
        (+ lambda * sum (1 - |2h(V) - 1|^beta) after the warm-up, AdaRound).
-Mini-batches are drawn without replacement within a batch (BRECQ's randperm) from a generator seeded per
-(seed, phase, unit), so a unit trains identically whether or not the run was interrupted before it.
+Mini-batches (`shard.BatchSampler`) come from a generator seeded per (seed, phase, unit), so a unit trains
+identically whether or not the run was interrupted before it. Under a torch.distributed group every rank
+draws the same global batch, computes the loss of the rows it caches (`shard.RowShard`) weighted by their
+share of the batch, and the gradients are summed across ranks before the optimiser steps, so every rank
+takes the step one process would (up to float summation order). QDrop masks are drawn per rank: the same
+distribution as one process's, not the same draws.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffusers_ptq import distributed
 from diffusers_ptq.quantizers.adaround import AdaRoundQuantizer
 from diffusers_ptq.reconstruction.cache import BlockCache, CacheBatch
 from diffusers_ptq.reconstruction.config import ReconstructionConfig
@@ -29,6 +34,7 @@ from diffusers_ptq.reconstruction.lsq import (
 )
 from diffusers_ptq.reconstruction.rounding import wrap_layer
 from diffusers_ptq.reconstruction.safeguard import StartingPoint, split_rows
+from diffusers_ptq.reconstruction.shard import BatchSampler, RowShard
 
 EVAL_ROWS = 64
 PROBE_STEPS = 3
@@ -70,10 +76,17 @@ class _Step:
     """One forward of the unit on a cached mini-batch and its loss terms."""
 
     def __init__(
-        self, unet: nn.Module, cache: BlockCache, phase: Phase, gamma: float, device: torch.device | None
+        self,
+        unet: nn.Module,
+        cache: BlockCache,
+        phase: Phase,
+        gamma: float,
+        device: torch.device | None,
+        shard: RowShard,
     ) -> None:
         self.unet = unet
         self.cache = cache
+        self.shard = shard
         self.unit = cache.unit
         self.phase = phase
         self.gamma = gamma
@@ -82,6 +95,7 @@ class _Step:
         self.context = unet.ptq_state.context
 
     def batch(self, index: torch.Tensor) -> CacheBatch:
+        """The cached rows of cache indices `index`."""
         return self.cache.batch(index, self.device, self.dtype)
 
     def losses(self, batch: CacheBatch, inner: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,12 +111,23 @@ class _Step:
 
     @torch.no_grad()
     def evaluate(self, rows: torch.Tensor, chunk: int) -> float:
-        """Output loss over `rows` with hard rounding and no QDrop (the unit as it will be deployed)."""
-        total = 0.0
-        for start in range(0, len(rows), chunk):
-            index = rows[start : start + chunk]
-            out_loss, _ = self.losses(self.batch(index), inner=False)
-            total += float(out_loss) * len(index)
+        """Output loss over the row positions `rows` with hard rounding and no QDrop (the unit as it will be
+        deployed); each rank sums the rows it caches, the ranks add their sums."""
+        local = self.shard.local(rows)
+        total, error = 0.0, None
+        try:
+            for start in range(0, len(local), chunk):
+                index = local[start : start + chunk]
+                out_loss, _ = self.losses(self.batch(index), inner=False)
+                total += float(out_loss) * len(index)
+        except Exception as err:
+            if not self.shard.sharded:
+                raise
+            error = err
+        if self.shard.sharded:
+            summed = torch.tensor([total])
+            distributed.all_reduce_sum([summed], f"reconstruction: evaluating {self.unit.name}", error)
+            total = float(summed)
         return total / max(len(rows), 1)
 
 
@@ -123,6 +148,7 @@ def train_unit(
     desc: str = "",
     progress: bool = True,
     device: torch.device | None = None,
+    shard: RowShard | None = None,
 ) -> TrainResult:
     """Optimise `cache.unit` for `iterations` steps (or as many as the callback allows given the measured
     seconds per step), then keep the result only if the held-out block loss went down (`safeguard.py`).
@@ -133,20 +159,22 @@ def train_unit(
     rate is raised (`rounding_lr`). Step-size learning rates are not (an Adam step moves a step size by
     about its learning rate in absolute units). With zero iterations the unit is not started. AdaRound
     roundings are frozen and step sizes fixed on return. `device`: where the unit's modules are and its
-    mini-batches go (CPU offload moves only the unit there); None: the UNet's device.
+    mini-batches go (CPU offload moves only the unit there); None: the UNet's device. `shard`: the row
+    positions this rank caches (None: one process, the cache holds every row).
     """
     start_time = time.perf_counter()
     unit = cache.unit
     layers = [unet.get_submodule(name) for name in unit.layers] if phase.learn_rounding else []
     scales_owned = [unet.get_submodule(n) for n in unit.act_quantizers] if phase.learn_scales else []
     start = StartingPoint(layers, scales_owned)
-    step = _Step(unet, cache, phase, config.layer_loss_weight, device)
+    shard = RowShard.whole(len(cache)) if shard is None else shard
+    step = _Step(unet, cache, phase, config.layer_loss_weight, device, shard)
     inner = config.layer_loss_weight > 0 and bool(unit.inner_layers)
-    n = len(cache)
+    n = shard.num_rows
     if split is None:
         split = split_rows(n, config.holdout, torch.Generator().manual_seed(seeded(config.seed, "holdout")))
     train_rows, holdout = split
-    batch_size = min(config.batch_size, len(train_rows))
+    sampler = BatchSampler(train_rows, config.batch_size, config.batch_sampling)
     drop = unit.executed_act_quantizers(unet) if phase.qdrop_prob > 0 else []
 
     eval_gen = torch.Generator().manual_seed(seeded(config.seed, "eval", unit.name))
@@ -174,7 +202,7 @@ def train_unit(
     loss_after, holdout_after = loss_before, holdout_before
     train_seconds = 0.0
     try:
-        loop = _Loop(step, config, phase, rounding, scales_owned, drop, train_rows, batch_size, inner)
+        loop = _Loop(step, config, phase, rounding, scales_owned, drop, sampler, inner)
         if callable(iterations):
             iterations = iterations(_probe(loop, groups))
         if not groups:
@@ -245,14 +273,16 @@ class _Loop:
         rounding: list[AdaRoundQuantizer],
         scales: list,
         drop: list,
-        rows: torch.Tensor,
-        batch_size: int,
+        sampler: BatchSampler,
         inner: bool,
     ) -> None:
         self.step, self.config, self.phase = step, config, phase
         self.rounding, self.scales, self.drop = rounding, scales, drop
-        self.rows, self.batch_size, self.inner = rows, batch_size, inner
+        self.sampler, self.inner = sampler, inner
         self.regularise = phase.learn_rounding and config.round_weight > 0
+        self.shard = step.shard
+        # The regulariser depends on V alone: one rank adds its gradient, so the sum over ranks holds it once.
+        self.adds_regulariser = distributed.is_main_process() or not self.shard.sharded
 
     def one(
         self,
@@ -261,18 +291,48 @@ class _Loop:
         drop_gen: torch.Generator,
         beta: float | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        index = self.rows[torch.randperm(len(self.rows), generator=gen)[: self.batch_size]]
-        with qdrop(self.drop, self.phase.qdrop_prob, drop_gen):
-            out_loss, loss = self.step.losses(self.step.batch(index), self.inner)
-        reg = None
-        if beta is not None:
-            reg = self.config.round_weight * sum(q.regulariser(beta) for q in self.rounding)
-            loss = loss + reg
+        index = self.sampler.draw(gen)
+        zero = torch.zeros((), device=self.step.device)
+        out_loss, loss, reg = zero, zero, None
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        error = None
+        try:
+            local = self.shard.local(index)
+            if len(local):
+                with qdrop(self.drop, self.phase.qdrop_prob, drop_gen):
+                    out_loss, loss = self.step.losses(self.step.batch(local), self.inner)
+                if self.shard.sharded:  # this rank's rows' share of the global batch mean
+                    loss = loss * (len(local) / len(index))
+            if beta is not None:
+                reg = self.config.round_weight * sum(q.regulariser(beta) for q in self.rounding)
+                if self.adds_regulariser:
+                    loss = loss + reg
+            if loss.requires_grad:
+                loss.backward()
+        except Exception as err:
+            if not self.shard.sharded:
+                raise
+            error = err
+        if self.shard.sharded:
+            self._sum_gradients(optimizer, error)
         optimizer.step()
         clamp_scales(self.scales)
         return out_loss, loss, reg
+
+    def _sum_gradients(self, optimizer: torch.optim.Optimizer, error: BaseException | None) -> None:
+        """Sum every trained tensor's gradient over the ranks (one collective). A tensor no rank has a
+        gradient for keeps none, so Adam skips it as one process would."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        has = torch.tensor([float(p.grad is not None) for p in params])
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        distributed.all_reduce_sum(
+            [*(p.grad for p in params), has], f"reconstruction: training {self.step.unit.name}", error
+        )
+        for p, present in zip(params, has.tolist()):
+            if present == 0:
+                p.grad = None
 
     def run(
         self,
@@ -327,4 +387,5 @@ def _probe(loop: _Loop, groups: list[dict]) -> float:
             for t, value in zip(tensors, saved):
                 t.copy_(value)
                 t.grad = None
-    return sorted(seconds)[len(seconds) // 2]
+    # Every rank must run the same number of steps: the slowest rank's time decides.
+    return max(distributed.exchange("reconstruction: step timing", sorted(seconds)[len(seconds) // 2]))
