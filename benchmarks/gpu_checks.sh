@@ -6,7 +6,9 @@
 # group-wise weight scales and bias tables in its epilogue, GPTQ on the GPU) and
 # OUT_DIR/speed-gpu/ (benchmarks/speed.py on SD 1.5's UNet and the shipped model, every row, W8A8), then
 # OUT_DIR/speed-gpu-int-mm/ (the same integer rows with im2col + torch._int_mm instead of Triton, to see
-# what the implicit GEMM buys). Record every figure in BENCHMARKS.md with the device named.
+# what the implicit GEMM buys), then OUT_DIR/reconstruction_schedule.json (per-step costs of SD 1.5's units
+# at batch 32 and 4, extrapolated to the published schedule on 1 and 8 GPUs: issue 17). Record every
+# figure in BENCHMARKS.md with the device named.
 set -uo pipefail
 out="${1:?usage: bash benchmarks/gpu_checks.sh OUT_DIR}"
 mkdir -p "$out"
@@ -20,4 +22,6 @@ python benchmarks/speed.py --model both --device cuda --repeats 20 --warmup 5 --
 python benchmarks/speed.py --model sd15 --device cuda --repeats 20 --warmup 5 --kernel int_mm \
     --rows float-compiled,int8,int8-compiled --output "$out/speed-gpu-int-mm" --overwrite \
     > "$out/speed-gpu-int-mm.log" 2>&1
+python benchmarks/reconstruction_schedule.py --device cuda --rows 64 --iterations 10 --devices 8 \
+    --no-progress --json "$out/reconstruction_schedule.json" > "$out/reconstruction_schedule.log" 2>&1
 echo "done: $out"
