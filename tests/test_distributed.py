@@ -176,6 +176,7 @@ def test_split_evenly_and_no_group():
     assert distributed.split_evenly(4, 4) == [range(i, i + 1) for i in range(4)]
     with pytest.raises(ValueError, match="2 items cannot be split among 3 ranks"):
         distributed.split_evenly(2, 3)
+    assert distributed.split_evenly(2, 3, allow_empty=True) == [range(0, 1), range(1, 2), range(2, 2)]
     assert not distributed.is_initialized()
     assert distributed.world_size() == 1 and distributed.rank() == 0 and distributed.is_main_process()
     assert distributed.exchange("x", 7) == [7]

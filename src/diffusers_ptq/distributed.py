@@ -192,12 +192,12 @@ def check_same(what: str, value: Any) -> None:
         )
 
 
-def split_evenly(count: int, parts: int, what: str = "items") -> list[range]:
+def split_evenly(count: int, parts: int, what: str = "items", allow_empty: bool = False) -> list[range]:
     """`count` items as `parts` contiguous ranges, the first `count % parts` one longer.
 
-    ValueError when `count < parts`: a rank would get none.
+    ValueError when `count < parts` (a rank would get none) unless `allow_empty`.
     """
-    if count < parts:
+    if count < parts and not allow_empty:
         raise ValueError(f"{count} {what} cannot be split among {parts} ranks: each rank needs at least one")
     base, extra = divmod(count, parts)
     ranges, start = [], 0

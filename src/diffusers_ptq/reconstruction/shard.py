@@ -27,14 +27,7 @@ from diffusers_ptq import distributed
 
 
 def _shares(count: int, parts: int) -> list[range]:
-    """`count` items as `parts` contiguous ranges (the first ones one longer); empty ones allowed."""
-    base, extra = divmod(count, parts)
-    out, start = [], 0
-    for p in range(parts):
-        stop = start + base + (p < extra)
-        out.append(range(start, stop))
-        start = stop
-    return out
+    return distributed.split_evenly(count, parts, allow_empty=True)
 
 
 @dataclass
