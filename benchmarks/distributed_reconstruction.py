@@ -49,7 +49,9 @@ def _config(args: argparse.Namespace, sampling: str):
         "act_iterations": args.act_iterations,
         "batch_sampling": sampling,
     }
-    calibration = {"num_inference_steps": args.steps}
+    # Capture splits pipeline calls among ranks: the default recipe's one call of 8 trajectories becomes
+    # `world` calls (in both runs, so both record the same calibration set).
+    calibration = {"num_inference_steps": args.steps, "batch_size": args.calibration_batch_size}
     if args.calibration_samples is not None:
         calibration["num_samples"] = args.calibration_samples
     return PTQConfig(weight_bits=w, act_bits=a, calibration=calibration, reconstruction=reconstruction)
@@ -156,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--act-iterations", type=int, default=100, help="step-size steps per block")
     parser.add_argument("--samplings", default="stratified", help="comma-separated batch_sampling values")
     parser.add_argument("--calibration-samples", type=int, default=None)
+    parser.add_argument(
+        "--calibration-batch-size", type=int, default=4, help="trajectories per calibration pipeline call"
+    )
     parser.add_argument("--num-samples", type=int, default=250, help="images for FD")
     parser.add_argument("--sqnr-samples", type=int, default=32, help="float trajectories for the SQNR")
     parser.add_argument("--batch-size", type=int, default=50)

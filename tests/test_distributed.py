@@ -140,8 +140,9 @@ def test_a_rank_without_a_pipeline_run_is_an_error_on_every_rank(results):
     errors = [results[r]["too_few"]["error"] for r in range(WORLD)]
     assert errors[0] == errors[1]
     assert errors[0] == (
-        "ValueError: 1 calibration pipeline runs (1 trajectories each) cannot be split among 2 ranks: "
-        "each rank needs at least one"
+        "ValueError: 1 calibration pipeline runs (1 trajectories each, 1 in all) cannot be split among 2 "
+        "ranks: each rank needs at least one; set calibration.batch_size (trajectories per pipeline call) to "
+        "at most 1, or record more trajectories"
     )
     assert not any(results[r]["too_few"]["quantized"] for r in range(WORLD))
 

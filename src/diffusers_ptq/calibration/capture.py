@@ -196,7 +196,14 @@ def capture(
 def split_runs(n_traj: int, chunk_size: int, world: int) -> list[range]:
     """The pipeline runs (`chunk_size` trajectories each) of every rank: contiguous, as even as possible."""
     runs = -(-n_traj // chunk_size)
-    return split_evenly(runs, world, f"calibration pipeline runs ({chunk_size} trajectories each)")
+    if runs < world:
+        raise ValueError(
+            f"{runs} calibration pipeline runs ({chunk_size} trajectories each, {n_traj} in all) cannot be "
+            f"split among {world} ranks: each rank needs at least one; set calibration.batch_size "
+            f"(trajectories per pipeline call) to at most {max(n_traj // world, 1)}, or record more "
+            "trajectories"
+        )
+    return split_evenly(runs, world)
 
 
 def rank_counts(mask: torch.Tensor, chunk_size: int, world: int) -> dict[str, list[int]]:
