@@ -131,18 +131,21 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, sampling:
 
 
 def run(world: int, args: argparse.Namespace, sampling: str) -> dict:
-    out = tempfile.mktemp(suffix=".json")
+    handle, out = tempfile.mkstemp(suffix=".json")  # rank 0 writes its row here
+    os.close(handle)
     ctx = mp.get_context("spawn")
     port = _port()
     procs = [ctx.Process(target=worker, args=(r, world, port, args, sampling, out)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-    if any(p.exitcode != 0 for p in procs):
-        raise RuntimeError(f"a rank failed (exit codes {[p.exitcode for p in procs]})")
-    row = json.loads(Path(out).read_text())
-    os.unlink(out)
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        if any(p.exitcode != 0 for p in procs):
+            raise RuntimeError(f"a rank failed (exit codes {[p.exitcode for p in procs]})")
+        row = json.loads(Path(out).read_text())
+    finally:
+        os.unlink(out)
     print(json.dumps(row), file=sys.stderr)
     return row
 

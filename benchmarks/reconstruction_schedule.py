@@ -159,8 +159,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = json.loads((args.config or SD15_UNET_CONFIG_FILE).read_text())
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     started = time.perf_counter()
-    # Warm-up (kernel selection, allocator, lazy initialisation), so neither measured run pays for it.
-    measure(config, argparse.Namespace(**{**vars(args), "iterations": 1}), args.batch_size)
+    # Warm-up (kernel selection, allocator, lazy initialisation), so neither measured run pays for it: one
+    # step per unit on a few rows.
+    warm = argparse.Namespace(**{**vars(args), "iterations": 1, "rows": min(args.rows, 8)})
+    measure(config, warm, min(args.batch_size, 8))
     full = measure(config, args, args.batch_size)
     per_rank = measure(config, args, args.batch_size // args.devices)
     result = {

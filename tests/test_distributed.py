@@ -208,10 +208,10 @@ def test_hessian_sums_across_ranks_equal_the_whole(results):
 
 def test_two_rank_gptq_solves_the_summed_hessians(results):
     """Every rank solves the same summed H (identical weights before the broadcast). Against one process
-    the sums differ in float summation order (relative 1e-7), which flips a few borderline roundings
-    GPTQ then propagates through its error feedback (measured: H equal to 1.5e-7 up to the first flipped
-    layer). Bounded here: under 5 % of the codes differ, and both UNets' noise predictions are as far from
-    the float UNet's (SQNR within 1 dB): the same quality, not the same codes."""
+    the sums differ in float summation order (the test above), which flips a few borderline roundings that
+    GPTQ then propagates through its error feedback. Bounded here: under 5 % of the codes differ, and both
+    UNets' noise predictions are as far from the float UNet's (SQNR within 1 dB): the same quality, not
+    the same codes."""
     single = _one_process("gptq")
     own = [results[r]["gptq"]["own_tensors"] for r in range(WORLD)]
     _assert_same_tensors(own[0], own[1])

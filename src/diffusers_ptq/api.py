@@ -23,7 +23,7 @@ from diffusers_ptq.calibration import (
 from diffusers_ptq.calibration.active import candidate_steps
 from diffusers_ptq.calibration.driver import CalibrationDriver, check_pipeline_kwargs, plan_unet_calls
 from diffusers_ptq.calibration.features import feature_module
-from diffusers_ptq.calibration.pipelines import default_call_arg
+from diffusers_ptq.calibration.pipelines import inference_steps
 from diffusers_ptq.config import CalibrationConfig, PTQConfig
 from diffusers_ptq.job import QuantizationJob
 from diffusers_ptq.offload import onloaded
@@ -148,11 +148,7 @@ def quantize_pipeline(
         guidance_scale=guidance_scale,
         batch_size=batch_size,
     )
-    steps = calib.num_inference_steps or default_call_arg(pipe, "num_inference_steps")
-    if steps is None:
-        raise ValueError(
-            f"{spec.name} has no default num_inference_steps; set calibration.num_inference_steps"
-        )
+    steps = inference_steps(pipe, calib.num_inference_steps)
     num_train = int(pipe.scheduler.config.num_train_timesteps)
     # --- distributed hook: with a process group, every rank makes the same call; only rank 0 reports.
     on_ranks = ranks.is_initialized()

@@ -35,6 +35,7 @@ __all__ = [
     "init_from_environment",
     "is_initialized",
     "is_main_process",
+    "launched",
     "module_checksum",
     "rank",
     "split_evenly",

@@ -21,7 +21,7 @@ from torch import nn
 
 from diffusers_ptq.calibration import get_pipeline_spec, planned_timesteps, recording_mask
 from diffusers_ptq.calibration.capture import quiet_pipeline
-from diffusers_ptq.calibration.pipelines import default_call_arg
+from diffusers_ptq.calibration.pipelines import inference_steps
 from diffusers_ptq.config import CalibrationConfig
 
 QUANTO_ROW = "quanto W8A8"
@@ -60,7 +60,7 @@ def quanto_pipeline_quantizer(calibration: CalibrationConfig) -> Callable[[Any],
 
     def quantize(pipe: Any) -> dict[str, Any]:
         spec = get_pipeline_spec(pipe)
-        steps = calibration.num_inference_steps or default_call_arg(pipe, "num_inference_steps")
+        steps = inference_steps(pipe, calibration.num_inference_steps)
         num_train = int(pipe.scheduler.config.num_train_timesteps)
         step_timesteps = planned_timesteps(pipe, steps)
         mask_gen = torch.Generator().manual_seed(calibration.seed)

@@ -149,6 +149,16 @@ def default_call_arg(pipe: Any, name: str) -> Any:
     return None if param is None or param.default is inspect.Parameter.empty else param.default
 
 
+def inference_steps(pipe: Any, num_inference_steps: int | None) -> int:
+    """`num_inference_steps` as configured, else the default of `pipe.__call__`; ValueError if neither."""
+    steps = num_inference_steps or default_call_arg(pipe, "num_inference_steps")
+    if steps is None:
+        raise ValueError(
+            f"{type(pipe).__name__} has no default num_inference_steps; set calibration.num_inference_steps"
+        )
+    return steps
+
+
 def planned_timesteps(pipe: Any, num_inference_steps: int) -> torch.Tensor:
     """The scheduler's own schedule for `num_inference_steps` (text-to-image pipelines call exactly this).
 

@@ -14,6 +14,8 @@ import zlib
 
 import torch
 
+from diffusers_ptq import distributed
+
 _KEY_HIGH = 1 << 62
 _SEED_MOD = 1 << 63
 
@@ -117,8 +119,6 @@ def merge_observers(observers: list[GroupObserver]) -> None:
     and counts add up exactly, and the values of smallest key over all ranks are the subsample one process
     keeps. Without a process group nothing changes.
     """
-    from diffusers_ptq import distributed  # the quantizers stay importable without torch.distributed
-
     if not distributed.is_initialized():
         return
     mine = [(o.lo, o.hi, o.seen, o.values, o.keys) for o in observers]

@@ -309,7 +309,7 @@ class _Run:
             status = "reverted" if stored.get("status") == "reverted" else "resumed"
             return UnitReport.from_dict({**stored, "status": status}), False
         # No time left for it: not even cached (ranks agree: any rank out of time skips it everywhere).
-        if any(
+        if budget.limited and any(
             distributed.exchange("reconstruction: budget", budget.exhausted() or budget.share(weight) <= 0)
         ):
             return self._skip(phase, unit), False

@@ -14,7 +14,7 @@ from diffusers_ptq.calibration import (
     select_calibration,
 )
 from diffusers_ptq.calibration.driver import CalibrationDriver, check_pipeline_kwargs, plan_unet_calls
-from diffusers_ptq.calibration.pipelines import default_call_arg
+from diffusers_ptq.calibration.pipelines import inference_steps
 from diffusers_ptq.config import PTQConfig
 from diffusers_ptq.prepare import is_quantized, plan_quantization
 from diffusers_ptq.sensitivity.measure import calibrated_probe, even_rows, measure_units
@@ -162,11 +162,7 @@ def capture_for_sensitivity(
             "calibration.selector='active' needs the group search; measure sensitivity with 'random' or "
             "'density_diversity'"
         )
-    steps = calib.num_inference_steps or default_call_arg(pipe, "num_inference_steps")
-    if steps is None:
-        raise ValueError(
-            f"{spec.name} has no default num_inference_steps; set calibration.num_inference_steps"
-        )
+    steps = inference_steps(pipe, calib.num_inference_steps)
     driver = CalibrationDriver(
         spec,
         steps,
