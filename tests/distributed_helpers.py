@@ -20,6 +20,7 @@ from diffusers_ptq.cli import quantize as cli_quantize
 from diffusers_ptq.distributed import broadcast_module
 from diffusers_ptq.job import QuantizationJob
 from diffusers_ptq.prepare import is_quantized
+from diffusers_ptq.quantizers.adaround import AdaRoundQuantizer
 from diffusers_ptq.reconstruction import checkpoint as recon_checkpoint
 from diffusers_ptq.reconstruction import trainer as recon_trainer
 from diffusers_ptq.tiny import tiny_ddim_pipeline, tiny_sd_pipeline
@@ -108,9 +109,23 @@ CASES: dict[str, tuple[str, Any, dict[str, Any], bool]] = {
     "recon_random": ("ddim", _recon(batch_sampling="random"), {}, False),
     "recon_spill": ("ddim", _recon(cache_max_gb=0.0), {}, False),
     "fail_recon": ("ddim", _recon(), {}, False),
+    # Rank 1's AdaRound regulariser fails in its backward, which overlaps the gradient sum (gradsum.py).
+    "fail_regulariser": ("ddim", _recon(), {}, False),
 }
 # Cases whose reconstruction_checkpoint is a folder under the run's output (same path on every rank).
 CHECKPOINTED = ("recon",)
+
+
+class _FailingBackward(torch.autograd.Function):
+    """Identity whose backward raises."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("injected failure in the regulariser's backward")
 
 
 def build_pipe(kind: str) -> Any:
@@ -156,6 +171,13 @@ def run_case(name: str, rank: int, workdir: str | None = None) -> dict[str, Any]
         writes.append(os.path.basename(str(path)))
         original_write(path, fn)
 
+    original_regulariser = AdaRoundQuantizer.regulariser
+
+    def failing_regulariser(q: Any, beta: float) -> torch.Tensor:
+        calls.append(1)
+        value = original_regulariser(q, beta)
+        return _FailingBackward.apply(value) if len(calls) == 3 else value
+
     def failing_losses(step: Any, *args: Any, **kw: Any) -> Any:
         calls.append(1)
         if len(calls) == 5:
@@ -168,6 +190,8 @@ def run_case(name: str, rank: int, workdir: str | None = None) -> dict[str, Any]
         CalibrationDriver.run = fail_run
     if name == "fail_recon" and rank == 1:
         recon_trainer._Step.losses = failing_losses
+    if name == "fail_regulariser" and rank == 1:
+        AdaRoundQuantizer.regulariser = failing_regulariser
     error = None
     try:
         quantize_pipeline(pipe, config(rank), progress=False, **kwargs)
@@ -178,6 +202,7 @@ def run_case(name: str, rank: int, workdir: str | None = None) -> dict[str, Any]
         CalibrationDriver.run = original_run
         recon_checkpoint._atomic_write = original_write
         recon_trainer._Step.losses = original_losses
+        AdaRoundQuantizer.regulariser = original_regulariser
     unet = pipe.unet
     report = getattr(getattr(unet, "ptq_state", None), "report", None)
     return {

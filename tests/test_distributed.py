@@ -275,3 +275,16 @@ def test_a_failure_in_a_reconstruction_step_on_one_rank_stops_every_rank(results
     for r in range(WORLD):
         assert not results[r]["fail_recon"]["quantized"]
         _assert_same_tensors(results[r]["fail_recon"]["tensors"], reference)
+
+
+def test_a_failure_overlapping_the_gradient_sum_is_raised_on_every_rank(results):
+    # The regulariser's backward runs while the step's gradient sum is in flight: its failure is reported at
+    # the next collective, on every rank.
+    reference = dict(build_pipe("ddim").unet.state_dict())
+    errors = [results[r]["fail_regulariser"]["error"] for r in range(WORLD)]
+    assert errors[0] == errors[1]
+    assert errors[0].startswith("RankFailure: rank 1 of 2 failed during reconstruction: training ")
+    assert errors[0].endswith("RuntimeError: injected failure in the regulariser's backward")
+    for r in range(WORLD):
+        assert not results[r]["fail_regulariser"]["quantized"]
+        _assert_same_tensors(results[r]["fail_regulariser"]["tensors"], reference)

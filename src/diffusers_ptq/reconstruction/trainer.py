@@ -5,9 +5,9 @@ Loss = sum_outputs |B_q - B_fp|^p  (+ gamma * sum_inner |y_l^q - y_l^fp|^p, EDA-
 Mini-batches (`shard.BatchSampler`) come from a generator seeded per (seed, phase, unit), so a unit trains
 identically whether or not the run was interrupted before it. Under a torch.distributed group every rank
 draws the same global batch, computes the loss of the rows it caches (`shard.RowShard`) weighted by their
-share of the batch, and the gradients are summed across ranks before the optimiser steps, so every rank
-takes the step one process would (up to float summation order). QDrop masks are drawn per rank: the same
-distribution as one process's, not the same draws.
+share of the batch, and the gradients are summed across ranks before the optimiser steps (`gradsum.py`),
+so every rank takes the step one process would (up to float summation order). QDrop masks are drawn per
+rank: the same distribution as one process's, not the same draws.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from diffusers_ptq import distributed
 from diffusers_ptq.quantizers.adaround import AdaRoundQuantizer
 from diffusers_ptq.reconstruction.cache import BlockCache, CacheBatch
 from diffusers_ptq.reconstruction.config import ReconstructionConfig
+from diffusers_ptq.reconstruction.gradsum import GradientSum
 from diffusers_ptq.reconstruction.losses import BetaSchedule, lp_loss, lr_factor, output_loss
 from diffusers_ptq.reconstruction.lsq import (
     clamp_scales,
@@ -281,8 +282,17 @@ class _Loop:
         self.sampler, self.inner = sampler, inner
         self.regularise = phase.learn_rounding and config.round_weight > 0
         self.shard = step.shard
-        # The regulariser depends on V alone: one rank adds its gradient, so the sum over ranks holds it once.
-        self.adds_regulariser = distributed.is_main_process() or not self.shard.sharded
+        self.gradients: GradientSum | None = None  # set by `bind` under a process group
+
+    def bind(self, optimizer: torch.optim.Optimizer) -> None:
+        """Sum the gradients of `optimizer`'s tensors over the ranks from now on (sharded rows only)."""
+        if self.shard.sharded:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            self.gradients = GradientSum(params, f"reconstruction: training {self.step.unit.name}")
+
+    def finish(self) -> None:
+        if self.gradients is not None:
+            self.gradients.finish()
 
     def one(
         self,
@@ -305,34 +315,21 @@ class _Loop:
                     loss = loss * (len(local) / len(index))
             if beta is not None:
                 reg = self.config.round_weight * sum(q.regulariser(beta) for q in self.rounding)
-                if self.adds_regulariser:
+                if self.gradients is None:
                     loss = loss + reg
             if loss.requires_grad:
                 loss.backward()
         except Exception as err:
-            if not self.shard.sharded:
+            if self.gradients is None:
                 raise
             error = err
-        if self.shard.sharded:
-            self._sum_gradients(optimizer, error)
+        if self.gradients is not None:  # the regulariser's gradient is added on every rank, after the sum
+            self.gradients.step(error, reg, [q.v for q in self.rounding])
+            if reg is not None:
+                loss = loss.detach() + reg.detach()
         optimizer.step()
         clamp_scales(self.scales)
         return out_loss, loss, reg
-
-    def _sum_gradients(self, optimizer: torch.optim.Optimizer, error: BaseException | None) -> None:
-        """Sum every trained tensor's gradient over the ranks (one collective). A tensor no rank has a
-        gradient for keeps none, so Adam skips it as one process would."""
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        has = torch.tensor([float(p.grad is not None) for p in params])
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        distributed.all_reduce_sum(
-            [*(p.grad for p in params), has], f"reconstruction: training {self.step.unit.name}", error
-        )
-        for p, present in zip(params, has.tolist()):
-            if present == 0:
-                p.grad = None
 
     def run(
         self,
@@ -346,6 +343,7 @@ class _Loop:
     ) -> None:
         config = self.config
         optimizer = torch.optim.Adam([{"params": g["params"], "lr": lr} for g, lr in zip(groups, base_lrs)])
+        self.bind(optimizer)
         schedules = [g["schedule"] for g in groups]
         beta = BetaSchedule(iterations, config.warmup, config.beta_start, config.beta_end)
         every = max(1, iterations // 100)
@@ -361,6 +359,7 @@ class _Loop:
                     postfix["round"] = f"{float(reg.detach()):.4g}"
                 bar.set_postfix(postfix)  # at most ~100 refreshes per unit
         bar.close()
+        self.finish()
 
 
 def _probe(loop: _Loop, groups: list[dict]) -> float:
@@ -371,6 +370,7 @@ def _probe(loop: _Loop, groups: list[dict]) -> float:
         return 0.0
     saved = [t.detach().clone() for t in tensors]
     optimizer = torch.optim.Adam([{"params": g["params"], "lr": g["lr"]} for g in groups])
+    loop.bind(optimizer)
     gen = torch.Generator().manual_seed(0)
     drop_gen = torch.Generator(device=loop.step.device).manual_seed(0)
     beta = loop.config.beta_start if loop.regularise else None
@@ -382,6 +382,7 @@ def _probe(loop: _Loop, groups: list[dict]) -> float:
             if loop.step.device.type == "cuda":
                 torch.cuda.synchronize(loop.step.device)
             seconds.append(time.perf_counter() - started)
+        loop.finish()
     finally:
         with torch.no_grad():
             for t, value in zip(tensors, saved):
