@@ -30,6 +30,7 @@ import torch.multiprocessing as mp
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
+from bench_io import write_json  # noqa: E402
 from variance_absorption import MODELS, fidelity_for, parse_bits  # noqa: E402
 
 
@@ -121,7 +122,10 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, sampling:
         "quantize_s": round(total, 1),
         "reconstruction_s": round(recon["seconds"], 1),
         "reconstruction_train_s": round(sum(u.get("train_seconds") or 0.0 for u in recon["units"]), 1),
+        # Of those, waiting for the gradient sums (rank 0): what the collective costs beyond the overlap.
+        "reconstruction_exchange_s": round(sum(u.get("exchange_seconds") or 0.0 for u in recon["units"]), 1),
         "gptq_s": round((state.gptq or {}).get("seconds", 0.0), 1),
+        "sensitivity_s": round((state.report.mixed_precision or {}).get("seconds", 0.0), 1),
         "rows_per_rank": recon.get("rows_per_rank"),
         "units_kept": sum(u["status"] == "trained" for u in recon["units"]),
         "model_reverted": recon["model_reverted"],
@@ -201,10 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "minutes": round((time.perf_counter() - started) / 60, 1),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(args.output)
+    write_json(args.output, result)
     return 0
 
 

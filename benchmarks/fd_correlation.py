@@ -17,6 +17,8 @@ import json
 import math
 from pathlib import Path
 
+from bench_io import write_json
+
 
 def ranks(values: list[float]) -> list[float]:
     """Average ranks (1-based), ties sharing the mean of their positions."""
@@ -84,9 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         "spearman_fd_vs_bias": spearman([r["fd"] for r in with_bias], [r["bias"] for r in with_bias]),
         "table": rows,
     }
-    tmp = args.output.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(args.output)
+    write_json(args.output, result)
     print(
         f"{args.model}: {len(rows)} rows, Spearman(FD, SQNR) = {result['spearman_fd_vs_sqnr']:+.2f}; "
         f"{len(with_bias)} rows with bias, Spearman(FD, bias) = {result['spearman_fd_vs_bias']:+.2f}"

@@ -20,7 +20,6 @@ The default shape is the im2col GEMM of a 3x3, 64-channel conv of the Fashion mo
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from bench_io import write_json
 
 from diffusers_ptq.integer import onednn
 from diffusers_ptq.integer.features import cpu_has_vnni
@@ -142,10 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, ms in timings.items():
         print(f"  {name:28s} {ms:8.2f} ms  ({fp32 / ms:.2f}x fp32)")
     if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.output.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-        tmp.replace(args.output)
+        write_json(args.output, result)
     return 0
 
 

@@ -11,7 +11,6 @@ the model's real-data statistics (the bench's classifier), with the per-step noi
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_io import write_json
 from tqdm.auto import tqdm
 
 from diffusers_ptq import PTQConfig, absorb_quantization_noise, quantize_pipeline
@@ -136,10 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         "noise_ratio_min": min(ratios) if ratios else None,
         "clipped_steps_per_call": handle.clipped_steps // calls,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(args.output)
+    write_json(args.output, result)
     return 0
 
 

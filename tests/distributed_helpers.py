@@ -20,7 +20,6 @@ from diffusers_ptq.cli import quantize as cli_quantize
 from diffusers_ptq.distributed import broadcast_module
 from diffusers_ptq.job import QuantizationJob
 from diffusers_ptq.prepare import is_quantized
-from diffusers_ptq.quantizers.adaround import AdaRoundQuantizer
 from diffusers_ptq.reconstruction import checkpoint as recon_checkpoint
 from diffusers_ptq.reconstruction import trainer as recon_trainer
 from diffusers_ptq.tiny import tiny_ddim_pipeline, tiny_sd_pipeline
@@ -53,6 +52,15 @@ def _recon(**fields: Any) -> Any:
         weights={"symmetric": False},
         calibration=_calib(num_samples=12),
         reconstruction={**RECON, **fields},
+    )
+
+
+def _search(target: str) -> Any:
+    # 12 rows in batches of 5 (the last batch of each epoch 2 rows): parts of 3 + 2 and 1 + 1.
+    return lambda r: plain(
+        activations={"timestep_groups": 2},
+        calibration=_calib(num_samples=12),
+        group_search={"enabled": True, "target": target, "num_images": 4, "epochs": 3, "batch_size": 5},
     )
 
 
@@ -109,23 +117,23 @@ CASES: dict[str, tuple[str, Any, dict[str, Any], bool]] = {
     "recon_random": ("ddim", _recon(batch_sampling="random"), {}, False),
     "recon_spill": ("ddim", _recon(cache_max_gb=0.0), {}, False),
     "fail_recon": ("ddim", _recon(), {}, False),
-    # Rank 1's AdaRound regulariser fails in its backward, which overlaps the gradient sum (gradsum.py).
-    "fail_regulariser": ("ddim", _recon(), {}, False),
+    # The group search, data-parallel: each global batch split between the ranks, gradients summed.
+    "search_noise": ("ddim", _search("noise"), {}, False),
+    "search_float": ("ddim", _search("float"), {}, False),
+    # Sensitivity-driven mixed precision: each rank predicts its share of the batches, the sums are added.
+    "mixed": (
+        "ddim",
+        lambda r: plain(
+            weight_bits=4,
+            layers={"mixed_precision": {"mode": "max_layers", "max_layers": 2}},
+            calibration=_calib(num_samples=12, batch_size=1),
+        ),
+        {},
+        False,
+    ),
 }
 # Cases whose reconstruction_checkpoint is a folder under the run's output (same path on every rank).
 CHECKPOINTED = ("recon",)
-
-
-class _FailingBackward(torch.autograd.Function):
-    """Identity whose backward raises."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        raise RuntimeError("injected failure in the regulariser's backward")
 
 
 def build_pipe(kind: str) -> Any:
@@ -171,13 +179,6 @@ def run_case(name: str, rank: int, workdir: str | None = None) -> dict[str, Any]
         writes.append(os.path.basename(str(path)))
         original_write(path, fn)
 
-    original_regulariser = AdaRoundQuantizer.regulariser
-
-    def failing_regulariser(q: Any, beta: float) -> torch.Tensor:
-        calls.append(1)
-        value = original_regulariser(q, beta)
-        return _FailingBackward.apply(value) if len(calls) == 3 else value
-
     def failing_losses(step: Any, *args: Any, **kw: Any) -> Any:
         calls.append(1)
         if len(calls) == 5:
@@ -190,8 +191,6 @@ def run_case(name: str, rank: int, workdir: str | None = None) -> dict[str, Any]
         CalibrationDriver.run = fail_run
     if name == "fail_recon" and rank == 1:
         recon_trainer._Step.losses = failing_losses
-    if name == "fail_regulariser" and rank == 1:
-        AdaRoundQuantizer.regulariser = failing_regulariser
     error = None
     try:
         quantize_pipeline(pipe, config(rank), progress=False, **kwargs)
@@ -202,7 +201,6 @@ def run_case(name: str, rank: int, workdir: str | None = None) -> dict[str, Any]
         CalibrationDriver.run = original_run
         recon_checkpoint._atomic_write = original_write
         recon_trainer._Step.losses = original_losses
-        AdaRoundQuantizer.regulariser = original_regulariser
     unet = pipe.unet
     report = getattr(getattr(unet, "ptq_state", None), "report", None)
     return {
@@ -212,6 +210,8 @@ def run_case(name: str, rank: int, workdir: str | None = None) -> dict[str, Any]
         "error": error,
         "distributed": None if report is None else report.distributed,
         "reconstruction": getattr(getattr(unet, "ptq_state", None), "reconstruction", None),
+        "group_search": getattr(getattr(unet, "ptq_state", None), "group_search", None),
+        "mixed_precision": None if report is None else report.mixed_precision,
         "checkpoint_writes": writes,
         "own_tensors": seen.get("own"),
         "output": unet_output(unet) if kind == "ddim" else None,

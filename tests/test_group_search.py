@@ -317,3 +317,44 @@ def test_per_step_merges_steps_sharing_a_timestep():
         warnings.simplefilter("error")  # no group is left without samples, so nothing is borrowed
         unet = quantize_unet(ToyUNet(), toy_config("per_step"), data, progress=False)
     assert unet.ptq_state.borrowed_groups == []
+
+
+@pytest.mark.parametrize("target", ["noise", "float"])
+def test_a_batch_split_in_parts_weighted_by_share_gives_the_whole_batch_gradient(
+    ddim_pipe, monkeypatch, target
+):
+    """What each rank of a process group computes (its contiguous part of the global batch, the loss weighted
+    by the part's share, the noise target's draws made for the whole batch): the parts' gradients and
+    (MSE, entropy) add up to the whole batch's, to float summation order."""
+    checked = []
+    original = GroupSearch._step
+
+    def step(search: GroupSearch, data, targets, index, lr):
+        if not checked:
+            params = [p for m in search.mixers for p in m.parameters()]
+            state = search.generator.get_state()
+            kwargs, target_ = targets.batch(data, index, search.generator)
+            search.optimizer.zero_grad(set_to_none=True)
+            whole = search._loss(kwargs, target_, 1.0)
+            grads = [p.grad.clone() for p in params]
+            search.optimizer.zero_grad(set_to_none=True)
+            parts = torch.zeros(2)
+            for keep in (torch.arange(0, 3), torch.arange(3, len(index))):
+                search.generator.set_state(state)
+                kwargs, target_ = targets.batch(data, index, search.generator, keep)
+                parts += search._loss(kwargs, target_, len(keep) / len(index))
+            torch.testing.assert_close(parts, whole, rtol=1e-5, atol=0)
+            for p, g in zip(params, grads):
+                torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+            search.optimizer.zero_grad(set_to_none=True)
+            search.generator.set_state(state)
+            checked.append(len(index))
+        return original(search, data, targets, index, lr)
+
+    monkeypatch.setattr(GroupSearch, "_step", step)
+    config = plain(
+        activations={"timestep_groups": 2},
+        group_search={"enabled": True, "target": target, "num_images": 4, "epochs": 1, "batch_size": 7},
+    )
+    quantize_pipeline(ddim_pipe, config, num_samples=16, num_inference_steps=8, batch_size=8, progress=False)
+    assert checked == [7]

@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 __all__ = [
-    "PendingSum",
     "RankFailure",
     "all_reduce_sum",
     "broadcast_module",
@@ -40,7 +39,6 @@ __all__ = [
     "module_checksum",
     "rank",
     "split_evenly",
-    "start_sum",
     "world_size",
 ]
 
@@ -239,65 +237,40 @@ def _collective_device(tensors: list[torch.Tensor]) -> torch.device:
     return torch.device("cpu")
 
 
-class PendingSum:
-    """An all-reduce in flight (`start_sum`): `wait()` finishes it, writes the sums into the tensors and
-    raises on every rank when any rank reported an error."""
-
-    def __init__(
-        self,
-        tensors: list[torch.Tensor],
-        flat: torch.Tensor | None,
-        work: Any,
-        stage: str,
-        error: BaseException | None,
-    ) -> None:
-        self.tensors, self.flat, self.work, self.stage, self.error = tensors, flat, work, stage, error
-
-    @torch.no_grad()
-    def wait(self) -> None:
-        if self.flat is None:  # no process group
-            if self.error is not None:
-                raise self.error
-            return
-        if self.work is not None:
-            self.work.wait()
-            self.work = None
-        flat, self.flat = self.flat, None
-        if float(flat[-1]) > 0:
-            exchange(self.stage, error=self.error)
-        offset = 0
-        for t in self.tensors:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
-
-
 @torch.no_grad()
-def start_sum(tensors: list[torch.Tensor], stage: str, error: BaseException | None = None) -> PendingSum:
-    """Start summing `tensors` over ranks (one flat buffer, one asynchronous collective) with a failure flag;
-    the caller may work on (not write `tensors`) until `PendingSum.wait()`.
+def all_reduce_sum(
+    tensors: list[torch.Tensor],
+    stage: str,
+    error: BaseException | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> None:
+    """Sum `tensors` over ranks in place (one flat buffer of `dtype`, one collective), carrying a failure
+    flag.
 
     A rank whose local work raised passes its `error` (its tensors are then ignored): every rank sees the
     flag and raises the same error through `exchange`, instead of the others waiting for a rank that left.
-    Without a process group: `wait()` raises `error` if given, else nothing changes.
+    Without a process group: raises `error` if given, else nothing changes.
     """
     if not is_initialized():
-        return PendingSum(tensors, None, None, stage, error)
+        if error is not None:
+            raise error
+        return
     device = _collective_device(tensors)
-    flag = torch.tensor([0.0 if error is None else 1.0], device=device)
-    # float32: gradients and loss sums are float32; a sum of two float32 values is rounded once, alike on
-    # every rank (the reduced buffer is what every rank receives).
+    flag = torch.tensor([0.0 if error is None else 1.0], device=device, dtype=dtype)
+    # Gradients and loss sums are float32 (float64 for sums that need it); every rank receives the one
+    # reduced buffer, so the ranks agree bit for bit.
     if error is None:
-        parts = [t.reshape(-1).to(device=device, dtype=torch.float32) for t in tensors]
+        parts = [t.reshape(-1).to(device=device, dtype=dtype) for t in tensors]
     else:
-        parts = [torch.zeros(t.numel(), device=device) for t in tensors]
+        parts = [torch.zeros(t.numel(), device=device, dtype=dtype) for t in tensors]
     flat = torch.cat([*parts, flag])
-    work = torch.distributed.all_reduce(flat, async_op=True)
-    return PendingSum(tensors, flat, work, stage, error)
-
-
-def all_reduce_sum(tensors: list[torch.Tensor], stage: str, error: BaseException | None = None) -> None:
-    """Sum `tensors` over ranks in place, now (`start_sum` and its `wait`)."""
-    start_sum(tensors, stage, error).wait()
+    torch.distributed.all_reduce(flat)
+    if float(flat[-1]) > 0:
+        exchange(stage, error=error)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
 def gather_rows(local: torch.Tensor, stage: str) -> torch.Tensor:

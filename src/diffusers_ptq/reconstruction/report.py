@@ -22,6 +22,7 @@ class UnitReport:
     rounding_binary: float | None = None  # share of h(V) at 0 or 1 when training stopped
     seconds: float = 0.0
     train_seconds: float = 0.0
+    exchange_seconds: float = 0.0  # of train_seconds: waiting for the gradient sums of a process group
     # "trained" (kept) | "reverted" (held-out loss not lower: starting point restored) | "resumed" (from the
     # checkpoint) | "skipped" (not started: the time budget left it no iteration)
     status: str = "trained"

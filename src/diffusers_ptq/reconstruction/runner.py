@@ -368,6 +368,7 @@ class _Run:
             rounding_binary=result.rounding_binary,
             seconds=result.seconds,
             train_seconds=result.train_seconds,
+            exchange_seconds=result.exchange_seconds,
             status=result.status,
             holdout_before=result.holdout_before,
             holdout_after=result.holdout_after,

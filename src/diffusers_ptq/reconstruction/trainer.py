@@ -5,9 +5,9 @@ Loss = sum_outputs |B_q - B_fp|^p  (+ gamma * sum_inner |y_l^q - y_l^fp|^p, EDA-
 Mini-batches (`shard.BatchSampler`) come from a generator seeded per (seed, phase, unit), so a unit trains
 identically whether or not the run was interrupted before it. Under a torch.distributed group every rank
 draws the same global batch, computes the loss of the rows it caches (`shard.RowShard`) weighted by their
-share of the batch, and the gradients are summed across ranks before the optimiser steps (`gradsum.py`),
-so every rank takes the step one process would (up to float summation order). QDrop masks are drawn per
-rank: the same distribution as one process's, not the same draws.
+share of the batch, and the gradients are summed across ranks before the optimiser steps
+(`diffusers_ptq.gradsum`), so every rank takes the step one process would (up to float summation order).
+QDrop masks are drawn per rank: the same distribution as one process's, not the same draws.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffusers_ptq import distributed
+from diffusers_ptq.gradsum import GradientSum
 from diffusers_ptq.quantizers.adaround import AdaRoundQuantizer
 from diffusers_ptq.reconstruction.cache import BlockCache, CacheBatch
 from diffusers_ptq.reconstruction.config import ReconstructionConfig
-from diffusers_ptq.reconstruction.gradsum import GradientSum
 from diffusers_ptq.reconstruction.losses import BetaSchedule, lp_loss, lr_factor, output_loss
 from diffusers_ptq.reconstruction.lsq import (
     clamp_scales,
@@ -66,6 +66,7 @@ class TrainResult:
     holdout_before: float | None = None  # the same on the held-out rows: what decides kept / reverted
     holdout_after: float | None = None
     holdout_rows: int = 0
+    exchange_seconds: float = 0.0  # of train_seconds, waiting for the ranks' gradient sums (process group)
 
 
 def seeded(seed: int, *parts: object) -> int:
@@ -201,7 +202,7 @@ def train_unit(
     kept = False
     binary = None
     loss_after, holdout_after = loss_before, holdout_before
-    train_seconds = 0.0
+    train_seconds = exchange_seconds = 0.0
     try:
         loop = _Loop(step, config, phase, rounding, scales_owned, drop, sampler, inner)
         if callable(iterations):
@@ -224,6 +225,7 @@ def train_unit(
                 progress,
             )
             train_seconds = time.perf_counter() - loop_start
+            exchange_seconds = loop.gradients.seconds if loop.gradients is not None else 0.0
             if rounding:
                 fractions = [(q.binary_fraction(), q.v.numel()) for q in rounding]
                 binary = sum(f * k for f, k in fractions) / sum(k for _, k in fractions)
@@ -248,6 +250,7 @@ def train_unit(
         holdout_before=holdout_before,
         holdout_after=holdout_after,
         holdout_rows=len(holdout),
+        exchange_seconds=exchange_seconds,
     )
 
 
@@ -282,6 +285,8 @@ class _Loop:
         self.sampler, self.inner = sampler, inner
         self.regularise = phase.learn_rounding and config.round_weight > 0
         self.shard = step.shard
+        # The regulariser depends on V alone: one rank adds its gradient, so the sum over ranks holds it once.
+        self.adds_regulariser = distributed.is_main_process() or not self.shard.sharded
         self.gradients: GradientSum | None = None  # set by `bind` under a process group
 
     def bind(self, optimizer: torch.optim.Optimizer) -> None:
@@ -289,10 +294,6 @@ class _Loop:
         if self.shard.sharded:
             params = [p for group in optimizer.param_groups for p in group["params"]]
             self.gradients = GradientSum(params, f"reconstruction: training {self.step.unit.name}")
-
-    def finish(self) -> None:
-        if self.gradients is not None:
-            self.gradients.finish()
 
     def one(
         self,
@@ -315,7 +316,7 @@ class _Loop:
                     loss = loss * (len(local) / len(index))
             if beta is not None:
                 reg = self.config.round_weight * sum(q.regulariser(beta) for q in self.rounding)
-                if self.gradients is None:
+                if self.adds_regulariser:
                     loss = loss + reg
             if loss.requires_grad:
                 loss.backward()
@@ -323,10 +324,8 @@ class _Loop:
             if self.gradients is None:
                 raise
             error = err
-        if self.gradients is not None:  # the regulariser's gradient is added on every rank, after the sum
-            self.gradients.step(error, reg, [q.v for q in self.rounding])
-            if reg is not None:
-                loss = loss.detach() + reg.detach()
+        if self.gradients is not None:
+            self.gradients.step(error)
         optimizer.step()
         clamp_scales(self.scales)
         return out_loss, loss, reg
@@ -359,7 +358,6 @@ class _Loop:
                     postfix["round"] = f"{float(reg.detach()):.4g}"
                 bar.set_postfix(postfix)  # at most ~100 refreshes per unit
         bar.close()
-        self.finish()
 
 
 def _probe(loop: _Loop, groups: list[dict]) -> float:
@@ -382,7 +380,6 @@ def _probe(loop: _Loop, groups: list[dict]) -> float:
             if loop.step.device.type == "cuda":
                 torch.cuda.synchronize(loop.step.device)
             seconds.append(time.perf_counter() - started)
-        loop.finish()
     finally:
         with torch.no_grad():
             for t, value in zip(tensors, saved):

@@ -21,8 +21,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffusers_ptq import distributed
 from diffusers_ptq.calibration import CalibrationSet
 from diffusers_ptq.config import GroupSearchConfig
+from diffusers_ptq.gradsum import GradientSum
 from diffusers_ptq.initialise import (
     act_quantizers,
     initialise_activations,
@@ -40,7 +42,11 @@ class Targets(Protocol):
     def prepare(self, data: CalibrationSet) -> None: ...
 
     def batch(
-        self, data: CalibrationSet, index: torch.Tensor, generator: torch.Generator
+        self,
+        data: CalibrationSet,
+        index: torch.Tensor,
+        generator: torch.Generator,
+        keep: torch.Tensor | None = None,
     ) -> tuple[dict[str, Any], torch.Tensor]: ...
 
 
@@ -84,6 +90,7 @@ class GroupSearch:
         self.mixers: list[SoftGroupMixer] = []
         self.optimizer: torch.optim.Optimizer | None = None
         self.epoch_losses: list[float] = []
+        self.gradients: GradientSum | None = None  # data-parallel under a process group
         self.started = False
 
     @torch.no_grad()
@@ -107,7 +114,17 @@ class GroupSearch:
             self.mixers.append(mixer)
         params = [p for m in self.mixers for p in m.parameters()]
         self.optimizer = torch.optim.Adam(params, lr=self.lr)
+        if distributed.world_size() > 1:
+            self.gradients = GradientSum(params, "group search: a training step")
         self.started = True
+
+    def _local(self, count: int) -> torch.Tensor | None:
+        """Positions of a global batch of `count` rows this rank runs (contiguous, as even as possible);
+        None without a process group (all of them)."""
+        if self.gradients is None:
+            return None
+        part = distributed.split_evenly(count, distributed.world_size(), allow_empty=True)[distributed.rank()]
+        return torch.arange(part.start, part.stop)
 
     def _lr_at(self, it: int, total: int, decay: bool) -> float:
         if not decay:
@@ -156,24 +173,42 @@ class GroupSearch:
     ) -> tuple[float, float]:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        kwargs, target = targets.batch(data, index, self.generator)
+        keep = self._local(len(index))
+        self.optimizer.zero_grad(set_to_none=True)
+        # Under a process group each rank runs its part of the global batch, its loss weighted by the
+        # part's share (the sum over ranks is one process's loss), and the gradients are summed.
+        stats, error = torch.zeros(2), None
+        try:
+            kwargs, target = targets.batch(data, index, self.generator, keep)
+            if keep is None or len(keep):
+                stats = self._loss(kwargs, target, 1.0 if keep is None else len(keep) / len(index))
+        except Exception as err:
+            if self.gradients is None:
+                raise
+            error = err
+        if self.gradients is not None:
+            self.gradients.step(error, also=(stats,))
+        self.optimizer.step()
+        self.seen_rows[self.row_of[data.train_timesteps[index]]] = True
+        return float(stats[0]), float(stats[1])
+
+    def _loss(self, kwargs: dict[str, Any], target: torch.Tensor, share: float) -> torch.Tensor:
+        """Forward and backward of J on one batch (`share` of the global batch); (MSE, entropy) weighted
+        by `share`."""
         for m in self.mixers:
             m.last_entropy = None
         pred = prediction(self.unet(**kwargs)).float()
-        mse = (pred - target.float()).pow(2).flatten(1).sum(dim=1).mean()
+        mse = (pred - target.float()).pow(2).flatten(1).sum(dim=1).mean() * share
         entropies = [m.last_entropy for m in self.mixers if m.last_entropy is not None]
-        entropy = torch.stack(entropies).mean() if entropies else pred.new_zeros(())
+        entropy = (torch.stack(entropies).mean() if entropies else pred.new_zeros(())) * share
         loss = mse + self.config.entropy_weight * entropy
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"the group search loss became {float(loss)}; lower group_search.lr or check the "
                 "calibration data"
             )
-        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
-        self.seen_rows[self.row_of[data.train_timesteps[index]]] = True
-        return float(mse.detach()), float(entropy.detach())
+        return torch.stack([mse.detach(), entropy.detach()]).float().cpu()
 
     def step_entropy(self) -> torch.Tensor:
         """H(sigma_t) at every sampling step of the schedule, averaged over the quantizers."""

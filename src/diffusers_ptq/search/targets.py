@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffusers_ptq import distributed
 from diffusers_ptq.calibration import CalibrationSet, PipelineSpec
 from diffusers_ptq.calibration.capture import quiet_pipeline
 from diffusers_ptq.initialise import set_quant_state
@@ -92,30 +93,42 @@ class FloatTargets:
 
     @torch.no_grad()
     def prepare(self, data: CalibrationSet) -> None:
-        """Compute float outputs for the rows of `data` not seen yet (rows are only ever appended)."""
+        """Compute float outputs for the rows of `data` not seen yet (rows are only ever appended). Under a
+        process group each rank computes a contiguous share of the new rows and every rank keeps them all."""
         done = 0 if self.cache is None else self.cache.shape[0]
         if done >= len(data):
             return
+        world = distributed.world_size()
+        part = distributed.split_evenly(len(data) - done, world, allow_empty=True)[distributed.rank()]
         param = next(self.unet.parameters())
+        outs, error = [], None
         set_quant_state(self.unet, weights=False, acts=False)
         try:
-            outs = [
-                prediction(
-                    self.unet(**data.unet_kwargs(slice(s, s + self.batch_size), param.device, param.dtype))
-                )
-                .float()
-                .cpu()
-                for s in range(done, len(data), self.batch_size)
-            ]
+            for s in range(done + part.start, done + part.stop, self.batch_size):
+                rows = slice(s, min(s + self.batch_size, done + part.stop))
+                out = self.unet(**data.unet_kwargs(rows, param.device, param.dtype))
+                outs.append(prediction(out).float().cpu())
+        except Exception as err:
+            if world == 1:
+                raise
+            error = err
         finally:
             set_quant_state(self.unet, weights=True, acts=self.acts_enabled)
-        new = torch.cat(outs)
+        local = torch.cat(outs) if outs else None
+        shares = distributed.exchange("group search: float targets", local, error)
+        new = torch.cat([t for t in shares if t is not None])
         self.cache = new if self.cache is None else torch.cat([self.cache, new])
 
     def batch(
-        self, data: CalibrationSet, index: torch.Tensor, generator: torch.Generator
+        self,
+        data: CalibrationSet,
+        index: torch.Tensor,
+        generator: torch.Generator,
+        keep: torch.Tensor | None = None,
     ) -> tuple[dict[str, Any], torch.Tensor]:
+        """UNet inputs and targets of the rows `index` (only the positions `keep` of them, if given)."""
         param = next(self.unet.parameters())
+        index = index if keep is None else index[keep]
         return data.unet_kwargs(index, param.device, param.dtype), self.cache[index].to(param.device)
 
 
@@ -132,13 +145,21 @@ class NoiseTargets:
         pass
 
     def batch(
-        self, data: CalibrationSet, index: torch.Tensor, generator: torch.Generator
+        self,
+        data: CalibrationSet,
+        index: torch.Tensor,
+        generator: torch.Generator,
+        keep: torch.Tensor | None = None,
     ) -> tuple[dict[str, Any], torch.Tensor]:
+        """Inputs and targets of the rows `index`; with `keep`, only those positions of them (the random
+        draws are made for the whole batch, so every rank of a group draws alike)."""
         param = next(self.unet.parameters())
-        kwargs = data.unet_kwargs(index, param.device, param.dtype)
-        t = data.train_timesteps[index]
         x0 = self.images[torch.randint(len(self.images), (len(index),), generator=generator)]
         eps = torch.randn(x0.shape, generator=generator)
+        if keep is not None:
+            index, x0, eps = index[keep], x0[keep], eps[keep]
+        kwargs = data.unet_kwargs(index, param.device, param.dtype)
+        t = data.train_timesteps[index]
         x_t = self.scheduler.add_noise(x0, eps, t)
         if self.prediction_type == "epsilon":
             target = eps

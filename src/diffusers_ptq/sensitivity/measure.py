@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffusers_ptq import distributed
 from diffusers_ptq.calibration import CalibrationSet
 from diffusers_ptq.config import PTQConfig
 from diffusers_ptq.initialise import initialise_activations, initialise_weights, set_quant_state
@@ -131,21 +132,41 @@ def measure_units(
     present = data.step_index[rows].unique()
     slot = torch.full((data.num_steps,), -1, dtype=torch.long)
     slot[present] = torch.arange(len(present))
+    # Under a process group each rank predicts a contiguous share of the batches and the sums are added
+    # up (float64); with fewer batches than ranks every rank runs them all.
+    world = distributed.world_size()
+    split = 1 < world <= len(batches)
+    if split:
+        batches = [batches[i] for i in distributed.split_evenly(len(batches), world)[distributed.rank()]]
 
     def predict() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for index in batches:
             out = unet(**data.unet_kwargs(index, param.device, param.dtype)).sample
             yield index, out.detach().double().cpu()
 
+    def add_up(tensors: list[torch.Tensor], what: str, error: BaseException | None) -> None:
+        if split:
+            distributed.all_reduce_sum(tensors, f"sensitivity: {what}", error, torch.float64)
+        elif error is not None:
+            raise error
+
     enable_only(unet, None, acts)
-    reference = [out for _, out in predict()]
-    elements = reference[0][0].numel()
+    reference, error = [], None
+    try:
+        reference = [out for _, out in predict()]
+    except Exception as err:
+        error = err
+    # Elements of one prediction: every rank has a batch when split, so the sum is world x that.
+    size = torch.tensor([float(reference[0][0].numel()) if reference else 0.0])
+    add_up([size], "float predictions", error)
+    elements = int(size) // (world if split else 1)
     signal = torch.zeros(len(present), dtype=torch.float64)
     count = torch.zeros(len(present), dtype=torch.float64)
     for index, ref in zip(batches, reference):
         s = slot[data.step_index[index]]
         signal.index_add_(0, s, ref.pow(2).flatten(1).sum(1))
         count.index_add_(0, s, torch.ones(len(index), dtype=torch.float64))
+    add_up([signal, count], "float predictions", None)
 
     results = []
     try:
@@ -153,11 +174,16 @@ def measure_units(
             enable_only(unet, unit, acts)
             sse = torch.zeros(len(present), dtype=torch.float64)
             mean_error = torch.zeros(len(present), elements, dtype=torch.float64)
-            for (index, out), ref in zip(predict(), reference):
-                s = slot[data.step_index[index]]
-                err = (out - ref).flatten(1)
-                sse.index_add_(0, s, err.pow(2).sum(1))
-                mean_error.index_add_(0, s, err)
+            error = None
+            try:
+                for (index, out), ref in zip(predict(), reference):
+                    s = slot[data.step_index[index]]
+                    err = (out - ref).flatten(1)
+                    sse.index_add_(0, s, err.pow(2).sum(1))
+                    mean_error.index_add_(0, s, err)
+            except Exception as err:
+                error = err
+            add_up([sse, mean_error], unit.name, error)
             mean_error /= count[:, None]
             bias = mean_error.pow(2).mean(1).sqrt()
             results.append(StepErrors(present.tolist(), sse, signal, count, elements, bias))
