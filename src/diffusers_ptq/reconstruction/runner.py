@@ -57,14 +57,15 @@ def plan_phases(config: ReconstructionConfig) -> list[Phase]:
             qdrop_prob=config.qdrop_prob,
         )
         return [joint]
+    # A pass of zero iterations is no pass: its units would be cached for nothing.
     phases = []
-    if config.learns_rounding:  # BRECQ / Q-Diffusion: rounding first, with activations float
+    if config.learns_rounding and config.iterations > 0:  # BRECQ / Q-Diffusion: rounding first, acts float
         phases.append(
             Phase(
                 name="weights", learn_rounding=True, learn_scales=False, acts_on=False, loss_p=config.loss_p
             )
         )
-    if config.learn_act_scales:
+    if config.learn_act_scales and config.act_iterations > 0:
         phases.append(
             Phase(
                 name="acts",
