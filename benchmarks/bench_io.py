@@ -17,6 +17,9 @@ def write_json(path: Path, data: Any) -> None:
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as f:
             f.write(json.dumps(data, indent=1) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a result file is not
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -93,3 +96,48 @@ def test_committed_group_conv_speed_result_has_group_rows() -> None:
     result = json.loads((Path(__file__).parents[1] / "benchmarks/results/group_conv_speed.json").read_text())
     groups = [row for row in result["rows"] if row["row"].startswith("per_group")]
     assert groups and all(row["group_size_in_effect"] == int(row["row"].split()[1]) for row in groups)
+
+
+def test_write_json_replaces_whole_files_and_leaves_nothing_on_failure(tmp_path):
+    bench_io = load_script("benchmarks", "bench_io")
+    out = tmp_path / "results" / "r.json"
+    umask = os.umask(0o022)
+    try:
+        bench_io.write_json(out, {"a": 1})
+    finally:
+        os.umask(umask)
+    assert json.loads(out.read_text()) == {"a": 1}
+    assert out.stat().st_mode & 0o777 == 0o644  # as a plain write leaves it, not mkstemp's 0600
+    with pytest.raises(TypeError):
+        bench_io.write_json(out, {"a": object()})  # not JSON: fails mid-way
+    assert json.loads(out.read_text()) == {"a": 1}
+    assert sorted(p.name for p in out.parent.iterdir()) == ["r.json"]
+
+
+def test_gloo_latency_times_all_reduce_and_tcp(tmp_path):
+    load_script("benchmarks", "bench_io")  # puts benchmarks/ on sys.path
+    # Spawned ranks unpickle the script's functions by module name: import it under its own.
+    script = importlib.import_module("gloo_latency")
+    out = tmp_path / "gloo.json"
+    assert script.main(["--repeats", "3", "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["all_reduce_us_by_float32_values"]) == {str(n) for n in script.SIZES}
+    assert all(v > 0 for v in result["all_reduce_us_by_float32_values"].values())
+    assert result["tcp_round_trip_us"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gloo.json"]  # the ranks' side file is gone
+
+
+def test_cache_spill_memory_samples_the_resident_set_peak():
+    script = load_script("benchmarks", "cache_spill_memory")
+    sampler = script.Sampler(interval=0.001)
+    sampler.start()
+    before = sampler.mark()
+    block = bytearray(64 * 1024**2)  # 64 MiB of anonymous memory, touched
+    block[::4096] = b"x" * len(block[::4096])
+
+    time.sleep(0.05)
+    sampler.running = False
+    sampler.join()
+    grew = sampler.peak["RssAnon"] - before["RssAnon"]
+    del block
+    assert grew >= 60 * 1024**2
