@@ -1,10 +1,14 @@
-"""Writing a benchmark's result file: all of it or nothing (a temporary file in the same folder, renamed)."""
+"""Files and ports of the benchmark scripts: a result file written whole or not at all, a temporary file a
+child process hands its result back through, a free loopback port for a process group."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,3 +28,21 @@ def write_json(path: Path, data: Any) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def handoff_file() -> Iterator[Path]:
+    """A fresh temporary file for a child process to write its result into; removed afterwards."""
+    handle, name = tempfile.mkstemp(suffix=".json")
+    os.close(handle)
+    try:
+        yield Path(name)
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback address now (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

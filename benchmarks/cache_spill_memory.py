@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench_io import write_json
+from bench_io import handoff_file, write_json
 
 FIELDS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
 MIB = 1024**2
@@ -144,16 +144,12 @@ def child(args: argparse.Namespace) -> dict:
 
 
 def _run_child(args: argparse.Namespace, cache_max_gb: float | None) -> dict:
-    handle, out = tempfile.mkstemp(suffix=".json")
-    os.close(handle)
-    cmd = [sys.executable, __file__, "--child", out, "--num-samples", str(args.num_samples)]
-    cmd += ["--iterations", str(args.iterations), "--cache-dir", args.cache_dir]
-    cmd += ["--child-budget", "none" if cache_max_gb is None else str(cache_max_gb)]
-    try:
+    with handoff_file() as out:
+        cmd = [sys.executable, __file__, "--child", str(out), "--num-samples", str(args.num_samples)]
+        cmd += ["--iterations", str(args.iterations), "--cache-dir", args.cache_dir]
+        cmd += ["--child-budget", "none" if cache_max_gb is None else str(cache_max_gb)]
         subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        row = json.loads(Path(out).read_text())
-    finally:
-        os.unlink(out)
+        row = json.loads(out.read_text())
     print(json.dumps(row), file=sys.stderr)
     return row
 

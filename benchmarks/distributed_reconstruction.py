@@ -17,9 +17,7 @@ import argparse
 import json
 import os
 import platform
-import socket
 import sys
-import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -30,14 +28,8 @@ import torch.multiprocessing as mp
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from bench_io import write_json  # noqa: E402
+from bench_io import free_port, handoff_file, write_json  # noqa: E402
 from variance_absorption import MODELS, fidelity_for, parse_bits  # noqa: E402
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(args: argparse.Namespace, sampling: str):
@@ -135,21 +127,19 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, sampling:
 
 
 def run(world: int, args: argparse.Namespace, sampling: str) -> dict:
-    handle, out = tempfile.mkstemp(suffix=".json")  # rank 0 writes its row here
-    os.close(handle)
     ctx = mp.get_context("spawn")
-    port = _port()
-    procs = [ctx.Process(target=worker, args=(r, world, port, args, sampling, out)) for r in range(world)]
-    try:
+    port = free_port()
+    with handoff_file() as out:  # rank 0 writes its row here
+        procs = [
+            ctx.Process(target=worker, args=(r, world, port, args, sampling, str(out))) for r in range(world)
+        ]
         for p in procs:
             p.start()
         for p in procs:
             p.join()
         if any(p.exitcode != 0 for p in procs):
             raise RuntimeError(f"a rank failed (exit codes {[p.exitcode for p in procs]})")
-        row = json.loads(Path(out).read_text())
-    finally:
-        os.unlink(out)
+        row = json.loads(out.read_text())
     print(json.dumps(row), file=sys.stderr)
     return row
 

@@ -18,15 +18,9 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
-from bench_io import write_json
+from bench_io import free_port, handoff_file, write_json
 
 SIZES = (10, 1_000, 30_000, 300_000)  # float32 values: a flag, a small unit's gradients, ..., a large one's
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _all_reduce(rank: int, port: int, repeats: int, out: str) -> None:
@@ -81,10 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=500)
     parser.add_argument("--output", type=Path, required=True, help="JSON file to write")
     args = parser.parse_args(argv)
-    side = args.output.with_name(f".{args.output.name}.all_reduce")
-    mp.spawn(_all_reduce, args=(_port(), args.repeats, str(side)), nprocs=2)
-    all_reduce = json.loads(side.read_text())
-    side.unlink()
+    with handoff_file() as side:  # rank 0 writes its timings here
+        mp.spawn(_all_reduce, args=(free_port(), args.repeats, str(side)), nprocs=2)
+        all_reduce = json.loads(side.read_text())
     result = {
         "command": " ".join(["python", "benchmarks/gloo_latency.py", *(argv or sys.argv[1:])]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, 1 torch thread per process",
