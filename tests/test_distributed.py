@@ -306,7 +306,7 @@ def test_two_rank_group_search_is_the_one_process_search(results, case):
     broadcast. Against one process a step's gradient agrees to float summation order (checked exactly in
     test_group_search.py), but a step from slightly different scales can flip borderline roundings of the
     fake quantizers; where the loss is that rounding error (the float target of a tiny UNet) the drift grows
-    to about 2 % over 3 epochs. So: every epoch's loss within 5 %, the same timestep -> group maps, and
+    to a few per cent over 3 epochs. So: every epoch's loss within 5 %, the same timestep -> group maps, and
     each learned log-scale within 2 x lr x steps (Adam moves a parameter by about its learning rate a
     step)."""
     single = _one_process(case)

@@ -37,6 +37,7 @@ __all__ = [
     "is_main_process",
     "launched",
     "module_checksum",
+    "own_share",
     "rank",
     "split_evenly",
     "world_size",
@@ -207,6 +208,11 @@ def split_evenly(count: int, parts: int, what: str = "items", allow_empty: bool 
         ranges.append(range(start, stop))
         start = stop
     return ranges
+
+
+def own_share(count: int, what: str = "items", allow_empty: bool = False) -> range:
+    """This rank's contiguous range of `split_evenly(count, world_size())` (all of it in one process)."""
+    return split_evenly(count, world_size(), what, allow_empty)[rank()]
 
 
 @torch.no_grad()

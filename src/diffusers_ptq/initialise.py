@@ -67,9 +67,7 @@ def run_float(
 
 def observed_rows(data: CalibrationSet) -> range:
     """This rank's contiguous share of the calibration rows (all of them in one process)."""
-    return distributed.split_evenly(len(data), distributed.world_size(), "calibration rows")[
-        distributed.rank()
-    ]
+    return distributed.own_share(len(data), "calibration rows")
 
 
 @torch.no_grad()

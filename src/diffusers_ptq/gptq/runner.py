@@ -223,9 +223,7 @@ def gptq_quantize(
     for name, m in unet.named_modules():
         if isinstance(m, QuantLayerMixin) and name not in reached:
             report.skipped[name] = "never runs in a UNet forward"
-    share = distributed.split_evenly(len(data), distributed.world_size(), "calibration rows")[
-        distributed.rank()
-    ]
+    share = distributed.own_share(len(data), "calibration rows")
     rows = torch.arange(share.start, share.stop)  # this rank's (all of them in one process)
     saved = _Saved(unet)
     done = False

@@ -123,7 +123,7 @@ class GroupSearch:
         None without a process group (all of them)."""
         if self.gradients is None:
             return None
-        part = distributed.split_evenly(count, distributed.world_size(), allow_empty=True)[distributed.rank()]
+        part = distributed.own_share(count, allow_empty=True)
         return torch.arange(part.start, part.stop)
 
     def _lr_at(self, it: int, total: int, decay: bool) -> float:

@@ -99,7 +99,7 @@ class FloatTargets:
         if done >= len(data):
             return
         world = distributed.world_size()
-        part = distributed.split_evenly(len(data) - done, world, allow_empty=True)[distributed.rank()]
+        part = distributed.own_share(len(data) - done, allow_empty=True)
         param = next(self.unet.parameters())
         outs, error = [], None
         set_quant_state(self.unet, weights=False, acts=False)

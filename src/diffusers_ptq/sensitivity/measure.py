@@ -137,7 +137,7 @@ def measure_units(
     world = distributed.world_size()
     split = 1 < world <= len(batches)
     if split:
-        batches = [batches[i] for i in distributed.split_evenly(len(batches), world)[distributed.rank()]]
+        batches = [batches[i] for i in distributed.own_share(len(batches))]
 
     def predict() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for index in batches:
@@ -156,17 +156,14 @@ def measure_units(
         reference = [out for _, out in predict()]
     except Exception as err:
         error = err
-    # Elements of one prediction: every rank has a batch when split, so the sum is world x that.
-    size = torch.tensor([float(reference[0][0].numel()) if reference else 0.0])
-    add_up([size], "float predictions", error)
-    elements = int(size) // (world if split else 1)
     signal = torch.zeros(len(present), dtype=torch.float64)
     count = torch.zeros(len(present), dtype=torch.float64)
     for index, ref in zip(batches, reference):
         s = slot[data.step_index[index]]
         signal.index_add_(0, s, ref.pow(2).flatten(1).sum(1))
         count.index_add_(0, s, torch.ones(len(index), dtype=torch.float64))
-    add_up([signal, count], "float predictions", None)
+    add_up([signal, count], "float predictions", error)
+    elements = reference[0][0].numel()  # every rank has a batch (a split needs one per rank)
 
     results = []
     try:
