@@ -31,7 +31,7 @@ def test_measures_every_unit_and_extrapolates_the_published_schedule(tmp_path: P
     steps = script.PUBLISHED[u["phase"]]
     assert steps * u["step_s"] + 1024 * u["overhead_s_per_row"] <= result["hours_1_device"] * 3600
     assert result["hours_1_device"] > 0 and result["hours_2_devices"] > 0
-    assert result["speedup"] == result["hours_1_device"] / result["hours_2_devices"]
+    assert result["speedup"] == pytest.approx(result["hours_1_device"] / result["hours_2_devices"], rel=1e-12)
     # Half the batch and half the caching per rank: a gain, but the timings of 2-step runs on a shared CPU
     # are too noisy to bound it above (CI measured 4.0 once): only "not a slowdown beyond noise" is checked.
     assert result["speedup"] > 0.5
