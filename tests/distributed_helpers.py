@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
-from diffusers_ptq import cli, quantize_pipeline
+from diffusers_ptq import api, cli, quantize_pipeline
 from diffusers_ptq.calibration.driver import CalibrationDriver
 from diffusers_ptq.cli import quantize as cli_quantize
+from diffusers_ptq.correction import layer as bias_layer
 from diffusers_ptq.distributed import broadcast_module
 from diffusers_ptq.job import QuantizationJob
 from diffusers_ptq.prepare import is_quantized
@@ -61,6 +62,16 @@ def _search(target: str) -> Any:
         activations={"timestep_groups": 2},
         calibration=_calib(num_samples=12),
         group_search={"enabled": True, "target": target, "num_images": 4, "epochs": 3, "batch_size": 5},
+    )
+
+
+def _bias(mode: str) -> Any:
+    # 12 rows, 6 a rank, in two timestep groups; 4-bit weights so the tables are far from zero.
+    return plain(
+        weight_bits=4,
+        activations={"timestep_groups": 2},
+        bias_correction=mode,
+        calibration=_calib(num_samples=12),
     )
 
 
@@ -131,6 +142,10 @@ CASES: dict[str, tuple[str, Any, dict[str, Any], bool]] = {
         {},
         False,
     ),
+    # Bias correction: each rank runs its share of the rows, the float64 sums are added.
+    "bias_layer": ("ddim", lambda r: _bias("layer"), {}, False),
+    "bias_output": ("ddim", lambda r: _bias("output"), {}, False),
+    "fail_bias": ("ddim", lambda r: _bias("layer"), {}, False),  # rank 1 fails in its third pass
 }
 # Cases whose reconstruction_checkpoint is a folder under the run's output (same path on every rank).
 CHECKPOINTED = ("recon",)
@@ -185,7 +200,24 @@ def run_case(name: str, rank: int, workdir: str | None = None) -> dict[str, Any]
             raise RuntimeError("injected failure in a reconstruction step")
         return original_losses(step, *args, **kw)
 
+    original_sweep = bias_layer._sweep
+
+    def failing_sweep(*args: Any, **kw: Any) -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected failure in a bias-correction pass")
+        original_sweep(*args, **kw)
+
+    original_images = api.sample_clean_images
+
+    def clean_images(*args: Any, **kw: Any) -> torch.Tensor:
+        seen["clean_images"] = original_images(*args, **kw)
+        return seen["clean_images"]
+
     QuantizationJob.finish = finish
+    api.sample_clean_images = clean_images
+    if name == "fail_bias" and rank == 1:
+        bias_layer._sweep = failing_sweep
     recon_checkpoint._atomic_write = write
     if name in ("fail_plan", "fail_capture") and rank == 1:
         CalibrationDriver.run = fail_run
@@ -201,6 +233,8 @@ def run_case(name: str, rank: int, workdir: str | None = None) -> dict[str, Any]
         CalibrationDriver.run = original_run
         recon_checkpoint._atomic_write = original_write
         recon_trainer._Step.losses = original_losses
+        bias_layer._sweep = original_sweep
+        api.sample_clean_images = original_images
     unet = pipe.unet
     report = getattr(getattr(unet, "ptq_state", None), "report", None)
     return {
@@ -212,8 +246,10 @@ def run_case(name: str, rank: int, workdir: str | None = None) -> dict[str, Any]
         "reconstruction": getattr(getattr(unet, "ptq_state", None), "reconstruction", None),
         "group_search": getattr(getattr(unet, "ptq_state", None), "group_search", None),
         "mixed_precision": None if report is None else report.mixed_precision,
+        "bias_correction": getattr(getattr(unet, "ptq_state", None), "bias_correction", None),
         "checkpoint_writes": writes,
         "own_tensors": seen.get("own"),
+        "clean_images": seen.get("clean_images"),
         "output": unet_output(unet) if kind == "ddim" else None,
     }
 

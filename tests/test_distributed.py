@@ -313,6 +313,13 @@ def test_two_rank_group_search_is_the_one_process_search(results, case):
     got = results[0][case]
     assert got["error"] is None and single["error"] is None
     _assert_same_tensors(got["own_tensors"], results[1][case]["own_tensors"])
+    if case == "search_noise":
+        # The clean images: 4 pipeline calls, 2 sampled by each rank (the others through a zero stub, so
+        # the generator draws alike), gathered: one process's images bit for bit.
+        images = single["clean_images"]
+        assert images.shape[0] == 4
+        for r in range(WORLD):
+            assert torch.equal(results[r][case]["clean_images"], images)
     ours, one = got["group_search"], single["group_search"]
     assert len(ours["epoch_losses"]) == 3
     assert ours["epoch_losses"] == pytest.approx(one["epoch_losses"], rel=5e-2)
@@ -331,3 +338,39 @@ def test_two_rank_sensitivity_ranks_layers_as_one_process(results):
     assert [n for n, _ in ours["ranking"]] == [n for n, _ in one["ranking"]]
     for (_, a), (_, b) in zip(ours["ranking"], one["ranking"]):
         assert a == pytest.approx(b, rel=1e-5)  # the summary keeps 6 significant digits
+
+
+@pytest.mark.parametrize("case", ["bias_layer", "bias_output"])
+def test_two_rank_bias_correction_is_the_one_process_correction(results, case):
+    """Each rank runs its 6 of the 12 rows; the float64 sums are added across ranks, so both ranks fit the
+    same tables without a broadcast, equal to one process's to float64 summation order (the float32 tables
+    agree to a few ulps)."""
+    single = _one_process(case)
+    assert single["error"] is None and results[0][case]["error"] is None
+    ours, theirs = results[0][case]["own_tensors"], results[1][case]["own_tensors"]
+    _assert_same_tensors(ours, theirs)
+    names = [k for k in ours if k.endswith((".table", "correction.k", "correction.b", "residual_var"))]
+    assert names
+    for name in names:
+        assert torch.allclose(ours[name], single["tensors"][name], rtol=1e-5, atol=1e-7), name
+        assert ours[name].abs().max() > 0, name  # a correction was fitted
+    summary, one = results[0][case]["bias_correction"], single["bias_correction"]
+    assert summary["empty_groups"] == one["empty_groups"] == []
+    if case == "bias_output":
+        assert summary["k"] == pytest.approx(one["k"], abs=1e-6)
+    else:
+        assert summary["layers"] == one["layers"]
+        assert summary["max_abs_correction"] == pytest.approx(one["max_abs_correction"], rel=1e-5)
+
+
+def test_a_failure_in_a_bias_correction_pass_on_one_rank_stops_every_rank(results):
+    reference = dict(build_pipe("ddim").unet.state_dict())
+    errors = [results[r]["fail_bias"]["error"] for r in range(WORLD)]
+    assert errors[0] == errors[1]
+    # The float pass, then each layer's: the third pass is the second layer's.
+    assert errors[0].startswith("RankFailure: rank 1 of 2 failed during bias correction: ")
+    assert errors[0].endswith("RuntimeError: injected failure in a bias-correction pass")
+    assert "float outputs" not in errors[0]
+    for r in range(WORLD):
+        assert not results[r]["fail_bias"]["quantized"]
+        _assert_same_tensors(results[r]["fail_bias"]["tensors"], reference)

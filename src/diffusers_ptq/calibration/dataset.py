@@ -90,11 +90,16 @@ class CalibrationSet:
         return kwargs
 
     def batches(
-        self, batch_size: int, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+        self,
+        batch_size: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        rows: range | None = None,
     ) -> Iterator[dict[str, Any]]:
-        """UNet keyword batches over all rows, in recording order."""
-        for start in range(0, len(self), batch_size):
-            yield self.unet_kwargs(slice(start, start + batch_size), device, dtype)
+        """UNet keyword batches over `rows` (default: all rows, in recording order)."""
+        rows = range(len(self)) if rows is None else rows
+        for start in range(rows.start, rows.stop, batch_size):
+            yield self.unet_kwargs(slice(start, min(start + batch_size, rows.stop)), device, dtype)
 
     def samples_per_group(self, group_map: torch.Tensor) -> list[int]:
         """Rows falling in each timestep group of `group_map` (training timestep -> group)."""

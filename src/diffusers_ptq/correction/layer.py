@@ -5,8 +5,10 @@ quantized so far (earlier layers already corrected) up to that layer, whose outp
 same layer's output in the float UNet: the mean of y_float - y_quant over samples and positions, per output
 channel and timestep group, goes into the layer's `TimestepBiasTable`. The float means need one full pass;
 each layer then needs one pass that stops right after it (`StopForward`), about L/2 UNet forwards over the
-calibration set for L layers. With weight-only quantization only the weights are quantized in both, so the
-table corrects the weight error alone.
+calibration set for L layers. With a process group each rank runs its contiguous share of the rows and the
+float64 sums are added across ranks after every pass, so every rank fills the same tables. With
+weight-only quantization only the weights are quantized in both, so the table corrects the weight error
+alone.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffusers_ptq import distributed
 from diffusers_ptq.calibration import CalibrationSet
-from diffusers_ptq.correction.stats import GroupChannelSums, channel_rows
+from diffusers_ptq.correction.stats import GroupChannelSums, all_reduce, channel_rows
 from diffusers_ptq.initialise import quant_layers, set_quant_state
 from diffusers_ptq.nn.layers import QuantLayerMixin
 from diffusers_ptq.reconstruction.units import StopForward
@@ -40,9 +43,11 @@ def _tabled_layers(unet: nn.Module) -> dict[str, QuantLayerMixin]:
 
 
 def _sweep(unet: nn.Module, data: CalibrationSet, batch_size: int, stop: bool) -> None:
-    """Run every row of `data` through `unet`; with `stop` a hook ends each forward early."""
+    """Run this rank's rows of `data` (all of them in one process) through `unet`; with `stop` a hook ends
+    each forward early."""
     param = next(unet.parameters())
-    for kwargs in data.batches(batch_size, param.device, param.dtype):
+    rows = distributed.own_share(len(data), "calibration rows")
+    for kwargs in data.batches(batch_size, param.device, param.dtype, rows):
         try:
             unet(**kwargs)
         except StopForward:
@@ -94,11 +99,18 @@ def float_layer_means(
 
         handles.append(layer.register_forward_hook(hook))
     set_quant_state(unet, weights=False, acts=False)
+    error = None
     try:
         _sweep(unet, data, batch_size, stop=False)
+    except Exception as err:
+        if not distributed.is_initialized():
+            raise
+        error = err
     finally:
         for handle in handles:
             handle.remove()
+    all_reduce(list(stats.values()), ("float",), "bias correction: float outputs", error)
+    distributed.check_same("the order of the quantized layers in a UNet forward", order)
     missing = sorted(set(layers) - set(order))
     if missing:
         raise RuntimeError(f"the calibration forwards never called {missing[:5]}; cannot correct their bias")
@@ -120,10 +132,16 @@ def correct_layers(
     for name in tqdm(order, desc="bias correction: layers", unit="layer", disable=not progress):
         layer, layer_stats = layers[name], stats[name]
         handle = layer.register_forward_hook(_recorder(layer, layer_stats, "quant", stop=True))
+        error = None
         try:
             _sweep(unet, data, batch_size, stop=True)
+        except Exception as err:
+            if not distributed.is_initialized():
+                raise
+            error = err
         finally:
             handle.remove()
+        all_reduce([layer_stats], ("quant",), f"bias correction: {name}", error, counts=False)
         # The measured output already includes the table's current rows (zero after calibration), so the
         # error adds to them: re-running the correction keeps what the first run found.
         error = layer_stats.mean("float") - layer_stats.mean("quant")

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffusers_ptq import distributed
 from diffusers_ptq.calibration import CalibrationSet
-from diffusers_ptq.correction.stats import GroupChannelSums, channel_rows
+from diffusers_ptq.correction.stats import GroupChannelSums, all_reduce, channel_rows
 from diffusers_ptq.initialise import set_quant_state
 from diffusers_ptq.quantizers import OutputCorrection
 from diffusers_ptq.quantizers.bias import OUTPUT_CORRECTION_ATTR
@@ -56,17 +57,23 @@ def fit_output_correction(stats: GroupChannelSums) -> tuple[torch.Tensor, torch.
     return k, b, residual_var
 
 
-@torch.no_grad()
-def correct_output(
-    unet: nn.Module, data: CalibrationSet, batch_size: int, acts: bool, progress: bool = True
-) -> dict:
-    """Fit the UNet's `OutputCorrection` on `data` (see the module doc); leaves quantization on."""
-    correction = output_correction(unet)
-    channels = correction.b.shape[1]
-    stats = GroupChannelSums(correction.num_groups, channels, correction.k.device)
+SUMS = ("eps", "d", "eps2", "eps_d", "d2")
+
+
+def _accumulate(
+    unet: nn.Module,
+    correction: OutputCorrection,
+    stats: GroupChannelSums,
+    data: CalibrationSet,
+    batch_size: int,
+    acts: bool,
+    progress: bool,
+) -> None:
+    """Add this rank's calibration rows (all of them in one process) into `stats`."""
     param = next(unet.parameters())
-    n_batches = (len(data) + batch_size - 1) // batch_size
-    batches = data.batches(batch_size, param.device, param.dtype)
+    rows = distributed.own_share(len(data), "calibration rows")
+    n_batches = (len(rows) + batch_size - 1) // batch_size
+    batches = data.batches(batch_size, param.device, param.dtype, rows)
     for kwargs in tqdm(batches, total=n_batches, desc="bias correction: output", disable=not progress):
         set_quant_state(unet, weights=False, acts=False)
         eps = main_output(unet(**kwargs))
@@ -78,8 +85,29 @@ def correct_output(
         q, _ = channel_rows(eps_q, 1)
         d = q - e
         stats.count(groups, per_row)
-        for name, value in (("eps", e), ("d", d), ("eps2", e * e), ("eps_d", e * d), ("d2", d * d)):
+        for name, value in zip(SUMS, (e, d, e * e, e * d, d * d)):
             stats.add(name, value, groups)
+
+
+@torch.no_grad()
+def correct_output(
+    unet: nn.Module, data: CalibrationSet, batch_size: int, acts: bool, progress: bool = True
+) -> dict:
+    """Fit the UNet's `OutputCorrection` on `data` (see the module doc); leaves quantization on.
+
+    With a process group each rank predicts its contiguous share of the rows and the float64 sums are added
+    across ranks, so every rank fits the same correction (one process's to float64 summation order).
+    """
+    correction = output_correction(unet)
+    stats = GroupChannelSums(correction.num_groups, correction.b.shape[1], correction.k.device)
+    error = None
+    try:
+        _accumulate(unet, correction, stats, data, batch_size, acts, progress)
+    except Exception as err:
+        if not distributed.is_initialized():
+            raise
+        error = err
+    all_reduce([stats], SUMS, "bias correction: output", error)
     k, b, residual_var = fit_output_correction(stats)
     correction.k.copy_(k.to(correction.k.dtype))
     correction.b.copy_(b.to(correction.b.dtype))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from diffusers_ptq import distributed
+
 
 def channel_rows(y: torch.Tensor, channel_dim: int) -> tuple[torch.Tensor, int]:
     """(rows, C) float64 view of `y` summed over everything but its leading and channel dims, and the number
@@ -48,3 +50,26 @@ class GroupChannelSums:
 
     def empty_groups(self) -> list[int]:
         return [g for g in range(self.num_groups) if self.counts[g] == 0]
+
+
+def all_reduce(
+    stats: list[GroupChannelSums],
+    names: tuple[str, ...],
+    stage: str,
+    error: BaseException | None = None,
+    counts: bool = True,
+) -> None:
+    """Sum the quantities `names` (and `counts`) of each of `stats` over every rank's samples (float64,
+    one collective).
+
+    A rank whose local pass raised passes its `error` and every rank raises it (see
+    `distributed.all_reduce_sum`); a quantity a rank never added counts as zero there. No-op in one process
+    (or raises `error`).
+    """
+    tensors = []
+    for s in stats:
+        for name in names:
+            if name not in s.sums:
+                s.sums[name] = torch.zeros(s.num_groups, s.channels, dtype=torch.float64, device=s.device)
+        tensors += [*([s.counts] if counts else []), *(s.sums[name] for name in names)]
+    distributed.all_reduce_sum(tensors, stage, error, torch.float64)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 
 from diffusers_ptq import distributed
 from diffusers_ptq.calibration import CalibrationSet, PipelineSpec
-from diffusers_ptq.calibration.capture import quiet_pipeline
+from diffusers_ptq.calibration.driver import quiet_pipeline, zero_forward
 from diffusers_ptq.initialise import set_quant_state
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -70,18 +71,41 @@ def sample_clean_images(
     generator: torch.Generator,
     progress: bool,
 ) -> torch.Tensor:
-    """`num_images` x_0 in the model's [-1, 1] space from the float pipeline (DDPM/DDIM pipelines)."""
-    images = []
-    with quiet_pipeline(pipe):
-        starts = range(0, num_images, batch_size)
-        for start in tqdm(starts, desc="group search: clean images", unit="batch", disable=not progress):
-            n = min(batch_size, num_images - start)
-            out = pipe(
-                batch_size=n, num_inference_steps=num_inference_steps, generator=generator, output_type="np"
-            )
-            # The pipelines map x_0 to images by (x / 2 + 0.5).clamp(0, 1): invert that.
-            images.append(torch.from_numpy(np.asarray(out.images)).permute(0, 3, 1, 2).float() * 2 - 1)
-    return torch.cat(images)
+    """`num_images` x_0 in the model's [-1, 1] space from the float pipeline (DDPM/DDIM pipelines).
+
+    Under a process group each rank samples a contiguous share of the pipeline calls; it still makes the
+    other calls with the UNet replaced by a zero stub, so its generator draws what one process's would, and
+    the shares are gathered in rank order: every rank returns the one-process images.
+    """
+    starts = range(0, num_images, batch_size)
+    mine = distributed.own_share(len(starts), "clean-image batches", allow_empty=True)
+    images, error = [], None
+    try:
+        with quiet_pipeline(pipe):
+            for run, start in enumerate(
+                tqdm(starts, desc="group search: clean images", unit="batch", disable=not progress)
+            ):
+                stub = contextlib.nullcontext() if run in mine else zero_forward(pipe.unet)
+                with stub:
+                    out = pipe(
+                        batch_size=min(batch_size, num_images - start),
+                        num_inference_steps=num_inference_steps,
+                        generator=generator,
+                        output_type="np",
+                    )
+                if run in mine:
+                    # The pipelines map x_0 to images by (x / 2 + 0.5).clamp(0, 1): invert that.
+                    array = np.asarray(out.images)
+                    images.append(torch.from_numpy(array).permute(0, 3, 1, 2).float() * 2 - 1)
+    except Exception as err:
+        if not distributed.is_initialized():
+            raise
+        error = err
+    local = torch.cat(images) if images else None
+    if not distributed.is_initialized():
+        return local
+    shares = distributed.exchange("group search: clean images", local, error)
+    return torch.cat([t for t in shares if t is not None])
 
 
 class FloatTargets:
