@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from diffusers_ptq.config import ActivationQuantConfig, WeightQuantConfig
+from diffusers_ptq.distributed import split_evenly
 from diffusers_ptq.nn import QuantConv2d, QuantLinear
 from diffusers_ptq.primitives import quantize
 from diffusers_ptq.quantizers import TimestepActQuantizer, contiguous_group_map
@@ -56,6 +57,25 @@ def test_soft_start_is_the_float_weight_and_hard_start_is_nearest(symmetric, spl
     for q in wrappers:
         q.set_mode("hard")
     assert torch.equal(layer.quantized_weight(), nearest)
+
+
+def test_regulariser_parts_add_up_to_the_whole_and_so_do_their_gradients():
+    """Data-parallel ranks each add the regulariser of their contiguous part of V (split_evenly, an empty
+    part included): the parts' values and gradients sum to the whole's."""
+    (q,) = wrap_layer(_conv(bits=4))
+    whole = q.regulariser(3.0)
+    (grad,) = torch.autograd.grad(whole, q.v)
+    count = q.v.numel()
+    for ranks in (2, 3, count + 1):
+        parts = split_evenly(count, ranks, allow_empty=True)
+        values = [q.regulariser(3.0, part) for part in parts]
+        grads = [torch.autograd.grad(v, q.v, allow_unused=True)[0] for v in values]
+        assert float(sum(values)) == pytest.approx(float(whole), rel=1e-6)
+        summed = sum(g if g is not None else torch.zeros_like(q.v) for g in grads)
+        # Disjoint parts: each element's gradient once (to the last bits: vectorised and scalar tails of the
+        # elementwise kernels round differently).
+        assert torch.allclose(summed, grad, rtol=1e-6, atol=1e-9)
+    assert float(q.regulariser(3.0, range(0, 0))) == 0.0
 
 
 def test_h_converges_to_zero_or_one_under_the_annealed_regulariser():

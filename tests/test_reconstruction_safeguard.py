@@ -185,8 +185,9 @@ def test_no_unit_is_left_half_trained_when_the_budget_runs_out(monkeypatch):
     assert started and skipped and clock["t"] > 60.0, "the budget ran out during the run"
     for u in started:  # every started unit ran its whole planned schedule (plus the timing probe's steps)
         assert 1 <= u.iterations <= 25 and steps[u.unit] == u.iterations + trainer.PROBE_STEPS
-    for u in skipped:  # never started: no step, exactly its starting point
-        assert u.iterations == 0 and u.unit not in steps
+    for u in skipped:  # never trained: at most the timing probe's steps (undone), exactly its starting point
+        # (On a loaded machine the probe's real step time can show a unit that no longer fits the budget.)
+        assert u.iterations == 0 and steps.get(u.unit, 0) in (0, trainer.PROBE_STEPS)
         assert _same(unet, start, units[u.unit].layers)
 
 

@@ -52,11 +52,12 @@ class AdaRoundQuantizer(GridMixin, nn.Module):
             raise RuntimeError("a frozen AdaRound quantizer has released V and cannot train again")
         self.mode = mode
 
-    def h(self) -> torch.Tensor:
-        """The rectified sigmoid h(V) in [0, 1]."""
+    def h(self, part: range | None = None) -> torch.Tensor:
+        """The rectified sigmoid h(V) in [0, 1] (of the flat elements `part` of V only, if given)."""
         if self.v is None:
             raise RuntimeError("h(V) of a frozen AdaRound quantizer: V was released")
-        return (torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+        v = self.v if part is None else self.v.reshape(-1)[part.start : part.stop]
+        return (torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
 
     def offsets(self) -> torch.Tensor:
         """What is added to floor(W / s): h(V) when soft, the 0/1 rounding otherwise."""
@@ -66,9 +67,10 @@ class AdaRoundQuantizer(GridMixin, nn.Module):
             return (self.v >= 0).float()
         return self.round_up.float()
 
-    def regulariser(self, beta: float) -> torch.Tensor:
-        """sum(1 - |2 h(V) - 1|^beta): zero only when every h(V) is exactly 0 or 1."""
-        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+    def regulariser(self, beta: float, part: range | None = None) -> torch.Tensor:
+        """sum(1 - |2 h(V) - 1|^beta): zero only when every h(V) is exactly 0 or 1. With `part`, the sum over
+        those flat elements of V only (data-parallel ranks each add their part's gradient)."""
+        return (1 - (2 * self.h(part) - 1).abs().pow(beta)).sum()
 
     def binary_fraction(self, tol: float = 1e-3) -> float:
         """Share of h(V) within `tol` of 0 or 1 (how far the rounding has converged)."""

@@ -285,8 +285,12 @@ class _Loop:
         self.sampler, self.inner = sampler, inner
         self.regularise = phase.learn_rounding and config.round_weight > 0
         self.shard = step.shard
-        # The regulariser depends on V alone: one rank adds its gradient, so the sum over ranks holds it once.
-        self.adds_regulariser = distributed.is_main_process() or not self.shard.sharded
+        # The regulariser depends on V alone: each rank adds the gradient of its contiguous part of every V,
+        # so the sum over ranks holds each element's once and the ranks share that work evenly.
+        self.reg_parts = [
+            distributed.own_share(q.v.numel(), allow_empty=True) if self.shard.sharded else None
+            for q in (rounding if self.regularise else [])
+        ]
         self.gradients: GradientSum | None = None  # set by `bind` under a process group
 
     def bind(self, optimizer: torch.optim.Optimizer) -> None:
@@ -315,9 +319,9 @@ class _Loop:
                 if self.shard.sharded:  # this rank's rows' share of the global batch mean
                     loss = loss * (len(local) / len(index))
             if beta is not None:
-                reg = self.config.round_weight * sum(q.regulariser(beta) for q in self.rounding)
-                if self.adds_regulariser:
-                    loss = loss + reg
+                parts = zip(self.rounding, self.reg_parts)
+                reg = self.config.round_weight * sum(q.regulariser(beta, part) for q, part in parts)
+                loss = loss + reg
             if loss.requires_grad:
                 loss.backward()
         except Exception as err:
@@ -329,6 +333,11 @@ class _Loop:
         optimizer.step()
         clamp_scales(self.scales)
         return out_loss, loss, reg
+
+    @torch.no_grad()
+    def regulariser(self, beta: float) -> float:
+        """The whole weighted regulariser (every element of every V), for display."""
+        return self.config.round_weight * float(sum(q.regulariser(beta) for q in self.rounding))
 
     def run(
         self,
@@ -354,8 +363,8 @@ class _Loop:
                 group["lr"] = base * lr_factor(schedule, it + 1, iterations)
             if it % every == 0 or it == iterations - 1:
                 postfix = {"loss": f"{float(loss.detach()):.4g}", "rec": f"{float(out_loss.detach()):.4g}"}
-                if reg is not None:
-                    postfix["round"] = f"{float(reg.detach()):.4g}"
+                if reg is not None:  # this rank's part of it under a process group: the whole for display
+                    postfix["round"] = f"{self.regulariser(b):.4g}"
                 bar.set_postfix(postfix)  # at most ~100 refreshes per unit
         bar.close()
 
