@@ -32,6 +32,7 @@ __all__ = [
     "exchange",
     "gather_rows",
     "guard",
+    "hold_failure",
     "init_from_environment",
     "is_initialized",
     "is_main_process",
@@ -279,8 +280,32 @@ def all_reduce_sum(
         offset += t.numel()
 
 
-def gather_rows(local: torch.Tensor, stage: str) -> torch.Tensor:
-    """Every rank's `local` rows (dim 0, on the CPU) concatenated in rank order."""
+def gather_rows(local: torch.Tensor | None, stage: str, error: BaseException | None = None) -> torch.Tensor:
+    """Every rank's `local` rows (dim 0, on the CPU) concatenated in rank order; a rank may hold none (None).
+    `error`: this rank's failure, raised on every rank. Without a group: `local` (or raises `error`)."""
     if not is_initialized():
+        if error is not None:
+            raise error
         return local
-    return torch.cat(exchange(stage, local.cpu()))
+    shares = exchange(stage, None if local is None else local.cpu(), error)
+    return torch.cat([t for t in shares if t is not None])
+
+
+class LocalFailure:
+    """The exception a rank's local work raised, held for the next collective to raise on every rank."""
+
+    error: BaseException | None = None
+
+
+@contextlib.contextmanager
+def hold_failure() -> Iterator[LocalFailure]:
+    """Run the body. Without a process group its exception propagates; with one it is kept in the yielded
+    holder, whose `.error` the caller hands to the next collective (`all_reduce_sum`, `exchange`,
+    `gather_rows`), so no rank is left waiting for one that left."""
+    held = LocalFailure()
+    try:
+        yield held
+    except Exception as err:
+        if not is_initialized():
+            raise
+        held.error = err

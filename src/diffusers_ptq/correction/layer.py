@@ -99,17 +99,13 @@ def float_layer_means(
 
         handles.append(layer.register_forward_hook(hook))
     set_quant_state(unet, weights=False, acts=False)
-    error = None
     try:
-        _sweep(unet, data, batch_size, stop=False)
-    except Exception as err:
-        if not distributed.is_initialized():
-            raise
-        error = err
+        with distributed.hold_failure() as failed:
+            _sweep(unet, data, batch_size, stop=False)
     finally:
         for handle in handles:
             handle.remove()
-    all_reduce(list(stats.values()), ("float",), "bias correction: float outputs", error)
+    all_reduce(list(stats.values()), ("float",), "bias correction: float outputs", failed.error)
     distributed.check_same("the order of the quantized layers in a UNet forward", order)
     missing = sorted(set(layers) - set(order))
     if missing:
@@ -132,16 +128,12 @@ def correct_layers(
     for name in tqdm(order, desc="bias correction: layers", unit="layer", disable=not progress):
         layer, layer_stats = layers[name], stats[name]
         handle = layer.register_forward_hook(_recorder(layer, layer_stats, "quant", stop=True))
-        error = None
         try:
-            _sweep(unet, data, batch_size, stop=True)
-        except Exception as err:
-            if not distributed.is_initialized():
-                raise
-            error = err
+            with distributed.hold_failure() as failed:
+                _sweep(unet, data, batch_size, stop=True)
         finally:
             handle.remove()
-        all_reduce([layer_stats], ("quant",), f"bias correction: {name}", error, counts=False)
+        all_reduce([layer_stats], ("quant",), f"bias correction: {name}", failed.error, counts=False)
         # The measured output already includes the table's current rows (zero after calibration), so the
         # error adds to them: re-running the correction keeps what the first run found.
         error = layer_stats.mean("float") - layer_stats.mean("quant")

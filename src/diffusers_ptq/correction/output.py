@@ -100,14 +100,9 @@ def correct_output(
     """
     correction = output_correction(unet)
     stats = GroupChannelSums(correction.num_groups, correction.b.shape[1], correction.k.device)
-    error = None
-    try:
+    with distributed.hold_failure() as failed:
         _accumulate(unet, correction, stats, data, batch_size, acts, progress)
-    except Exception as err:
-        if not distributed.is_initialized():
-            raise
-        error = err
-    all_reduce([stats], SUMS, "bias correction: output", error)
+    all_reduce([stats], SUMS, "bias correction: output", failed.error)
     k, b, residual_var = fit_output_correction(stats)
     correction.k.copy_(k.to(correction.k.dtype))
     correction.b.copy_(b.to(correction.b.dtype))

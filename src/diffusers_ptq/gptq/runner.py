@@ -104,17 +104,13 @@ def _hessians(
             acc.add(module, x[:, part] if isinstance(module, nn.Conv2d) else x)
 
     handle = layer.register_forward_pre_hook(hook)
-    error = None
     try:
-        _run_unit(unet, unit, cache, device, dtype, batch=batch)
-    except Exception as err:
-        if not distributed.is_initialized():
-            raise
-        error = err
+        with distributed.hold_failure() as failed:
+            _run_unit(unet, unit, cache, device, dtype, batch=batch)
     finally:
         handle.remove()
     if distributed.is_initialized():  # the sums over every rank's rows: H as one process would see it
-        distributed.all_reduce_sum([acc.sum for acc in accs], f"gptq: Hessian of {name}", error)
+        distributed.all_reduce_sum([acc.sum for acc in accs], f"gptq: Hessian of {name}", failed.error)
         counts = distributed.exchange(f"gptq: rows of {name}", [(acc.vectors, acc.samples) for acc in accs])
         for i, acc in enumerate(accs):
             acc.vectors = sum(c[i][0] for c in counts)

@@ -66,21 +66,13 @@ def model_outputs(unet: nn.Module, data: CalibrationSet, rows: torch.Tensor, bat
     Under torch.distributed, `rows` are this rank's and the result is every rank's, in rank order.
     """
     param = next(unet.parameters())
-    outputs, error = [], None
-    try:
+    outputs = []
+    with distributed.hold_failure() as failed:
         for start in range(0, len(rows), batch_size):
             kwargs = data.unet_kwargs(rows[start : start + batch_size], param.device, param.dtype)
             outputs.append(main_output(unet(**kwargs)).float().cpu())
-    except Exception as err:
-        if not distributed.is_initialized():
-            raise
-        error = err
-    if not distributed.is_initialized():
-        return torch.cat(outputs)
-    gathered = distributed.exchange(
-        "reconstruction: held-out outputs", torch.cat(outputs) if outputs else None, error
-    )
-    return torch.cat([t for t in gathered if t is not None])
+    local = torch.cat(outputs) if outputs else None
+    return distributed.gather_rows(local, "reconstruction: held-out outputs", failed.error)
 
 
 def output_errors(outputs: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:

@@ -79,33 +79,25 @@ def sample_clean_images(
     """
     starts = range(0, num_images, batch_size)
     mine = distributed.own_share(len(starts), "clean-image batches", allow_empty=True)
-    images, error = [], None
-    try:
-        with quiet_pipeline(pipe):
-            for run, start in enumerate(
-                tqdm(starts, desc="group search: clean images", unit="batch", disable=not progress)
-            ):
-                stub = contextlib.nullcontext() if run in mine else zero_forward(pipe.unet)
-                with stub:
-                    out = pipe(
-                        batch_size=min(batch_size, num_images - start),
-                        num_inference_steps=num_inference_steps,
-                        generator=generator,
-                        output_type="np",
-                    )
-                if run in mine:
-                    # The pipelines map x_0 to images by (x / 2 + 0.5).clamp(0, 1): invert that.
-                    array = np.asarray(out.images)
-                    images.append(torch.from_numpy(array).permute(0, 3, 1, 2).float() * 2 - 1)
-    except Exception as err:
-        if not distributed.is_initialized():
-            raise
-        error = err
+    images = []
+    with distributed.hold_failure() as failed, quiet_pipeline(pipe):
+        for run, start in enumerate(
+            tqdm(starts, desc="group search: clean images", unit="batch", disable=not progress)
+        ):
+            stub = contextlib.nullcontext() if run in mine else zero_forward(pipe.unet)
+            with stub:
+                out = pipe(
+                    batch_size=min(batch_size, num_images - start),
+                    num_inference_steps=num_inference_steps,
+                    generator=generator,
+                    output_type="np",
+                )
+            if run in mine:
+                # The pipelines map x_0 to images by (x / 2 + 0.5).clamp(0, 1): invert that.
+                array = np.asarray(out.images)
+                images.append(torch.from_numpy(array).permute(0, 3, 1, 2).float() * 2 - 1)
     local = torch.cat(images) if images else None
-    if not distributed.is_initialized():
-        return local
-    shares = distributed.exchange("group search: clean images", local, error)
-    return torch.cat([t for t in shares if t is not None])
+    return distributed.gather_rows(local, "group search: clean images", failed.error)
 
 
 class FloatTargets:
@@ -122,25 +114,20 @@ class FloatTargets:
         done = 0 if self.cache is None else self.cache.shape[0]
         if done >= len(data):
             return
-        world = distributed.world_size()
         part = distributed.own_share(len(data) - done, allow_empty=True)
         param = next(self.unet.parameters())
-        outs, error = [], None
+        outs = []
         set_quant_state(self.unet, weights=False, acts=False)
         try:
-            for s in range(done + part.start, done + part.stop, self.batch_size):
-                rows = slice(s, min(s + self.batch_size, done + part.stop))
-                out = self.unet(**data.unet_kwargs(rows, param.device, param.dtype))
-                outs.append(prediction(out).float().cpu())
-        except Exception as err:
-            if world == 1:
-                raise
-            error = err
+            with distributed.hold_failure() as failed:
+                for s in range(done + part.start, done + part.stop, self.batch_size):
+                    rows = slice(s, min(s + self.batch_size, done + part.stop))
+                    out = self.unet(**data.unet_kwargs(rows, param.device, param.dtype))
+                    outs.append(prediction(out).float().cpu())
         finally:
             set_quant_state(self.unet, weights=True, acts=self.acts_enabled)
         local = torch.cat(outs) if outs else None
-        shares = distributed.exchange("group search: float targets", local, error)
-        new = torch.cat([t for t in shares if t is not None])
+        new = distributed.gather_rows(local, "group search: float targets", failed.error)
         self.cache = new if self.cache is None else torch.cat([self.cache, new])
 
     def batch(
