@@ -163,8 +163,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # step per unit on a few rows.
     warm = argparse.Namespace(**{**vars(args), "iterations": 1, "rows": min(args.rows, 8)})
     measure(config, warm, min(args.batch_size, 8))
-    full = measure(config, args, args.batch_size)
-    per_rank = measure(config, args, args.batch_size // args.devices)
     result = {
         "command": " ".join(["python", "benchmarks/reconstruction_schedule.py", *(argv or [])]),
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.machine(),
@@ -173,14 +171,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "published_rows": args.published_rows,
         "batch_size": args.batch_size,
         "devices": args.devices,
-        **extrapolate(full, per_rank, args),
-        "units_full_batch": full,
-        "units_per_rank_batch": per_rank,
-        "seconds": time.perf_counter() - started,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1))
+    full = measure(config, args, args.batch_size)
+    # Written before the per-rank run as well, so a run stopped there (device time is scarce) still
+    # leaves the one-device measurement.
+    _write(args.json, {**result, "units_full_batch": full, "seconds": time.perf_counter() - started})
+    per_rank = measure(config, args, args.batch_size // args.devices)
+    result.update(extrapolate(full, per_rank, args))
+    result.update(units_full_batch=full, units_per_rank_batch=per_rank, seconds=time.perf_counter() - started)
+    _write(args.json, result)
     return result
+
+
+def _write(path: Path, result: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
