@@ -29,6 +29,7 @@ from diffusers_ptq.job import QuantizationJob
 from diffusers_ptq.offload import onloaded
 from diffusers_ptq.prepare import is_quantized, plan_quantization
 from diffusers_ptq.quantizers import contiguous_group_map, nearest_step_group_map
+from diffusers_ptq.reconstruction.sampling import SamplingCheck
 from diffusers_ptq.reconstruction.spill import check_cache_dir
 from diffusers_ptq.report import QuantizationReport
 from diffusers_ptq.search import NoiseTargets, resolve_target, sample_clean_images
@@ -242,6 +243,10 @@ def quantize_pipeline(
         reconstruction_checkpoint,
     )
     job.search_seconds = target_seconds  # the search's clean target images count as search time
+    samples = config.reconstruction.sampling_check if config.reconstruction.enabled else 0
+    if samples and calibration_fn is None:
+        # A generator of its own (calibration draws from seed, the search's clean images from seed + 1).
+        job.sampling_check = SamplingCheck(pipe, driver, samples, calib.seed + 2, progress)
     # Everything that changes the UNet, up to the quantizer attachment, is undone if any of it fails; a UNet
     # under sequential CPU offload is held on its execution device meanwhile and offloaded again after.
     # distributed hook: inside guarded(), so a failure on any rank restores every rank's UNet.

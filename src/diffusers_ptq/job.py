@@ -21,6 +21,7 @@ from diffusers_ptq.initialise import initialise_activations, initialise_weights,
 from diffusers_ptq.nn import QuantLayerMixin
 from diffusers_ptq.prepare import QuantPlan, install
 from diffusers_ptq.reconstruction import reconstruct
+from diffusers_ptq.reconstruction.sampling import SamplingCheck
 from diffusers_ptq.report import QuantizationReport
 from diffusers_ptq.search import FloatTargets, GroupSearch, NoiseTargets
 from diffusers_ptq.sensitivity.mixed import choose_mixed_precision
@@ -98,6 +99,8 @@ class QuantizationJob:
         # layers.mixed_precision: what the sensitivity pass promoted (None when it did not run).
         self.mixed_precision: dict[str, Any] | None = None
         self.reconstruction_checkpoint = reconstruction_checkpoint
+        # Set by quantize_pipeline: judges reconstruction on the pipeline's samples (sampling.py).
+        self.sampling_check: SamplingCheck | None = None
         self.saved_attributes = {name: unet.__dict__.get(name, _ABSENT) for name in UNET_ATTRIBUTES}
         # Quantized layers' weight Parameters before GPTQ rebinds them (the float layers' own; never written).
         self.saved_weights: list[tuple[nn.Module, nn.Parameter]] = []
@@ -179,6 +182,7 @@ class QuantizationJob:
                 self.config.reconstruction,
                 checkpoint_dir=self.reconstruction_checkpoint,
                 progress=self.progress,
+                sampling_check=self.sampling_check,
             )
             self.unet.ptq_state.reconstruction = report.to_dict()
             if self.progress:

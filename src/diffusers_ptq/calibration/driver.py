@@ -99,16 +99,19 @@ class CalibrationDriver:
             return None
         return [self.prompts[(start + i) % len(self.prompts)] for i in range(count)]
 
-    def run(self, pipe: Any, start: int, count: int, generator: torch.Generator) -> None:
+    def run(self, pipe: Any, start: int, count: int, generator: torch.Generator) -> Any:
+        """The pipeline's output for these trajectories (None with a calibration_fn)."""
         if self.calibration_fn is not None:
             with torch.no_grad():  # a function that calls the UNet itself builds no autograd graph
                 self.calibration_fn(pipe)
-            return
+            return None
         extra = None
         if self.pipeline_kwargs is not None:
             extra = self.pipeline_kwargs[start % len(self.pipeline_kwargs)]
         trajectories = self.prompts_for(start, count) if self.spec.text_conditioned else count
-        self.spec.run(pipe, trajectories, self.num_inference_steps, self.guidance_scale, generator, extra)
+        return self.spec.run(
+            pipe, trajectories, self.num_inference_steps, self.guidance_scale, generator, extra
+        )
 
 
 @contextlib.contextmanager

@@ -89,8 +89,9 @@ class PipelineSpec:
         guidance_scale: float | None,
         generator: torch.Generator,
         extra: dict[str, Any] | None = None,
-    ) -> None:
-        pipe(**self.call_kwargs(trajectories, num_inference_steps, guidance_scale, generator, extra))
+    ) -> Any:
+        """One pipeline call; returns what the pipeline returns (latents with a VAE, else np images)."""
+        return pipe(**self.call_kwargs(trajectories, num_inference_steps, guidance_scale, generator, extra))
 
 
 def _decodes_latents(cls: type) -> bool:

@@ -139,6 +139,13 @@ class ReconstructionConfig:
         "share of each unit's cached rows held out of its training (at most 64): the unit keeps what it "
         "learned only if its block loss on them went down, else it reverts to its starting point",
     )
+    sampling_check: int = _field(
+        8,
+        "quantize_pipeline only: samples the pipeline draws from fresh noise with the float UNet, the UNet "
+        "before the run and after it; the whole run is undone if its final outputs are further from the "
+        "float ones (mean squared error, or the error's mean over the samples). 0: off (also with a "
+        "calibration_fn, and in quantize_unet, which has no pipeline)",
+    )
     seed: int = _field(0, "seed of the row subset, the mini-batches and the QDrop masks")
 
     def validate(self, path: str = "reconstruction") -> None:
@@ -192,6 +199,7 @@ class ReconstructionConfig:
         if self.max_minutes is not None:
             _check_float(f"{path}.max_minutes", self.max_minutes, 0.0, 1e7, open_lo=True)
         _check_float(f"{path}.holdout", self.holdout, 0.0, 0.5, open_lo=True)
+        _check_int(f"{path}.sampling_check", self.sampling_check, 0)
         _check_int(f"{path}.seed", self.seed, 0)
         if self.weight_rounding == "nearest" and not self.learn_act_scales:
             raise ValueError(

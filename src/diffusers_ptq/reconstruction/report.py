@@ -45,6 +45,17 @@ class UnitReport:
         return cls(**data)
 
 
+SAMPLING_FIELDS = (
+    "sampling_error_before",
+    "sampling_error_after",
+    "sampling_bias_before",
+    "sampling_bias_after",
+    "sampling_samples",
+    "sampling_seconds",
+    "reverted_by",
+)
+
+
 @dataclass
 class ReconstructionReport:
     config: dict[str, Any]
@@ -59,6 +70,15 @@ class ReconstructionReport:
     holdout_bias_before: float | None = None
     holdout_bias_after: float | None = None
     model_reverted: bool = False
+    # The sampling check (`sampling.py`): the same two errors on the pipeline's final outputs for
+    # `sampling_samples` fresh samples, before and after; `reverted_by`: which check undid the run.
+    sampling_error_before: float | None = None
+    sampling_error_after: float | None = None
+    sampling_bias_before: float | None = None
+    sampling_bias_after: float | None = None
+    sampling_samples: int = 0
+    sampling_seconds: float = 0.0
+    reverted_by: str | None = None  # "held-out rows" | "samples"
     # Under torch.distributed: rows each rank cached, in rank order (None: one process).
     rows_per_rank: list[int] | None = None
 
@@ -73,6 +93,7 @@ class ReconstructionReport:
             "holdout_bias_before": self.holdout_bias_before,
             "holdout_bias_after": self.holdout_bias_after,
             "model_reverted": self.model_reverted,
+            **{name: getattr(self, name) for name in SAMPLING_FIELDS},
             "rows_per_rank": self.rows_per_rank,
         }
 
@@ -89,6 +110,7 @@ class ReconstructionReport:
             holdout_bias_before=data.get("holdout_bias_before"),
             holdout_bias_after=data.get("holdout_bias_after"),
             model_reverted=data.get("model_reverted", False),
+            **{name: data[name] for name in SAMPLING_FIELDS if name in data},
             rows_per_rank=data.get("rows_per_rank"),
         )
 
@@ -123,7 +145,16 @@ class ReconstructionReport:
             lines.append(
                 f"  UNet output error on held-out rows {self.holdout_error_before:.4g} -> "
                 f"{self.holdout_error_after:.4g}, its mean (bias) {self.holdout_bias_before:.4g} -> "
-                f"{self.holdout_bias_after:.4g}" + (undone if self.model_reverted else "")
+                f"{self.holdout_bias_after:.4g}"
+                + (undone if self.model_reverted and self.reverted_by != "samples" else "")
+            )
+        if self.sampling_error_before is not None and self.sampling_error_after is not None:
+            undone = ": higher, the whole run was undone (the UNet is as calibrated)"
+            lines.append(
+                f"  final outputs of {self.sampling_samples} fresh samples, error "
+                f"{self.sampling_error_before:.4g} -> {self.sampling_error_after:.4g}, its mean (bias) "
+                f"{self.sampling_bias_before:.4g} -> {self.sampling_bias_after:.4g}"
+                + (undone if self.reverted_by == "samples" else "")
             )
         return "\n".join(lines)
 

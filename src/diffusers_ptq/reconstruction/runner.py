@@ -36,6 +36,7 @@ from diffusers_ptq.reconstruction.memory import estimate_cache_bytes, offloaded,
 from diffusers_ptq.reconstruction.report import ReconstructionReport, UnitReport
 from diffusers_ptq.reconstruction.rounding import bake_layers, wrapped_layers
 from diffusers_ptq.reconstruction.safeguard import holdout_error, split_rows
+from diffusers_ptq.reconstruction.sampling import SamplingCheck, judge_samples
 from diffusers_ptq.reconstruction.shard import RowShard
 from diffusers_ptq.reconstruction.spill import CacheStore, check_cache_dir
 from diffusers_ptq.reconstruction.state import SavedState, learned_tensors, restore_learned
@@ -146,6 +147,7 @@ def reconstruct(
     *,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    sampling_check: SamplingCheck | None = None,
 ) -> ReconstructionReport:
     """Reconstruct a quantized `unet` block by block on `calibration_set` (in place) and report it.
 
@@ -158,7 +160,8 @@ def reconstruct(
 
     Under an initialised torch.distributed group, call it on every rank with the same arguments: each rank
     caches its share of the rows and gradients are summed across ranks every step (`shard.py`); only
-    rank 0 writes the checkpoint, which every rank must be able to read to resume.
+    rank 0 writes the checkpoint, which every rank must be able to read to resume. With `sampling_check`
+    (`sampling.py`) the whole run is also judged on the pipeline's sampled outputs, and undone if worse.
     """
     config = _check_inputs(unet, calibration_set, config)
     started = time.perf_counter()
@@ -196,6 +199,7 @@ def reconstruct(
     if shard.sharded:
         report.rows_per_rank = distributed.exchange("reconstruction: rows per rank", len(shard.owned))
     saved = SavedState(unet)
+    sampled = None if sampling_check is None else sampling_check("before reconstruction")
     # Offload wraps the undo too: a restored weight Parameter then goes back to the UNet's device with it.
     with (
         offloaded(unet, config.offload, config.offload_device) as device,
@@ -250,12 +254,14 @@ def reconstruct(
                     after[1],
                 )
                 saved.undo()
-                report.model_reverted = True
+                report.model_reverted, report.reverted_by = True, "held-out rows"
             done = True
         finally:
             if not done:
                 saved.undo()
             saved.restore_switches()
+    if sampled is not None and not report.model_reverted:
+        judge_samples(unet, config, sampling_check, sampled, saved, report)
     report.seconds = time.perf_counter() - started
     logger.info("%s", report)
     return report

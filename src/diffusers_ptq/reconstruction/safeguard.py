@@ -16,6 +16,9 @@ error or in the mean of its error over the rows (its systematic part), the whole
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -91,14 +94,21 @@ def holdout_error(
     reference: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[float, float]]:
     """(float outputs on `rows`, `output_errors` of the UNet's outputs, as it is switched, from them)."""
+    if reference is None:
+        with float_mode(unet):
+            reference = model_outputs(unet, data, rows, config.cache_batch_size)
+    return reference, output_errors(model_outputs(unet, data, rows, config.cache_batch_size), reference)
+
+
+@contextlib.contextmanager
+def float_mode(unet: nn.Module) -> Iterator[None]:
+    """Every quantizer of `unet` off inside the block; each one's switch as it was afterwards."""
     switches = [
         (m, m.enabled) for m in unet.modules() if isinstance(m, TimestepActQuantizer | WeightQuantizer)
     ]
-    if reference is None:
-        set_quant_state(unet, weights=False, acts=False)
-        try:
-            reference = model_outputs(unet, data, rows, config.cache_batch_size)
-        finally:
-            for m, enabled in switches:
-                m.enabled = enabled
-    return reference, output_errors(model_outputs(unet, data, rows, config.cache_batch_size), reference)
+    set_quant_state(unet, weights=False, acts=False)
+    try:
+        yield
+    finally:
+        for m, enabled in switches:
+            m.enabled = enabled
