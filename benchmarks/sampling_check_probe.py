@@ -6,7 +6,8 @@ sampling check (reconstruction/sampling.py) compares the pipeline's final output
 runs of BENCHMARKS.md §8 the held-out check undid the short runs itself, so the sampling check never had to
 decide. Here it must: the held-out check's verdict is forced to "better" (the report's held-out numbers are
 then the forced ones, marked so), and the bench's FD shows whether the sampling check's decision was right.
-Every argument is passed to `diffusers-ptq bench`:
+With `--keep` (the probe's own flag) the sampling check's verdict is forced to "keep" as well, so the FD of
+the run it would have undone can be measured. Every other argument is passed to `diffusers-ptq bench`:
 
     python benchmarks/sampling_check_probe.py --presets q-diffusion --bits W4A8 --reconstruction-minutes 1 \
         --num-samples 250 --seeds 0 --calibration-samples 256 --output OUT --no-progress
@@ -21,7 +22,12 @@ import torch
 
 def main(argv: list[str] | None = None) -> int:
     from diffusers_ptq.cli import main as cli_main
-    from diffusers_ptq.reconstruction import runner
+    from diffusers_ptq.reconstruction import runner, sampling
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--keep" in argv:
+        argv.remove("--keep")
+        sampling.worse = lambda before, after: False
 
     real = runner.holdout_error
 
@@ -35,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runner.holdout_error = forced
     torch.set_flush_denormal(True)
-    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
+    return cli_main(["bench", *argv])
 
 
 if __name__ == "__main__":
