@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import time
 from pathlib import Path
 
 POINTERS = {"x_ptr": "*i8", "out_ptr": "*fp16"}  # w_ptr: per variant; the rest are fp32 tensors
@@ -60,7 +59,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         source = ASTSource(
             kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()}
         )
-        start = time.perf_counter()
         compiled = triton.compile(
             source, target=GPUTarget("cuda", args.arch, 32), options={"num_warps": 8, "num_stages": 3}
         )
@@ -70,7 +68,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "shared_bytes": compiled.metadata.shared,
             "wgmma": ptx.count("wgmma.mma_async"),
             "mma_sync": ptx.count("mma.sync"),
-            "compile_s": round(time.perf_counter() - start, 1),
         }
         rows.append(row)
         print(row, flush=True)
