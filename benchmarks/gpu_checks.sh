@@ -16,7 +16,7 @@
 #   group-conv     benchmarks/group_conv_speed.py: per-group weight scales in the Triton kernel vs int_mm
 #   speed-sd15-int-mm, speed-sd15-compare   the integer rows with im2col + torch._int_mm, and torchao / quanto
 # Python packages the machine lacks (diffusers, optimum-quanto, torchao) are installed from .whl/ when that
-# folder exists (wheels downloaded beforehand; see /work/.library/device/README.md). Record every figure in
+# folder exists (wheels downloaded beforehand; see the device tool's README). Record every figure in
 # BENCHMARKS.md with the device named.
 set -uo pipefail
 out="${1:?usage: bash benchmarks/gpu_checks.sh OUT_DIR [SECONDS]}"

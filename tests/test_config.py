@@ -153,6 +153,7 @@ def _non_default_config() -> PTQConfig:
             offload_device="cuda:1",
             max_minutes=1.5,
             holdout=0.3,
+            sampling_check=3,
             seed=9,
         ),
     )
