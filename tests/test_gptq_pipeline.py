@@ -15,7 +15,7 @@ from diffusers_ptq import PTQConfig, convert, quantize_pipeline, quantize_unet
 from diffusers_ptq.calibration import capture, get_pipeline_spec, planned_timesteps
 from diffusers_ptq.gptq import gptq_quantize, release_float_weights
 from diffusers_ptq.initialise import set_quant_state
-from diffusers_ptq.reconstruction.runner import _weights_on_grid
+from diffusers_ptq.reconstruction.inputs import weights_on_grid
 from diffusers_ptq.tiny import tiny_unet2d
 from integer_helpers import assert_unet_agrees, unet_inputs
 from recipe_helpers import plain
@@ -77,7 +77,7 @@ def test_gptq_lowers_noise_error_and_reloads_bit_exact(kind, request, tmp_path):
     state = gptq.unet.ptq_state
     assert state.gptq["layers"] > 0 and state.report.gptq == state.gptq
     assert "GPTQ" in str(state.report) and nearest.unet.ptq_state.gptq is None
-    assert _weights_on_grid(gptq.unet) and not _weights_on_grid(nearest.unet)
+    assert weights_on_grid(gptq.unet) and not weights_on_grid(nearest.unet)
     assert not any("float_weight" in m.__dict__ for m in gptq.unet.modules())  # released after the job
     error = _noise_error(gptq.unet, reference, held_out)
     assert error < 0.9 * _noise_error(nearest.unet, reference, held_out)
@@ -117,7 +117,7 @@ def test_reconstruction_starts_from_gptq_weights():
     assert state.gptq["layers"] > 0 and state.reconstruction["units"]
     first = state.reconstruction["units"][0]
     assert first["iterations"] > 0 and first["loss_before"] > 0
-    assert _weights_on_grid(unet)
+    assert weights_on_grid(unet)
 
 
 def test_too_few_samples_names_the_layer_and_leaves_the_unet_float():

@@ -12,7 +12,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from diffusers_ptq import PTQConfig, convert, quantize_pipeline
-from diffusers_ptq.reconstruction.runner import _weights_on_grid
+from diffusers_ptq.reconstruction.inputs import weights_on_grid
 from diffusers_ptq.tiny import tiny_sd_pipeline
 from integer_helpers import assert_unet_agrees, float_output, unet_inputs
 from recipe_helpers import plain
@@ -57,7 +57,7 @@ def test_gptq_beats_nearest_on_the_group_grid(float_pipe):
         inputs = unet_inputs(float_pipe.unet, seed=1)
         nearest = _quantize(_config("nearest"))
         gptq = _quantize(_config("gptq"))
-        assert _weights_on_grid(gptq.unet)
+        assert weights_on_grid(gptq.unet)
         error = _noise_error(gptq.unet, float_pipe.unet, inputs)
         assert error < 0.97 * _noise_error(nearest.unet, float_pipe.unet, inputs)
     finally:
@@ -72,7 +72,7 @@ def test_gptq_group_scales_bias_tables_and_mixed_precision_compose(tmp_path):
     assert state.gptq["layers"] > 0 and state.bias_correction is not None
     promoted = state.report.mixed_precision["promoted"]
     assert len(promoted) == 2 and all(bits == 8 for _, bits in promoted)
-    assert _weights_on_grid(unet)
+    assert weights_on_grid(unet)
 
     inputs = unet_inputs(unet)  # a batch mixing timesteps from both groups
     expect = unet(**inputs).sample

@@ -12,7 +12,7 @@ import torch
 
 from diffusers_ptq import PTQConfig, quantize_pipeline, quantize_unet
 from diffusers_ptq.reconstruction import runner
-from diffusers_ptq.reconstruction.runner import _weights_on_grid
+from diffusers_ptq.reconstruction.inputs import weights_on_grid
 from diffusers_ptq.tiny import tiny_unet2d
 from recipe_helpers import plain
 from reconstruction_helpers import calibration_set
@@ -53,7 +53,7 @@ def _fresh(pipe):
 def test_quantize_pipeline_reconstructs_when_enabled(ddim_pipe):
     off = quantize_pipeline(_fresh(ddim_pipe), _config(enabled=False), **FAST).unet
     assert off.ptq_state.reconstruction is None
-    assert not _weights_on_grid(off)  # calibration only: float weights kept
+    assert not weights_on_grid(off)  # calibration only: float weights kept
 
     pipe = quantize_pipeline(_fresh(ddim_pipe), _config(), **FAST)
     report = pipe.unet.ptq_state.reconstruction
@@ -62,7 +62,7 @@ def test_quantize_pipeline_reconstructs_when_enabled(ddim_pipe):
     assert phases == {"weights", "acts"}  # sequential: AdaRound, then step sizes
     assert {u["status"] for u in report["units"]} <= {"trained", "reverted"}
     # AdaRound baked into integer weights; a reverted unit keeps its float weights (its starting point).
-    assert _weights_on_grid(pipe.unet) == all(
+    assert weights_on_grid(pipe.unet) == all(
         u["status"] == "trained" for u in report["units"] if u["phase"] == "weights"
     )
     assert pipe.unet.ptq_state.config.reconstruction.enabled
@@ -124,7 +124,7 @@ def test_quantize_unet_reconstructs_when_enabled():
     kinds = [u["kind"] for u in unet.ptq_state.reconstruction["units"]]
     assert "temporal" in kinds  # TFMQ-DM: the time features as one unit
     units = unet.ptq_state.reconstruction["units"]
-    assert _weights_on_grid(unet) == all(u["status"] == "trained" for u in units if u["phase"] == "weights")
+    assert weights_on_grid(unet) == all(u["status"] == "trained" for u in units if u["phase"] == "weights")
 
 
 @pytest.mark.parametrize("preset", ["q-diffusion", "eda-dm", "tfmq-dm"])
