@@ -55,7 +55,9 @@ def test_quantize_pipeline_reconstructs_when_enabled(ddim_pipe):
     assert off.ptq_state.reconstruction is None
     assert not weights_on_grid(off)  # calibration only: float weights kept
 
-    pipe = quantize_pipeline(_fresh(ddim_pipe), _config(), **FAST)
+    # Without the sampling check: on this tiny model its verdict turns on float rounding (fused vs
+    # per-tensor Adam flipped it); it has its own tests (test_reconstruction_sampling.py).
+    pipe = quantize_pipeline(_fresh(ddim_pipe), _config(sampling_check=0), **FAST)
     report = pipe.unet.ptq_state.reconstruction
     assert report is not None and report["rows"] == 12
     phases = {u["phase"] for u in report["units"]}
@@ -66,6 +68,7 @@ def test_quantize_pipeline_reconstructs_when_enabled(ddim_pipe):
         u["status"] == "trained" for u in report["units"] if u["phase"] == "weights"
     )
     assert pipe.unet.ptq_state.config.reconstruction.enabled
+    assert not report["model_reverted"]
     assert not torch.equal(_output(pipe.unet), _output(off))
 
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from diffusers_ptq import distributed
 from diffusers_ptq.gradsum import GradientSum
+from diffusers_ptq.optim import adam
 from diffusers_ptq.quantizers.adaround import AdaRoundQuantizer
 from diffusers_ptq.reconstruction.cache import BlockCache, CacheBatch
 from diffusers_ptq.reconstruction.config import ReconstructionConfig
@@ -350,7 +351,7 @@ class _Loop:
         progress: bool,
     ) -> None:
         config = self.config
-        optimizer = torch.optim.Adam([{"params": g["params"], "lr": lr} for g, lr in zip(groups, base_lrs)])
+        optimizer = adam([{"params": g["params"], "lr": lr} for g, lr in zip(groups, base_lrs)])
         self.bind(optimizer)
         schedules = [g["schedule"] for g in groups]
         beta = BetaSchedule(iterations, config.warmup, config.beta_start, config.beta_end)
@@ -376,7 +377,7 @@ def _probe(loop: _Loop, groups: list[dict]) -> float:
     if not tensors:
         return 0.0
     saved = [t.detach().clone() for t in tensors]
-    optimizer = torch.optim.Adam([{"params": g["params"], "lr": g["lr"]} for g in groups])
+    optimizer = adam([{"params": g["params"], "lr": g["lr"]} for g in groups])
     loop.bind(optimizer)
     gen = torch.Generator().manual_seed(0)
     drop_gen = torch.Generator(device=loop.step.device).manual_seed(0)

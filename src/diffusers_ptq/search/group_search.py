@@ -31,6 +31,7 @@ from diffusers_ptq.initialise import (
     observe_activations,
     set_quant_state,
 )
+from diffusers_ptq.optim import adam
 from diffusers_ptq.quantizers.activation import distinct_step_timesteps, nearest_step_group_map
 from diffusers_ptq.search import soft_groups
 from diffusers_ptq.search.group_init import init_from_ranges
@@ -113,7 +114,7 @@ class GroupSearch:
             soft_groups.attach(q, mixer)
             self.mixers.append(mixer)
         params = [p for m in self.mixers for p in m.parameters()]
-        self.optimizer = torch.optim.Adam(params, lr=self.lr)
+        self.optimizer = adam([{"params": params}], lr=self.lr)
         if distributed.world_size() > 1:
             self.gradients = GradientSum(params, "group search: a training step")
         self.started = True
