@@ -141,3 +141,25 @@ def test_cache_spill_memory_samples_the_resident_set_peak():
     grew = sampler.peak["RssAnon"] - before["RssAnon"]
     del block
     assert grew >= 60 * 1024**2
+
+
+def test_distributed_steps_splits_each_wait_into_collective_and_imbalance(capsys):
+    script = load_script("benchmarks", "distributed_steps")
+    # (own work s, wait in the gradient sum s, gradient size); the first step of a unit (own work over
+    # 0.2 s: caching before it) is left out.
+    rank0 = [(0.010, 0.001, 10), (0.012, 0.004, 200_000), (0.5, 0.001, 10)]
+    rank1 = [(0.011, 0.002, 10), (0.010, 0.006, 200_000), (0.5, 0.001, 10)]
+    parts = script._decompose([{"steps": rank0}, {"steps": rank1}])
+    assert parts["under 100"] == {
+        "steps": 1,
+        "own_work_ms": 10.0,
+        "collective_ms_mean": 1.0,
+        "collective_ms_median": 1.0,
+        "imbalance_ms_mean": 1.0,
+    }
+    assert parts["over 100k"]["collective_ms_mean"] == 4.0
+    assert parts["over 100k"]["imbalance_ms_mean"] == 2.0
+    assert "100 to 100k" not in parts
+    with pytest.raises(SystemExit):
+        script.main(["--world", "1", "--output", "unused.json"])
+    assert "--world 1 is invalid" in capsys.readouterr().err

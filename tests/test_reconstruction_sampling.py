@@ -14,7 +14,7 @@ from diffusers_ptq.calibration.pipelines import spec_for_class
 from diffusers_ptq.initialise import set_quant_state
 from diffusers_ptq.reconstruction import safeguard
 from diffusers_ptq.reconstruction.report import ReconstructionReport
-from diffusers_ptq.reconstruction.sampling import SamplingCheck, final_output
+from diffusers_ptq.reconstruction.sampling import SamplingCheck, bias_noise, final_output, worse
 from diffusers_ptq.tiny import tiny_ddim_pipeline
 from reconstruction_helpers import fast_config, quantized
 from test_reconstruction_safeguard import _same, _snapshot
@@ -26,12 +26,17 @@ STEPS = 3
 class FakeCheck:
     """Stands in for SamplingCheck: returns the given (before, after) errors in turn."""
 
-    def __init__(self, errors):
+    def __init__(self, errors, noise=0.0):
         self.errors, self.calls, self.num_samples, self.seconds = iter(errors), [], 4, 0.25
+        self.noise = noise
 
     def __call__(self, what="quantized"):
         self.calls.append(what)
         return next(self.errors)
+
+    def bias_noise(self, before, after):
+        assert (before, after) == ("before reconstruction", "after reconstruction")
+        return self.noise
 
 
 @pytest.fixture
@@ -162,3 +167,54 @@ def test_a_calibration_fn_cannot_be_sampled():
 def test_sampling_check_is_validated(bad):
     with pytest.raises(ValueError, match=r"reconstruction\.sampling_check="):
         fast_config(sampling_check=bad).validate()
+
+
+@pytest.mark.parametrize(
+    ("after", "noise", "undone"),
+    [((0.5, 1.5), 0.6, False), ((0.5, 1.5), 0.4, True), ((1.5, 0.5), 10.0, True)],
+    ids=["bias-rise-within-noise-kept", "bias-rise-beyond-noise-undone", "mse-rise-undone-whatever-noise"],
+)
+def test_the_bias_may_rise_within_its_noise_the_mean_square_not_at_all(
+    held_out_improves, after, noise, undone
+):
+    unet, data = quantized("unet2d", rows=ROWS)
+    check = FakeCheck([(1.0, 1.0), after], noise=noise)
+    report = reconstruct(unet, data, fast_config(cache_batch_size=ROWS), progress=False, sampling_check=check)
+    assert report.model_reverted == undone and report.sampling_bias_noise == noise
+    assert f"(noise {noise:.2g})" in str(report)
+    assert ReconstructionReport.from_dict(report.to_dict()).sampling_bias_noise == noise
+
+
+def test_bias_noise_is_two_jackknife_standard_errors_of_the_change():
+    gen = torch.Generator().manual_seed(3)
+    before = torch.randn(8, 50, generator=gen) + 0.3
+    after = torch.randn(8, 50, generator=gen) + 0.2
+
+    def term(e):
+        return float(e.double().mean(dim=0).pow(2).mean())
+
+    n = len(before)
+    left_out = [
+        term(torch.cat([after[:i], after[i + 1 :]])) - term(torch.cat([before[:i], before[i + 1 :]]))
+        for i in range(n)
+    ]
+    mean = sum(left_out) / n
+    expected = 2 * ((n - 1) / n * sum((d - mean) ** 2 for d in left_out)) ** 0.5
+    assert bias_noise(before, after) == pytest.approx(expected, rel=1e-9)
+    assert bias_noise(before, before) == 0.0
+    assert bias_noise(before[:1], after[:1]) == 0.0  # one sample: no margin, the strict comparison
+    assert not worse((1.0, 1.0), (0.9, 1.0 + expected / 2), expected)
+    assert worse((1.0, 1.0), (0.9, 1.0 + 2 * expected), expected)
+
+
+def test_sampling_check_keeps_each_calls_errors_per_sample_for_the_noise():
+    pipe = _calibrated_tiny_ddim()
+    check = SamplingCheck(pipe, _driver(pipe), num_samples=3, seed=7)
+    set_quant_state(pipe.unet, weights=False, acts=False)
+    check("before reconstruction")  # the float UNet: no error
+    set_quant_state(pipe.unet, weights=True, acts=True)
+    check("after reconstruction")
+    before, after = check.errors["before reconstruction"], check.errors["after reconstruction"]
+    assert before.shape == after.shape and before.shape[0] == 3
+    assert torch.equal(before, torch.zeros_like(before)) and after.abs().max() > 0
+    assert check.bias_noise("before reconstruction", "after reconstruction") == bias_noise(before, after) > 0

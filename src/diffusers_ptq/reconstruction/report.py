@@ -50,6 +50,7 @@ SAMPLING_FIELDS = (
     "sampling_error_after",
     "sampling_bias_before",
     "sampling_bias_after",
+    "sampling_bias_noise",
     "sampling_samples",
     "sampling_seconds",
     "reverted_by",
@@ -76,6 +77,7 @@ class ReconstructionReport:
     sampling_error_after: float | None = None
     sampling_bias_before: float | None = None
     sampling_bias_after: float | None = None
+    sampling_bias_noise: float | None = None  # the margin the bias may rise by (two standard errors)
     sampling_samples: int = 0
     sampling_seconds: float = 0.0
     reverted_by: str | None = None  # "held-out rows" | "samples"
@@ -154,6 +156,7 @@ class ReconstructionReport:
                 f"  final outputs of {self.sampling_samples} fresh samples, error "
                 f"{self.sampling_error_before:.4g} -> {self.sampling_error_after:.4g}, its mean (bias) "
                 f"{self.sampling_bias_before:.4g} -> {self.sampling_bias_after:.4g}"
+                + ("" if self.sampling_bias_noise is None else f" (noise {self.sampling_bias_noise:.2g})")
                 + (undone if self.reverted_by == "samples" else "")
             )
         return "\n".join(lines)
