@@ -1,5 +1,6 @@
 """Files and ports of the benchmark scripts: a result file written whole or not at all, a temporary file a
-child process hands its result back through, a free loopback port for a process group."""
+child process hands its result back through, a free loopback port for a process group, and how a spawned
+CPU rank sets itself up."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import socket
 import tempfile
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -46,3 +48,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def cpu_rank(rank: int, world: int, port: int, timeout: timedelta = timedelta(minutes=30)) -> None:
+    """Set up a spawned benchmark process: one torch thread, denormals flushed, and for `world` > 1 its
+    place in a Gloo group on the loopback address (rendezvous at `port`)."""
+    import torch
+
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    if world > 1:
+        torch.distributed.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timeout
+        )

@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ import torch.multiprocessing as mp
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from bench_io import free_port, handoff_file, write_json  # noqa: E402
+from bench_io import cpu_rank, free_port, handoff_file, write_json  # noqa: E402
 
 
 def _config(args: argparse.Namespace):
@@ -69,20 +68,11 @@ def _record_steps(log: list) -> None:
 
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
+    cpu_rank(rank, world, port)
     from diffusers_ptq import quantize_pipeline
     from diffusers_ptq.benchmark.quality.sampling import ddim_pipeline, fresh_pipeline
     from diffusers_ptq.cli.common import load_pipeline
 
-    if world > 1:
-        torch.distributed.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world,
-            timeout=timedelta(minutes=30),
-        )
     steps: list = []
     _record_steps(steps)
     pipe = fresh_pipeline(ddim_pipeline(load_pipeline("fashion", torch.device("cpu"), torch.float32)))

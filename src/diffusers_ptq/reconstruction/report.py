@@ -159,6 +159,12 @@ class ReconstructionReport:
                 + ("" if self.sampling_bias_noise is None else f" (noise {self.sampling_bias_noise:.2g})")
                 + (undone if self.reverted_by == "samples" else "")
             )
+        elif self.sampling_error_before is not None:
+            lines.append(
+                f"  final outputs of {self.sampling_samples} fresh samples before the run: error "
+                f"{self.sampling_error_before:.4g}, its mean (bias) {self.sampling_bias_before:.4g} (not "
+                "sampled after: the held-out check had undone the run)"
+            )
         return "\n".join(lines)
 
     @property

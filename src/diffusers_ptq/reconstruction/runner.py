@@ -34,7 +34,7 @@ from diffusers_ptq.reconstruction.memory import estimate_cache_bytes, offloaded,
 from diffusers_ptq.reconstruction.report import ReconstructionReport, UnitReport
 from diffusers_ptq.reconstruction.rounding import bake_layers, wrapped_layers
 from diffusers_ptq.reconstruction.safeguard import holdout_error, split_rows
-from diffusers_ptq.reconstruction.sampling import SamplingCheck, judge_samples
+from diffusers_ptq.reconstruction.sampling import SamplingCheck, judge_samples, note_before
 from diffusers_ptq.reconstruction.shard import RowShard
 from diffusers_ptq.reconstruction.spill import CacheStore, check_cache_dir
 from diffusers_ptq.reconstruction.state import SavedState, learned_tensors, restore_learned
@@ -210,7 +210,9 @@ def reconstruct(
             if not done:
                 saved.undo()
             saved.restore_switches()
-    if sampled is not None and not report.model_reverted:
+    if sampled is not None and report.model_reverted:  # undone already: nothing more to sample
+        note_before(report, sampling_check, sampled)
+    elif sampled is not None:
         judge_samples(unet, config, sampling_check, sampled, saved, report)
     report.seconds = time.perf_counter() - started
     logger.info("%s", report)

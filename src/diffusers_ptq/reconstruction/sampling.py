@@ -126,6 +126,12 @@ def worse(before: tuple[float, float], after: tuple[float, float], noise: float 
     return verdict
 
 
+def note_before(report: ReconstructionReport, check: SamplingCheck, before: tuple[float, float]) -> None:
+    """Record the samples' errors before the run (also when the held-out check undid it, so no after)."""
+    report.sampling_error_before, report.sampling_bias_before = before
+    report.sampling_samples, report.sampling_seconds = check.num_samples, check.seconds
+
+
 def judge_samples(
     unet: nn.Module,
     config: ReconstructionConfig,
@@ -137,10 +143,9 @@ def judge_samples(
     """Sample after the run, record both checks in `report`, and undo the run if it made them worse."""
     after = check("after reconstruction")
     noise = check.bias_noise("before reconstruction", "after reconstruction")
-    report.sampling_error_before, report.sampling_bias_before = before
+    note_before(report, check, before)
     report.sampling_error_after, report.sampling_bias_after = after
     report.sampling_bias_noise = noise
-    report.sampling_samples, report.sampling_seconds = check.num_samples, check.seconds
     if worse(before, after, noise):
         logger.warning(
             "reconstruction: the final outputs of %d fresh samples moved further from the float UNet's "
