@@ -61,3 +61,19 @@ def cpu_rank(rank: int, world: int, port: int, timeout: timedelta = timedelta(mi
         torch.distributed.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timeout
         )
+
+
+def spawn_ranks(target, world: int, *args: Any) -> None:
+    """Run `target(rank, world, port, *args)` in `world` spawned processes sharing a fresh loopback port;
+    raises if any exits non-zero."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    if any(p.exitcode != 0 for p in procs):
+        raise RuntimeError(f"a rank failed (exit codes {[p.exitcode for p in procs]})")

@@ -22,12 +22,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from bench_io import cpu_rank, free_port, handoff_file, write_json  # noqa: E402
+from bench_io import cpu_rank, handoff_file, spawn_ranks, write_json  # noqa: E402
 from variance_absorption import MODELS, fidelity_for, parse_bits  # noqa: E402
 
 
@@ -117,18 +116,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, sampling:
 
 
 def run(world: int, args: argparse.Namespace, sampling: str) -> dict:
-    ctx = mp.get_context("spawn")
-    port = free_port()
     with handoff_file() as out:  # rank 0 writes its row here
-        procs = [
-            ctx.Process(target=worker, args=(r, world, port, args, sampling, str(out))) for r in range(world)
-        ]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
-        if any(p.exitcode != 0 for p in procs):
-            raise RuntimeError(f"a rank failed (exit codes {[p.exitcode for p in procs]})")
+        spawn_ranks(worker, world, args, sampling, str(out))
         row = json.loads(out.read_text())
     print(json.dumps(row), file=sys.stderr)
     return row

@@ -28,7 +28,7 @@ import torch.multiprocessing as mp
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from bench_io import cpu_rank, free_port, handoff_file, write_json  # noqa: E402
+from bench_io import cpu_rank, handoff_file, spawn_ranks, write_json  # noqa: E402
 
 
 def _config(args: argparse.Namespace):
@@ -115,16 +115,8 @@ def _decompose(ranks: list[dict]) -> dict:
 
 
 def run(world: int, args: argparse.Namespace) -> dict:
-    ctx = mp.get_context("spawn")
-    port = free_port()
     with handoff_file() as out:
-        procs = [ctx.Process(target=worker, args=(r, world, port, args, str(out))) for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
-        if any(p.exitcode != 0 for p in procs):
-            raise RuntimeError(f"a rank failed (exit codes {[p.exitcode for p in procs]})")
+        spawn_ranks(worker, world, args, str(out))
         ranks = [json.loads(out.with_suffix(f".{r}.json").read_text()) for r in range(world)]
         for r in range(world):
             out.with_suffix(f".{r}.json").unlink()

@@ -83,13 +83,15 @@ def test_cached_floor_follows_changes_of_the_weight_and_the_grid():
     assert torch.equal(q(other), q(weight))
 
 
-def test_frozen_output_is_cached_and_equals_the_hard_rounding():
+def test_frozen_rounding_equals_the_hard_one_and_holds_no_weight_sized_copy():
     q, weight = _quantizer(4, False, "per_group")
+    q(weight)  # soft: floor(W / s) and h(V) kept for the training steps
+    assert q._floor is not None and q._rect is not None
     q.set_mode("hard")
     hard = q(weight)
     q.freeze()
     assert torch.equal(q(weight), hard)
-    assert q(weight) is q(weight)  # computed once for an unchanged weight and grid
+    assert q._floor is None and q._rect is None  # every frozen quantizer of a model would hold them
     with torch.no_grad():
         weight.add_(0.3)
     assert not torch.equal(q(weight), hard)

@@ -10,7 +10,8 @@ exactly and serialization stores plain integers.
 
 Training runs the soft quantizer and the regulariser thousands of times per unit on weights that do not
 change, so both are one autograd node each (`_SoftQuant`, `_Regulariser`): floor(W / s) is computed once
-per weight and grid, and each backward is the closed-form gradient in V of the same elementwise formula.
+per weight and grid while the unit trains, and each backward is the closed-form gradient in V of the same
+elementwise formula.
 """
 
 from __future__ import annotations
@@ -101,7 +102,6 @@ class AdaRoundQuantizer(GridMixin, nn.Module):
         self.round_up: torch.Tensor | None = None
         self._floor: tuple[tuple, torch.Tensor] | None = None  # (what it was computed from, floor(W / s))
         self._rect: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (V's version, h, dh/dV)
-        self._out: tuple[tuple, torch.Tensor] | None = None  # a frozen quantizer's output
 
     def _scaled(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.float() / self.base.qparams(weight)[0]
@@ -158,28 +158,21 @@ class AdaRoundQuantizer(GridMixin, nn.Module):
     def codes(self, weight: torch.Tensor) -> torch.Tensor:
         """Integer codes (as floats) of `weight` under the current rounding."""
         zero_point = self.base.qparams(weight)[1]
-        x = self.floor(weight) + self.offsets()
+        x = self._scaled(weight).floor() + self.offsets()
         return torch.clamp(x + zero_point, self.qmin, self.qmax)
 
-    def _key(self, weight: torch.Tensor) -> tuple:
-        """What floor(W / s) and a frozen output are computed from. The tensors themselves are held (views
-        through their base), so a freed one's address cannot be reused by another under the same key."""
+    def floor(self, weight: torch.Tensor) -> torch.Tensor:
+        """floor(W / s), kept while training (soft mode) and the weight and grid are unchanged, in place or
+        rebound. The weight and scale are held in the key, so a freed one's address cannot be reused by
+        another under it; the copy is released at `freeze` (one unit's layers hold one at a time)."""
         scale = self.base.scale
         base = weight if weight._base is None else weight._base
-        return (base, weight.data_ptr(), weight.shape, weight._version, scale, scale._version)
-
-    def _cached(self, slot: str, weight: torch.Tensor, compute) -> torch.Tensor:
-        key = self._key(weight)
-        held = getattr(self, slot)
+        key = (base, weight.data_ptr(), weight.shape, weight._version, scale, scale._version)
+        held = self._floor
         if held is None or not all(a is b if torch.is_tensor(a) else a == b for a, b in zip(held[0], key)):
             with torch.no_grad():
-                held = (key, compute())
-            setattr(self, slot, held)
+                held = self._floor = (key, self._scaled(weight).floor())
         return held[1]
-
-    def floor(self, weight: torch.Tensor) -> torch.Tensor:
-        """floor(W / s), kept while the weight and the grid are unchanged (in place or rebound)."""
-        return self._cached("_floor", weight, lambda: self._scaled(weight).floor())
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -190,11 +183,6 @@ class AdaRoundQuantizer(GridMixin, nn.Module):
             floor = self.floor(weight)
             out = _SoftQuant.apply(self.v, h, dh, floor, scale, zero_point, self.qmin, self.qmax)
             return out.to(weight.dtype)
-        if self.mode == "frozen":  # a function of the weight and the grid alone (its gradient is zero)
-            return self._cached("_out", weight, lambda: self._hard(weight, scale, zero_point))
-        return self._hard(weight, scale, zero_point)
-
-    def _hard(self, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
         return ((self.codes(weight) - zero_point) * scale).to(weight.dtype)
 
     @torch.no_grad()
@@ -210,7 +198,7 @@ class AdaRoundQuantizer(GridMixin, nn.Module):
             )
         self.round_up = round_up.to(device=self.base.scale.device, dtype=torch.bool)
         self.v = None
-        self._rect = self._out = None
+        self._floor = self._rect = None  # weight-sized: a whole model's frozen quantizers would hold a copy
         self.mode = "frozen"
 
     @torch.no_grad()
