@@ -31,7 +31,7 @@ from diffusers_ptq.benchmark.quality.sampling import (
     record_trajectory,
 )
 from diffusers_ptq.config import WeightQuantConfig
-from diffusers_ptq.initialise import quant_layers
+from diffusers_ptq.initialise import QuantSwitches, float_mode, quant_layers
 from diffusers_ptq.integer import Int8Conv2d, Int8Linear
 from diffusers_ptq.nn.layers import QuantLayerMixin
 from diffusers_ptq.primitives import mean_error_rms
@@ -162,6 +162,26 @@ def test_tables_are_per_sample_and_switch_off_with_quantization():
     torch.testing.assert_close(with_table - without, expected.expand_as(without), rtol=0, atol=1e-6)
     set_quant_state(unet, weights=False, acts=False)
     assert not table.enabled  # float runs (observers, reconstruction targets) see the float layer
+
+
+@pytest.mark.parametrize("mode", ["layer", "output"])
+def test_float_mode_puts_back_every_switch_the_corrections_included(mode):
+    """The float passes of reconstruction, the group search and the sampling check run inside
+    `float_mode`: afterwards every quantizer, bias table and the output correction is switched as before,
+    one that was off included (reconstruction on a corrected UNet must not lose its correction)."""
+    unet, _ = _quantized("unet2d", mode)
+    kinds = TimestepBiasTable if mode == "layer" else OutputCorrection
+    corrections = [m for m in unet.modules() if isinstance(m, kinds)]
+    assert corrections and all(m.enabled for m in corrections)
+    switches = QuantSwitches(unet).saved
+    switches[0][0].enabled = False  # an activation quantizer switched off by the user stays off
+    before = [(m, m.enabled) for m, _ in switches]
+    with float_mode(unet):
+        assert not any(m.enabled for m, _ in switches)
+    assert [(m, m.enabled) for m, _ in switches] == before
+    with pytest.raises(RuntimeError, match="inside"), float_mode(unet):
+        raise RuntimeError("inside")
+    assert [(m, m.enabled) for m, _ in switches] == before
 
 
 # -- convert ------------------------------------------------------------------------------------------------
@@ -397,6 +417,7 @@ def test_text_to_image_pipelines_quantize_with_bias_correction(build, mode):
     assert np.isfinite(corrected).all() and not np.array_equal(corrected, plain)
 
 
+@pytest.mark.slow  # ~32 s on 2 CPU cores
 def test_no_recompile_across_timesteps_with_the_output_hook():
     """The UNet forward hook and the per-sample table lookups compile into one graph for all timesteps."""
     from test_compile import _run_compiled

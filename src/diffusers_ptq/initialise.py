@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -12,7 +13,13 @@ from tqdm.auto import tqdm
 from diffusers_ptq import distributed
 from diffusers_ptq.calibration import CalibrationSet
 from diffusers_ptq.nn import QuantAttnProcessor, QuantLayerMixin
-from diffusers_ptq.quantizers import GroupObserver, OutputCorrection, TimestepActQuantizer
+from diffusers_ptq.quantizers import (
+    GroupObserver,
+    OutputCorrection,
+    TimestepActQuantizer,
+    TimestepBiasTable,
+    WeightQuantizer,
+)
 from diffusers_ptq.quantizers.observer import merge_observers
 
 
@@ -31,6 +38,40 @@ def set_quant_state(unet: nn.Module, weights: bool = True, acts: bool = True) ->
             m.set_quant_state(weights, acts)
         elif isinstance(m, OutputCorrection):  # corrects the quantized UNet: off when it runs float
             m.enabled = weights or acts
+
+
+# Everything `set_quant_state` switches: quantizers, per-layer bias tables, the output correction.
+_SWITCHED = (TimestepActQuantizer, WeightQuantizer, TimestepBiasTable, OutputCorrection)
+
+
+class QuantSwitches:
+    """The on/off switch of everything `set_quant_state` sets in `unet`, as it is now; `restore()` puts
+    each one back."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        self.saved = [(m, m.enabled) for m in unet.modules() if isinstance(m, _SWITCHED)]
+
+    def restore(self) -> None:
+        for m, enabled in self.saved:
+            m.enabled = enabled
+
+
+@contextlib.contextmanager
+def switches_kept(unet: nn.Module) -> Iterator[None]:
+    """Run the body; every switch of `unet` is as it was afterwards (also on failure)."""
+    saved = QuantSwitches(unet)
+    try:
+        yield
+    finally:
+        saved.restore()
+
+
+@contextlib.contextmanager
+def float_mode(unet: nn.Module) -> Iterator[None]:
+    """`unet` runs float inside the block (every switch off); each switch as it was afterwards."""
+    with switches_kept(unet):
+        set_quant_state(unet, weights=False, acts=False)
+        yield
 
 
 @torch.no_grad()

@@ -28,9 +28,9 @@ from diffusers_ptq.calibration import CalibrationSet
 from diffusers_ptq.config import WeightQuantConfig
 from diffusers_ptq.gptq.hessian import HessianAccumulator
 from diffusers_ptq.gptq.solver import RankDeficientHessian, gptq_round
+from diffusers_ptq.initialise import QuantSwitches
 from diffusers_ptq.nn.layers import QuantLayerMixin
 from diffusers_ptq.primitives import fake_quantize
-from diffusers_ptq.quantizers import TimestepActQuantizer, WeightQuantizer
 from diffusers_ptq.reconstruction.blocks import reconstruction_units
 from diffusers_ptq.reconstruction.cache import build_cache
 from diffusers_ptq.reconstruction.config import ReconstructionConfig
@@ -169,14 +169,11 @@ class _Saved:
     """Quantizer switches and every quantized layer's weight Parameter, to put back after (or on failure)."""
 
     def __init__(self, unet: nn.Module) -> None:
-        self.enabled = [
-            (m, m.enabled) for m in unet.modules() if isinstance(m, TimestepActQuantizer | WeightQuantizer)
-        ]
+        self.switches = QuantSwitches(unet)
         self.weights = [(m, m.weight) for m in unet.modules() if isinstance(m, QuantLayerMixin)]
 
     def restore_switches(self) -> None:
-        for m, enabled in self.enabled:
-            m.enabled = enabled
+        self.switches.restore()
 
     def undo(self) -> None:
         for layer, weight in self.weights:

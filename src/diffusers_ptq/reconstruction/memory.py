@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from diffusers_ptq.calibration import CalibrationSet
-from diffusers_ptq.quantizers import TimestepActQuantizer, WeightQuantizer
+from diffusers_ptq.initialise import switches_kept
 from diffusers_ptq.reconstruction.cache import build_cache
 from diffusers_ptq.reconstruction.units import Unit
 
@@ -131,10 +131,7 @@ def row_bytes(
 
     The quantizer switches are left as they were.
     """
-    switches = [
-        (m, m.enabled) for m in unet.modules() if isinstance(m, TimestepActQuantizer | WeightQuantizer)
-    ]
-    try:
+    with switches_kept(unet):
         probe = build_cache(
             unet,
             unit,
@@ -145,10 +142,7 @@ def row_bytes(
             quant_state=(False, False),
             with_inner=with_inner,
         )
-        return probe.nbytes
-    finally:
-        for m, enabled in switches:
-            m.enabled = enabled
+    return probe.nbytes
 
 
 def estimate_cache_bytes(

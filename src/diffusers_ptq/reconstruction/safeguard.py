@@ -16,16 +16,13 @@ error or in the mean of its error over the rows (its systematic part), the whole
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from torch import nn
 
 from diffusers_ptq import distributed
 from diffusers_ptq.calibration import CalibrationSet
-from diffusers_ptq.initialise import set_quant_state
-from diffusers_ptq.quantizers import TimestepActQuantizer, WeightQuantizer
+from diffusers_ptq.initialise import float_mode
+from diffusers_ptq.quantizers import TimestepActQuantizer
 from diffusers_ptq.reconstruction.config import ReconstructionConfig
 from diffusers_ptq.reconstruction.units import main_output
 
@@ -98,17 +95,3 @@ def holdout_error(
         with float_mode(unet):
             reference = model_outputs(unet, data, rows, config.cache_batch_size)
     return reference, output_errors(model_outputs(unet, data, rows, config.cache_batch_size), reference)
-
-
-@contextlib.contextmanager
-def float_mode(unet: nn.Module) -> Iterator[None]:
-    """Every quantizer of `unet` off inside the block; each one's switch as it was afterwards."""
-    switches = [
-        (m, m.enabled) for m in unet.modules() if isinstance(m, TimestepActQuantizer | WeightQuantizer)
-    ]
-    set_quant_state(unet, weights=False, acts=False)
-    try:
-        yield
-    finally:
-        for m, enabled in switches:
-            m.enabled = enabled

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from diffusers_ptq.initialise import QuantSwitches
 from diffusers_ptq.nn.layers import QuantLayerMixin
-from diffusers_ptq.quantizers import TimestepActQuantizer, WeightQuantizer
 from diffusers_ptq.reconstruction.checkpoint import ResumeCheckpoint, pack_bits, unpack_bits
 from diffusers_ptq.reconstruction.lsq import restore_scales, snapshot_scales
 from diffusers_ptq.reconstruction.rounding import restore_rounding, unwrap_layer, wrapped_layers
@@ -27,17 +27,14 @@ class SavedState:
 
     def __init__(self, unet: nn.Module) -> None:
         self.unet = unet
-        self.enabled = [
-            (m, m.enabled) for m in unet.modules() if isinstance(m, TimestepActQuantizer | WeightQuantizer)
-        ]
+        self.switches = QuantSwitches(unet)
         self.grads = [(p, p.requires_grad) for p in unet.parameters()]
         self.scales = snapshot_scales(unet)
         self.training = [(m, m.training) for m in unet.modules()]
         self.weights = [(m, m.weight) for m in unet.modules() if isinstance(m, QuantLayerMixin)]
 
     def restore_switches(self) -> None:
-        for m, enabled in self.enabled:
-            m.enabled = enabled
+        self.switches.restore()
         for p, requires_grad in self.grads:
             p.requires_grad_(requires_grad)
         for layer, weight in self.weights:  # a baked weight takes the flag of the one it replaced

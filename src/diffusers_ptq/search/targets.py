@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from diffusers_ptq import distributed
 from diffusers_ptq.calibration import CalibrationSet, PipelineSpec
 from diffusers_ptq.calibration.driver import quiet_pipeline, zero_forward
-from diffusers_ptq.initialise import set_quant_state
+from diffusers_ptq.initialise import float_mode
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -103,8 +103,8 @@ def sample_clean_images(
 class FloatTargets:
     """Captured inputs; the target is the float UNet's output (computed once per row, cached on the CPU)."""
 
-    def __init__(self, unet: nn.Module, batch_size: int, acts_enabled: bool = True) -> None:
-        self.unet, self.batch_size, self.acts_enabled = unet, batch_size, acts_enabled
+    def __init__(self, unet: nn.Module, batch_size: int) -> None:
+        self.unet, self.batch_size = unet, batch_size
         self.cache: torch.Tensor | None = None
 
     @torch.no_grad()
@@ -117,15 +117,11 @@ class FloatTargets:
         part = distributed.own_share(len(data) - done, allow_empty=True)
         param = next(self.unet.parameters())
         outs = []
-        set_quant_state(self.unet, weights=False, acts=False)
-        try:
-            with distributed.hold_failure() as failed:
-                for s in range(done + part.start, done + part.stop, self.batch_size):
-                    rows = slice(s, min(s + self.batch_size, done + part.stop))
-                    out = self.unet(**data.unet_kwargs(rows, param.device, param.dtype))
-                    outs.append(prediction(out).float().cpu())
-        finally:
-            set_quant_state(self.unet, weights=True, acts=self.acts_enabled)
+        with float_mode(self.unet), distributed.hold_failure() as failed:
+            for s in range(done + part.start, done + part.stop, self.batch_size):
+                rows = slice(s, min(s + self.batch_size, done + part.stop))
+                out = self.unet(**data.unet_kwargs(rows, param.device, param.dtype))
+                outs.append(prediction(out).float().cpu())
         local = torch.cat(outs) if outs else None
         new = distributed.gather_rows(local, "group search: float targets", failed.error)
         self.cache = new if self.cache is None else torch.cat([self.cache, new])
