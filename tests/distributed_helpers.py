@@ -16,6 +16,7 @@ import torch
 
 from diffusers_ptq import api, cli, quantize_pipeline
 from diffusers_ptq.calibration.driver import CalibrationDriver
+from diffusers_ptq.calibration.pipelines import spec_for_class
 from diffusers_ptq.cli import quantize as cli_quantize
 from diffusers_ptq.correction import layer as bias_layer
 from diffusers_ptq.distributed import broadcast_module
@@ -23,6 +24,7 @@ from diffusers_ptq.job import QuantizationJob
 from diffusers_ptq.prepare import is_quantized
 from diffusers_ptq.reconstruction import checkpoint as recon_checkpoint
 from diffusers_ptq.reconstruction import trainer as recon_trainer
+from diffusers_ptq.reconstruction.sampling import SamplingCheck
 from diffusers_ptq.tiny import tiny_ddim_pipeline, tiny_sd_pipeline
 from recipe_helpers import plain
 
@@ -263,6 +265,22 @@ def unet_output(unet: Any) -> torch.Tensor:
     return unet(x, torch.tensor([700, 40])).sample
 
 
+def sampling_outputs(kind: str) -> dict[str, Any]:
+    """The sampling check's float outputs for 3 calls of a tiny pipeline (5 samples, 2 a call; the SD
+    pipeline with prompts and guidance), and how many UNet calls this rank really made (not stubbed)."""
+    pipe = build_pipe(kind)
+    spec = spec_for_class(type(pipe))
+    prompts = dict(prompts=PROMPTS, guidance_scale=3.0) if kind == "sd" else {}
+    driver = CalibrationDriver(spec, 3, batch_size=2, **prompts)
+    real = []
+    handle = pipe.unet.conv_in.register_forward_hook(lambda *args: real.append(1))
+    try:
+        outputs = SamplingCheck(pipe, driver, num_samples=5, seed=11).sample("float")
+    finally:
+        handle.remove()
+    return {"outputs": outputs, "unet_calls": len(real)}
+
+
 def hessian_shares(rank: int, world: int) -> dict[str, torch.Tensor]:
     """X Xᵀ of a fixed input accumulated over this rank's rows and summed over the ranks, and the whole."""
     from diffusers_ptq.distributed import all_reduce_sum, split_evenly
@@ -323,6 +341,7 @@ def worker(rank: int, world: int, port: int, out_dir: str, names: list[str]) -> 
         broadcast_module(module)
         results["broadcast"] = {k: v.clone() for k, v in module.state_dict().items()}
         results["hessian"] = hessian_shares(rank, world)
+        results["sampling"] = {kind: sampling_outputs(kind) for kind in ("ddim", "sd")}
         results["cli"] = run_cli(rank, os.path.join(out_dir, "cli"))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:

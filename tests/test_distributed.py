@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 from diffusers_ptq import distributed
-from distributed_helpers import CASES, build_pipe, run_case, unet_output, worker
+from distributed_helpers import CASES, build_pipe, run_case, sampling_outputs, unet_output, worker
 
 WORLD = 2
 TIMEOUT_S = 120
@@ -219,6 +219,23 @@ def _codes_differing(a: dict, b: dict) -> float:
 
 def _sqnr_db(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float(10 * torch.log10(ref.pow(2).sum() / (x - ref).pow(2).sum()))
+
+
+@pytest.mark.parametrize("kind", ["ddim", "sd"])
+def test_the_sampling_check_splits_its_pipeline_calls_and_gathers_the_one_process_outputs(results, kind):
+    """3 calls over 2 ranks (2 + 1): each rank runs the UNet only in its own calls, yet its generator
+    draws what one process's does, so every rank gathers the one-process outputs bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = sampling_outputs(kind)
+    finally:
+        torch.set_num_threads(threads)
+    per_call = single["unet_calls"] // 3
+    assert [results[r]["sampling"][kind]["unet_calls"] for r in range(WORLD)] == [2 * per_call, per_call]
+    for r in range(WORLD):
+        got = results[r]["sampling"][kind]["outputs"]
+        assert got.shape == single["outputs"].shape and torch.equal(got, single["outputs"]), r
 
 
 def test_hessian_sums_across_ranks_equal_the_whole(results):

@@ -27,11 +27,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from diffusers_ptq import distributed
-from diffusers_ptq.calibration.driver import CalibrationDriver, quiet_pipeline
+from diffusers_ptq.calibration.driver import CalibrationDriver, quiet_pipeline, zero_forward
+from diffusers_ptq.initialise import float_mode
 from diffusers_ptq.reconstruction.config import ReconstructionConfig
 from diffusers_ptq.reconstruction.memory import offloaded
 from diffusers_ptq.reconstruction.report import ReconstructionReport
-from diffusers_ptq.reconstruction.safeguard import float_mode, output_errors
+from diffusers_ptq.reconstruction.safeguard import output_errors
 from diffusers_ptq.reconstruction.state import SavedState
 
 logger = logging.getLogger("diffusers_ptq")
@@ -55,7 +56,8 @@ class SamplingCheck:
 
     Calling it samples with the UNet as it is now (the same noise every time) and returns `output_errors`:
     (mean squared error, mean square of the error's mean over the samples). The float reference is sampled
-    on the first call. Under torch.distributed every rank samples all of them (the UNets are identical).
+    on the first call. Under torch.distributed the ranks share the pipeline calls (see `sample`); every
+    rank ends with all the outputs.
     """
 
     def __init__(
@@ -71,19 +73,31 @@ class SamplingCheck:
 
     @torch.no_grad()
     def sample(self, what: str) -> torch.Tensor:
+        """Final outputs of every sample. Under a process group each rank makes a contiguous share of the
+        pipeline calls and runs the others with the UNet replaced by a zero stub, so its generator draws
+        what one process's would; the shares are gathered in rank order, identical on every rank."""
         generator = torch.Generator().manual_seed(self.seed)
         chunk = self.driver.chunk
+        starts = range(0, self.num_samples, chunk)
+        mine = distributed.own_share(len(starts), "sampling-check calls", allow_empty=True)
         outs = []
-        with quiet_pipeline(self.pipe):
-            for start in tqdm(
-                range(0, self.num_samples, chunk),
-                desc=f"reconstruction: sampling check ({what})",
-                unit="call",
-                disable=not self.progress,
+        with distributed.hold_failure() as failed, quiet_pipeline(self.pipe):
+            for run, start in enumerate(
+                tqdm(
+                    starts,
+                    desc=f"reconstruction: sampling check ({what})",
+                    unit="call",
+                    disable=not self.progress,
+                )
             ):
                 count = min(chunk, self.num_samples - start)
-                outs.append(final_output(self.driver.run(self.pipe, start, count, generator)))
-        return torch.cat(outs)
+                if run in mine:
+                    outs.append(final_output(self.driver.run(self.pipe, start, count, generator)))
+                else:
+                    with zero_forward(self.pipe.unet):
+                        self.driver.run(self.pipe, start, count, generator)
+        local = torch.cat(outs) if outs else None
+        return distributed.gather_rows(local, f"reconstruction: sampling check ({what})", failed.error)
 
     def __call__(self, what: str = "quantized") -> tuple[float, float]:
         start = time.perf_counter()
