@@ -165,6 +165,7 @@ def test_bench_command_rejects_bad_input(extra: list[str], message: str, tmp_pat
     assert not out.exists()
 
 
+@pytest.mark.slow  # ~14 s on 2 CPU cores
 def test_bench_on_the_shipped_model_reports_fd_against_references(tmp_path: Path) -> None:
     out = tmp_path / "fashion"
     argv = ["bench", "--quick", "--presets", "q-diffusion", "--bits", "W8A8", "--num-samples", "16"]

@@ -152,6 +152,7 @@ def test_bad_w4_input_is_rejected_before_any_work(extra, message, tmp_path: Path
     assert not out.exists()
 
 
+@pytest.mark.slow  # ~94 s on 2 CPU cores
 def test_quick_w4_ablation_on_a_tiny_model(tmp_path: Path, capsys) -> None:
     out = tmp_path / "w4"
     argv = ["bench", "--model", "tiny:ddim", "--ablation", "w4", "--quick", "--num-inference-steps", "3"]

@@ -39,6 +39,7 @@ def _run_compiled(unet, backend, x=None):
     return outputs, expected, graphs
 
 
+@pytest.mark.slow  # ~13 s on 2 CPU cores
 def test_no_recompile_across_timesteps(ddim_pipe):
     unet = _quantized_unet(ddim_pipe)
     outputs, expected, graphs = _run_compiled(unet, "eager")

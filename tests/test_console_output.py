@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 # What the quantize command itself prints: its own messages, the report (indented), and progress bars
 # that carry one of its labels.
 # This project's own progress bars: calibration, the default recipe's GPTQ / sensitivity / correction passes.
@@ -14,6 +16,7 @@ _BARS = r"(calibration: [^:]+|comparison: [^:]+|gptq|sensitivity|bias correction
 OWN_LINE = re.compile(rf"^(diffusers-ptq[: ]|  \S|{_BARS}:\s*\d+%)")
 
 
+@pytest.mark.slow  # ~33 s on 2 CPU cores
 def test_quantize_prints_nothing_from_other_libraries(tmp_path: Path) -> None:
     # The README's first command on the shipped model, in a fresh interpreter (import-time notices count),
     # made cheaper by fewer samples and steps; the imports and code paths are the same.

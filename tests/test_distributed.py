@@ -16,6 +16,8 @@ import torch.multiprocessing as mp
 from diffusers_ptq import distributed
 from distributed_helpers import CASES, build_pipe, run_case, sampling_outputs, unet_output, worker
 
+# The spawn runs every case on two ranks (about 90 s on 2 CPU cores, 130 s with the comparisons): slow.
+pytestmark = pytest.mark.slow
 WORLD = 2
 TIMEOUT_S = 120
 

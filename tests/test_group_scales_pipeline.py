@@ -53,6 +53,7 @@ def test_quantize_pipeline_installs_group_scales_on_sd(grouped_sd):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.slow  # ~24 s on 2 CPU cores
 def test_quantize_pipeline_with_group_scales_on_sdxl():
     pipe = _quantize(tiny_sdxl_pipeline(), symmetric=False)
     grouped = _grouped_layers(pipe.unet)
@@ -101,6 +102,7 @@ def test_convert_agrees_with_fake_quant_for_group_wise_weights(grouped_sd):
     assert_unet_agrees(unet(**inputs).sample, ref, float_ref)
 
 
+@pytest.mark.slow  # ~12 s on 2 CPU cores
 def test_reconstruction_learns_rounding_on_the_group_grid(tmp_path):
     """AdaRound + step sizes through quantize_pipeline: baked codes on the per-group grid, saved bit-exact."""
     pipe = tiny_sd_pipeline()

@@ -120,6 +120,7 @@ def test_promoted_float_layers_save_and_reload_bit_exact(ddim_pipe, tmp_path):
     assert "| mixed precision | (max_layers=2, by mse): 2 layer(s) promoted: " in card
 
 
+@pytest.mark.slow  # ~13 s on 2 CPU cores
 def test_sdxl_mixed_bits_save_and_reload_bit_exact(sdxl_pipe, prompts, tmp_path):
     config = _config(mode="max_layers", max_layers=2, num_samples=2).replace(calibration={"num_samples": 4})
     quantize_pipeline(sdxl_pipe, config, prompts=prompts, **FAST)

@@ -48,6 +48,7 @@ def _noise_error(unet, float_unet, inputs) -> float:
     return float((unet(**inputs).sample - float_unet(**inputs).sample).pow(2).mean())
 
 
+@pytest.mark.slow  # ~12 s on 2 CPU cores
 def test_gptq_beats_nearest_on_the_group_grid(float_pipe):
     # One torch thread: CPU kernels round differently with another thread count, and the margin on this
     # tiny random-weight UNet (4.4 % at one thread, more at two) should not depend on the machine.
@@ -64,6 +65,7 @@ def test_gptq_beats_nearest_on_the_group_grid(float_pipe):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow  # ~24 s on 2 CPU cores
 @torch.no_grad()
 def test_gptq_group_scales_bias_tables_and_mixed_precision_compose(tmp_path):
     mixed = {"mode": "max_layers", "max_layers": 2, "high_bits": 8}

@@ -82,6 +82,7 @@ def test_reconstructed_pipeline_saves_and_reloads_exactly(ddim_pipe, tmp_path):
     assert loaded.ptq_state.config.reconstruction == pipe.unet.ptq_state.config.reconstruction
 
 
+@pytest.mark.slow  # ~11 s on 2 CPU cores
 def test_interrupted_pipeline_run_resumes_to_the_same_result(ddim_pipe, tmp_path, monkeypatch):
     reference = quantize_pipeline(_fresh(ddim_pipe), _config(), **FAST).unet
     calls = {"n": 0}

@@ -211,6 +211,7 @@ def test_density_diversity_selector_allocates_by_the_feature_pass(ddim_pipe):
     assert ((torch.tensor(info["samples_per_step"]) - share).abs() < 1).all()
 
 
+@pytest.mark.slow  # ~29 s on 2 CPU cores
 def test_density_diversity_through_quantize_pipeline_with_cycled_prompts(sd_pipe, prompts):
     config = PTQConfig(
         weights={"num_candidates": 10},

@@ -39,6 +39,7 @@ def _rows(result: dict, model: str) -> dict[str, dict]:
     return {row["id"]: row for row in entry["rows"]}
 
 
+@pytest.mark.slow  # ~14 s on 2 CPU cores
 def test_speed_benchmark_end_to_end_on_tiny_models(tmp_path: Path, capsys) -> None:
     out = tmp_path / "speed"
     argv = ["--model", "tiny", "--rows", "float,fake-quant,int8,quanto", "--repeats", "1", "--warmup", "0"]

@@ -140,6 +140,7 @@ def test_unet_converts_with_the_triton_kernel():
     assert_unet_agrees(unet(**inputs).sample, ref, float_ref)
 
 
+@pytest.mark.slow  # ~17 s on 2 CPU cores
 @torch.no_grad()
 def test_compiled_conv_runs_the_kernel_as_one_op_without_recompiles():
     """Under torch.compile the launch is an opaque custom op: same output, no recompile across timesteps."""

@@ -20,6 +20,7 @@ def test_bits_and_bad_arguments_are_refused():
         script.main(["--eta", "0", "--output", "x.json"])
 
 
+@pytest.mark.slow  # ~13 s on 2 CPU cores
 def test_smoke_run_on_the_colour_model_writes_three_rows(tmp_path):
     out = tmp_path / "va.json"
     argv = [
