@@ -71,7 +71,9 @@ def test_inductor_matches_eager():
             float_out = float_unet(x, torch.tensor(t)).sample
             compile_db = sqnr_db(expected[t], outputs[t])
             quant_db = sqnr_db(float_out, expected[t])
-            # Measured on an AVX-512 CPU: 8 to 42 dB apart over these timesteps.
-            assert compile_db > quant_db + 6.0, (
+            # Measured apart over these timesteps: 8 to 42 dB on an AVX-512 CPU (Intel Xeon), down to
+            # 4.2 dB at t = 900 on an AVX2 one (AMD EPYC). A fault adds about quantization's own error
+            # (0 dB apart); 3 dB apart still bounds compiled vs eager to half of it.
+            assert compile_db > quant_db + 3.0, (
                 f"t={t}: compiled vs eager {compile_db:.1f} dB, quantization {quant_db:.1f} dB"
             )
