@@ -23,7 +23,9 @@ import torch
 from diffusers import UNet2DModel
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+from tqdm.auto import tqdm
 
+from diffusers_ptq import distributed
 from diffusers_ptq.calibration.pipelines import PipelineSpec
 
 # Arguments calibration sets itself, and what a user sets instead of passing them in pipeline_kwargs.
@@ -160,6 +162,38 @@ def zero_forward(unet: torch.nn.Module) -> Iterator[None]:
             unet.forward = saved
         else:
             del unet.forward
+
+
+@torch.no_grad()
+def split_pipeline_calls(
+    pipe: Any,
+    total: int,
+    chunk: int,
+    call: Callable[[int, int], Any],
+    rows: Callable[[Any], torch.Tensor],
+    what: str,
+    progress: bool = False,
+) -> torch.Tensor:
+    """`rows(call(start, count))` for every `chunk` of `total` samples, concatenated in order.
+
+    Under a process group each rank makes a contiguous share of the calls and still makes the others with
+    the UNet replaced by a zero stub, so a generator `call` draws from advances as one process's would;
+    the shares are gathered in rank order, so every rank returns what one process would. A failure on any
+    rank is raised on every rank.
+    """
+    starts = range(0, total, chunk)
+    mine = distributed.own_share(len(starts), f"{what} calls", allow_empty=True)
+    outs = []
+    with distributed.hold_failure() as failed, quiet_pipeline(pipe):
+        for run, start in enumerate(tqdm(starts, desc=what, unit="call", disable=not progress)):
+            count = min(chunk, total - start)
+            if run in mine:
+                outs.append(rows(call(start, count)))
+            else:
+                with zero_forward(pipe.unet):
+                    call(start, count)
+    local = torch.cat(outs) if outs else None
+    return distributed.gather_rows(local, what, failed.error)
 
 
 @torch.no_grad()

@@ -24,10 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from diffusers_ptq import distributed
-from diffusers_ptq.calibration.driver import CalibrationDriver, quiet_pipeline, zero_forward
+from diffusers_ptq.calibration.driver import CalibrationDriver, split_pipeline_calls
 from diffusers_ptq.initialise import float_mode
 from diffusers_ptq.reconstruction.config import ReconstructionConfig
 from diffusers_ptq.reconstruction.memory import offloaded
@@ -73,31 +72,18 @@ class SamplingCheck:
 
     @torch.no_grad()
     def sample(self, what: str) -> torch.Tensor:
-        """Final outputs of every sample. Under a process group each rank makes a contiguous share of the
-        pipeline calls and runs the others with the UNet replaced by a zero stub, so its generator draws
-        what one process's would; the shares are gathered in rank order, identical on every rank."""
+        """Final outputs of every sample; under a process group the ranks share the pipeline calls
+        (`split_pipeline_calls`) and every rank returns them all."""
         generator = torch.Generator().manual_seed(self.seed)
-        chunk = self.driver.chunk
-        starts = range(0, self.num_samples, chunk)
-        mine = distributed.own_share(len(starts), "sampling-check calls", allow_empty=True)
-        outs = []
-        with distributed.hold_failure() as failed, quiet_pipeline(self.pipe):
-            for run, start in enumerate(
-                tqdm(
-                    starts,
-                    desc=f"reconstruction: sampling check ({what})",
-                    unit="call",
-                    disable=not self.progress,
-                )
-            ):
-                count = min(chunk, self.num_samples - start)
-                if run in mine:
-                    outs.append(final_output(self.driver.run(self.pipe, start, count, generator)))
-                else:
-                    with zero_forward(self.pipe.unet):
-                        self.driver.run(self.pipe, start, count, generator)
-        local = torch.cat(outs) if outs else None
-        return distributed.gather_rows(local, f"reconstruction: sampling check ({what})", failed.error)
+        return split_pipeline_calls(
+            self.pipe,
+            self.num_samples,
+            self.driver.chunk,
+            lambda start, count: self.driver.run(self.pipe, start, count, generator),
+            final_output,
+            f"reconstruction: sampling check ({what})",
+            self.progress,
+        )
 
     def __call__(self, what: str = "quantized") -> tuple[float, float]:
         start = time.perf_counter()

@@ -9,17 +9,15 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from diffusers_ptq import distributed
 from diffusers_ptq.calibration import CalibrationSet, PipelineSpec
-from diffusers_ptq.calibration.driver import quiet_pipeline, zero_forward
+from diffusers_ptq.calibration.driver import split_pipeline_calls
 from diffusers_ptq.initialise import float_mode
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -73,31 +71,25 @@ def sample_clean_images(
 ) -> torch.Tensor:
     """`num_images` x_0 in the model's [-1, 1] space from the float pipeline (DDPM/DDIM pipelines).
 
-    Under a process group each rank samples a contiguous share of the pipeline calls; it still makes the
-    other calls with the UNet replaced by a zero stub, so its generator draws what one process's would, and
-    the shares are gathered in rank order: every rank returns the one-process images.
+    Under a process group the ranks share the pipeline calls (`split_pipeline_calls`); every rank returns
+    the one-process images.
     """
-    starts = range(0, num_images, batch_size)
-    mine = distributed.own_share(len(starts), "clean-image batches", allow_empty=True)
-    images = []
-    with distributed.hold_failure() as failed, quiet_pipeline(pipe):
-        for run, start in enumerate(
-            tqdm(starts, desc="group search: clean images", unit="batch", disable=not progress)
-        ):
-            stub = contextlib.nullcontext() if run in mine else zero_forward(pipe.unet)
-            with stub:
-                out = pipe(
-                    batch_size=min(batch_size, num_images - start),
-                    num_inference_steps=num_inference_steps,
-                    generator=generator,
-                    output_type="np",
-                )
-            if run in mine:
-                # The pipelines map x_0 to images by (x / 2 + 0.5).clamp(0, 1): invert that.
-                array = np.asarray(out.images)
-                images.append(torch.from_numpy(array).permute(0, 3, 1, 2).float() * 2 - 1)
-    local = torch.cat(images) if images else None
-    return distributed.gather_rows(local, "group search: clean images", failed.error)
+
+    def call(start: int, count: int) -> Any:
+        return pipe(
+            batch_size=count,
+            num_inference_steps=num_inference_steps,
+            generator=generator,
+            output_type="np",
+        )
+
+    def clean(out: Any) -> torch.Tensor:
+        # The pipelines map x_0 to images by (x / 2 + 0.5).clamp(0, 1): invert that.
+        return torch.from_numpy(np.asarray(out.images)).permute(0, 3, 1, 2).float() * 2 - 1
+
+    return split_pipeline_calls(
+        pipe, num_images, batch_size, call, clean, "group search: clean images", progress
+    )
 
 
 class FloatTargets:
