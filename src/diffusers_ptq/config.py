@@ -25,9 +25,9 @@ from diffusers_ptq.config_fields import (
 )
 
 # Re-exported: `from diffusers_ptq.config import ...` stays the one place users and presets import from.
-from diffusers_ptq.config_layers import DEFAULT_MIXED_PRECISION as DEFAULT_MIXED_PRECISION
 from diffusers_ptq.config_layers import SPECIAL_LAYER_POLICIES as SPECIAL_LAYER_POLICIES
 from diffusers_ptq.config_layers import LayerSelectionConfig
+from diffusers_ptq.config_mixed import DEFAULT_MIXED_PRECISION as DEFAULT_MIXED_PRECISION
 from diffusers_ptq.config_mixed import MixedPrecisionConfig as MixedPrecisionConfig
 from diffusers_ptq.config_search import (
     GroupSearchConfig,
@@ -371,7 +371,12 @@ def apply_overrides(config: PTQConfig, overrides: dict[str, Any]) -> None:
             if isinstance(value, section_cls):
                 setattr(config, key, copy.deepcopy(value))
             elif isinstance(value, dict):
-                merged = {**_section_to_dict(getattr(config, key)), **value}
+                merged = _section_to_dict(getattr(config, key))
+                for name, given in value.items():
+                    # A nested section (layers.mixed_precision) given in part overrides only what it names.
+                    if isinstance(given, dict) and isinstance(merged.get(name), dict):
+                        given = {**merged[name], **given}
+                    merged[name] = given
                 setattr(config, key, _section_from_dict(key, section_cls, merged))
             else:
                 _fail(key, value, f"a {section_cls.__name__} or a dict of its fields")

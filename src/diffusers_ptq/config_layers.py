@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from diffusers_ptq.config_fields import _check_bool, _check_choice, _fail, _field
-from diffusers_ptq.config_mixed import MixedPrecisionConfig
+from diffusers_ptq.config_mixed import DEFAULT_MIXED_PRECISION, MixedPrecisionConfig
 
 SPECIAL_LAYER_POLICIES = ("float", "8bit", "same")
-
-
-# The default recipe keeps the four layers whose quantization alone hurts the noise prediction most float:
-# on both shipped models those are image-space layers (conv_in, conv_out, the last up blocks' convolutions),
-# found on the calibration set rather than named. Four measured better than two on both models at W8A8 and
-# W6A6 and on the shipped model at W4A8 (-1.3 % against +11.6 % FD), within noise on the colour model's
-# W4A8 (+8.2 % against +4.9 %) (BENCHMARKS.md §8).
-DEFAULT_MIXED_PRECISION: dict[str, Any] = {"mode": "max_layers", "max_layers": 4, "high_bits": None}
 
 
 @dataclass
@@ -38,7 +29,8 @@ class LayerSelectionConfig:
         default_factory=lambda: MixedPrecisionConfig(**DEFAULT_MIXED_PRECISION),
         metadata={
             "help": "sensitivity-driven mixed precision: a budget of layers kept at higher bits (default: "
-            "the 4 layers ranked most sensitive kept float; mode='off' for none)"
+            "the 4 layers ranked most sensitive kept float; mode='off' for none). A dict without 'mode' "
+            "tunes this default (e.g. {'num_samples': 64}); one with 'mode' starts from the field defaults"
         },
     )
 

@@ -12,6 +12,13 @@ SENSITIVITY_METRICS = ("mse", "bias")
 # The most an average can be: a layer kept float in float32.
 MAX_AVERAGE_BITS = 32.0
 
+# The default recipe keeps the four layers whose quantization alone hurts the noise prediction most float:
+# on both shipped models those are image-space layers (conv_in, conv_out, the last up blocks' convolutions),
+# found on the calibration set rather than named. Four measured better than two on both models at W8A8 and
+# W6A6 and on the shipped model at W4A8 (-1.3 % against +11.6 % FD), within noise on the colour model's
+# W4A8 (+8.2 % against +4.9 %) (BENCHMARKS.md §8).
+DEFAULT_MIXED_PRECISION: dict[str, Any] = {"mode": "max_layers", "max_layers": 4, "high_bits": None}
+
 
 @dataclass
 class MixedPrecisionConfig:
@@ -86,6 +93,10 @@ class MixedPrecisionConfig:
             return value
         if not isinstance(value, dict):
             _fail(path, value, "a MixedPrecisionConfig or a dict of its fields")
+        if "mode" not in value:
+            # Tuning the default recipe's budget (what --help lists), e.g. {"num_samples": 64}: the class's
+            # own defaults would switch mixed precision off without a word.
+            value = {**DEFAULT_MIXED_PRECISION, **value}
         names = [f.name for f in fields(cls)]
         unknown = sorted(set(value) - set(names))
         if unknown:
