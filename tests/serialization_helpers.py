@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from diffusers_ptq import CalibrationSet, PTQConfig, quantize_pipeline
 from diffusers_ptq.tiny import tiny_ddim_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
+from recipe_helpers import QUICK_LAYERS
 
 PROMPTS = ["a photo of a cat", "a red car", "a watercolor of a tree", "a city at night"]
 FAST = {"num_samples": 8, "num_inference_steps": 4, "batch_size": 8, "progress": False}
@@ -68,7 +69,7 @@ def save_quantized_sd(tmp_path_factory):
         act_bits=8,
         weights=SEARCH,
         activations={**SEARCH, "timestep_groups": 2},
-        layers={"special_layers": "float"},
+        layers={"special_layers": "float", **QUICK_LAYERS},
     )
     quantize_pipeline(pipe, config, prompts=PROMPTS, **FAST)
     return saved(tmp_path_factory, "sd", pipe)

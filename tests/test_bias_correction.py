@@ -128,7 +128,15 @@ def _layer_means(unet: nn.Module, data, quantized: bool, tables: bool = True) ->
     return means
 
 
-@pytest.mark.parametrize(("kind", "act_bits"), [("unet2d", 8), ("unet2d", None), ("sd", 8), ("sdxl", 8)])
+@pytest.mark.parametrize(
+    ("kind", "act_bits"),
+    [
+        ("unet2d", 8),
+        ("unet2d", None),
+        ("sd", 8),
+        pytest.param("sdxl", 8, marks=pytest.mark.slow),
+    ],  # SDXL: ~8 s
+)
 def test_layer_correction_zeroes_each_layers_mean_error_per_group(kind, act_bits):
     """W4A8 and weight-only: with the tables, E[y_float - y_quant] per group and channel is float rounding."""
     unet, data = _quantized(kind, "layer", act_bits)

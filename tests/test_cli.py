@@ -279,6 +279,7 @@ def test_quantize_flags_set_the_default_recipes_parts() -> None:
         quantize._build_config(parse([*base, "--weight-rounding", "adaround"]))
 
 
+@pytest.mark.slow  # a fresh interpreter importing diffusers: ~7 s on 2 CPU cores
 def test_module_entry_point_runs_the_cli() -> None:
     # `python -m diffusers_ptq` (what `torchrun -m` / `accelerate launch -m` run) is the console script.
     proc = subprocess.run(

@@ -56,6 +56,8 @@ def _run_tiny(
     return out, image
 
 
+# ~7-10 s each on 2 CPU cores: slow (the SD text-to-image example runs by default).
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name", ["sdxl_text2image", "stable_diffusion_img2img", "stable_diffusion_inpaint", "controlnet"]
 )
@@ -64,6 +66,7 @@ def test_pipeline_examples_tiny(name: str, tmp_path: Path, capsys: pytest.Captur
     assert "quantizing with the default recipe, w8" in out
 
 
+@pytest.mark.slow  # ~7.5 s on 2 CPU cores
 def test_load_quantized_from_hub_tiny(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     # Weight-only keeps it to seconds; W8A8 reloading is covered bit for bit by test_serialization.
     out, _ = _run_tiny("load_quantized_from_hub", tmp_path, capsys, "--act-bits", "none")

@@ -64,7 +64,10 @@ def _noise_error(unet, reference, data) -> float:
     return float((out - reference).pow(2).mean())
 
 
-@pytest.mark.parametrize("kind", ["ddim_pipe", "sd_pipe", "sdxl_pipe"])
+@pytest.mark.parametrize(
+    "kind",
+    ["ddim_pipe", "sd_pipe", pytest.param("sdxl_pipe", marks=pytest.mark.slow)],  # SDXL: ~11 s
+)
 def test_gptq_lowers_noise_error_and_reloads_bit_exact(kind, request, tmp_path):
     pipe = request.getfixturevalue(kind)
     text = kind != "ddim_pipe"

@@ -14,14 +14,16 @@ from diffusers_ptq.integer import Int8Conv2d, Int8Linear
 from diffusers_ptq.nn.layers import QuantLayerMixin
 from diffusers_ptq.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
 from integer_helpers import assert_unet_agrees, float_output, unet_inputs
-from recipe_helpers import plain
+from recipe_helpers import QUICK_LAYERS, plain
 from serialization_helpers import FAST, PROMPTS, SEARCH, WEIGHTS, mixed_inputs, read_checkpoint
 
 GROUPED = {**SEARCH, "granularity": "per_group", "group_size": 32}
 
 
 def _quantize(pipe, **weights):
-    config = PTQConfig(weight_bits=4, act_bits=8, weights={**GROUPED, **weights}, activations=SEARCH)
+    config = PTQConfig(
+        weight_bits=4, act_bits=8, weights={**GROUPED, **weights}, activations=SEARCH, layers=QUICK_LAYERS
+    )
     with pytest.warns(UserWarning, match=r"group_size=32 .*conv_in: K=36"):
         quantize_pipeline(pipe, config, prompts=PROMPTS, **FAST)
     return pipe

@@ -202,6 +202,8 @@ def hub_session(tmp_path_factory):
         yield hub, proc, results
 
 
+# The client session (a subprocess against a local Hub) takes ~26 s on 2 CPU cores: slow, with its tests.
+@pytest.mark.slow
 def test_push_then_from_pretrained_gives_identical_images(hub_session):
     hub, _, results = hub_session
     assert results["xet_path"]
@@ -220,6 +222,7 @@ def test_push_then_from_pretrained_gives_identical_images(hub_session):
     assert unet_config["quantization_config"]["quant_method"] == "diffusers_ptq"
 
 
+@pytest.mark.slow
 def test_the_client_used_the_hub_protocol(hub_session):
     hub, _, _ = hub_session
     requests = set(hub.state.requests)
@@ -239,6 +242,7 @@ def test_the_client_used_the_hub_protocol(hub_session):
     )
 
 
+@pytest.mark.slow
 def test_model_card_on_the_hub(hub_session):
     hub, _, _ = hub_session
     readme = hub.files("alice/tiny-sd-w4a8")["README.md"].decode()
@@ -250,6 +254,7 @@ def test_model_card_on_the_hub(hub_session):
     assert "samples per timestep group (2 groups)" in readme
 
 
+@pytest.mark.slow
 def test_pull_requests_leave_main_alone(hub_session):
     hub, _, results = hub_session
     repo = hub.state.repos["alice/tiny-sd-unet"]
@@ -262,6 +267,7 @@ def test_pull_requests_leave_main_alone(hub_session):
     assert results["saved_folder"] == ["README.md", "config.json", "diffusion_pytorch_model.safetensors"]
 
 
+@pytest.mark.slow
 def test_default_upload_path_opens_a_second_pull_request(hub_session):
     # Was flaky (about one run in three) while the first pull request re-pushed main's content: the client
     # then skipped that upload, so no refs/pr/1 existed and this push became refs/pr/1.

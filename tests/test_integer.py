@@ -40,6 +40,7 @@ from integer_helpers import (
     quant_layer,
     unet_inputs,
 )
+from recipe_helpers import QUICK_LAYERS
 
 # -- agreement per layer type -------------------------------------------------------------------------------
 
@@ -191,6 +192,7 @@ def quantized_sd():
         act_bits=8,
         weights={**SEARCH, "symmetric": False},
         activations={**SEARCH, "timestep_groups": 2},
+        layers=QUICK_LAYERS,
     )
     quantize_pipeline(pipe, config, prompts=PROMPTS, **FAST)
     return pipe

@@ -11,6 +11,7 @@ from diffusers_ptq.integer.features import onednn_available
 from script_helpers import load_script
 
 
+@pytest.mark.slow  # ~9 s on 2 CPU cores
 @pytest.mark.skipif(not onednn_available(), reason="convert needs torch's oneDNN int8 ops on the CPU")
 def test_rows_sizes_and_promoted_layers(tmp_path: Path) -> None:
     script = load_script("benchmarks", "mixed_precision_cost")

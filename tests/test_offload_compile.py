@@ -97,7 +97,7 @@ def test_device_map_loading_is_bit_exact(quantized_sd, tmp_path, device_map):
     assert all(p.device.type == "cpu" for p in loaded.parameters())
 
 
-@pytest.mark.parametrize("backend", ["fake", "int8"])
+@pytest.mark.parametrize("backend", ["fake", pytest.param("int8", marks=pytest.mark.slow)])  # int8: ~9 s
 def test_repeated_blocks_compile_fullgraph_without_recompiles(quantized_sd, backend):
     from torch._dynamo.utils import counters
 

@@ -15,6 +15,7 @@ kernels, same float numerics, so the outputs must be bit-identical.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -22,13 +23,15 @@ import torch
 
 from diffusers_ptq import PTQConfig, TimestepActQuantizer, quantize_pipeline
 from diffusers_ptq.quantizers import activation as activation_module
+from diffusers_ptq.tiny import tiny_ddim_pipeline
 
 TIMESTEPS = [900, 600, 300, 50]  # one per group of a 4-group contiguous map over 1,000 timesteps
 GROUPS = 4
 
 
-@pytest.fixture
-def quantized_pipe(ddim_pipe: Any) -> Any:
+@pytest.fixture(scope="module")
+def quantized_pipe() -> Any:
+    ddim_pipe = tiny_ddim_pipeline()
     config = PTQConfig(
         weights={"num_candidates": 20}, activations={"num_candidates": 20, "timestep_groups": GROUPS}
     )
@@ -65,7 +68,7 @@ def _record_applied(monkeypatch: pytest.MonkeyPatch, unet: torch.nn.Module) -> l
 def test_each_quantizer_applies_each_samples_group(
     quantized_pipe: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    unet = quantized_pipe.unet
+    unet = copy.deepcopy(quantized_pipe.unet)  # the spy's hooks stay on the copy
     quantizers = _quantizers(unet)
     calls = _record_applied(monkeypatch, unet)
     t = torch.tensor(TIMESTEPS)

@@ -88,7 +88,9 @@ def test_groups_cover_special_layers_attention_time_path_and_blocks(ddim_pipe):
     assert report.rows == 4
 
 
-@pytest.mark.parametrize("fixture", ["sd_pipe", "sdxl_pipe"])
+@pytest.mark.parametrize(
+    "fixture", ["sd_pipe", pytest.param("sdxl_pipe", marks=pytest.mark.slow)]
+)  # SDXL: ~6 s
 def test_text_to_image_pipelines(fixture, request, prompts):
     pipe = request.getfixturevalue(fixture)
     config = _config(calibration={**CALIB, "num_samples": 4})

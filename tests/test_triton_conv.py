@@ -123,6 +123,7 @@ def test_auto_picks_triton_on_cuda():
     assert features.resolve_kernel("auto", torch.device("cuda")) == "triton"
 
 
+@pytest.mark.slow  # ~7 s in Triton's CPU interpreter on 2 cores
 @torch.no_grad()
 def test_unet_converts_with_the_triton_kernel():
     pipe = tiny_ddim_pipeline()
