@@ -16,8 +16,8 @@ from diffusers_ptq import PTQConfig
 PLAIN_WEIGHTS: dict[str, Any] = {"rounding": "nearest"}
 PLAIN_LAYERS: dict[str, Any] = {"mixed_precision": {"mode": "off"}}
 PLAIN: dict[str, Any] = {"weights": PLAIN_WEIGHTS, "layers": PLAIN_LAYERS, "bias_correction": "off"}
-# The default recipe's mixed precision, ranked on 8 rows instead of 32: the same promotions on the tiny
-# pipelines' 16-row calibration sets, about 4 s less per text-to-image fixture on 2 CPU cores.
+# The default recipe's mixed precision, ranked on 8 rows instead of 32: about 4 s less per text-to-image
+# fixture on 2 CPU cores (test_integer's SD fixture promoted the same 4 layers either way, checked once).
 QUICK_LAYERS: dict[str, Any] = {"mixed_precision": {"num_samples": 8}}
 
 

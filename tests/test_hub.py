@@ -202,7 +202,8 @@ def hub_session(tmp_path_factory):
         yield hub, proc, results
 
 
-# The client session (a subprocess against a local Hub) takes ~26 s on 2 CPU cores: slow, with its tests.
+# The client session (a subprocess against a local Hub) takes ~26 s on 2 CPU cores: every test using it
+# is slow, so the default run never starts it.
 @pytest.mark.slow
 def test_push_then_from_pretrained_gives_identical_images(hub_session):
     hub, _, results = hub_session
@@ -277,6 +278,7 @@ def test_default_upload_path_opens_a_second_pull_request(hub_session):
     assert refs == ["refs/pr/1", "refs/pr/2"]
 
 
+@pytest.mark.slow
 def test_token_is_sent_but_never_printed_or_logged(hub_session):
     hub, proc, _ = hub_session
     assert f"Bearer {TOKEN}" in hub.state.authorizations
