@@ -70,12 +70,12 @@ def test_regulariser_parts_add_up_to_the_whole_and_so_do_their_gradients():
         parts = split_evenly(count, ranks, allow_empty=True)
         values = [q.regulariser(3.0, part) for part in parts]
         grads = [torch.autograd.grad(v, q.v, allow_unused=True)[0] for v in values]
-        assert float(sum(v.detach() for v in values)) == pytest.approx(float(whole), rel=1e-6)
+        assert float(sum(v.detach() for v in values)) == pytest.approx(float(whole.detach()), rel=1e-6)
         summed = sum(g if g is not None else torch.zeros_like(q.v) for g in grads)
         # Disjoint parts: each element's gradient once (to the last bits: vectorised and scalar tails of the
         # elementwise kernels round differently).
         assert torch.allclose(summed, grad, rtol=1e-6, atol=1e-9)
-    assert float(q.regulariser(3.0, range(0, 0))) == 0.0
+    assert float(q.regulariser(3.0, range(0, 0)).detach()) == 0.0
 
 
 def test_h_converges_to_zero_or_one_under_the_annealed_regulariser():
