@@ -279,6 +279,15 @@ def test_quantize_flags_set_the_default_recipes_parts() -> None:
         quantize._build_config(parse([*base, "--weight-rounding", "adaround"]))
 
 
+def test_act_bits_accepts_none_for_weight_only_on_both_commands() -> None:
+    parse = cli.build_parser().parse_args
+    for command in (["quantize", "--output", "o"], ["inspect", "--sensitivity", "--output", "o"]):
+        assert parse([*command, "--act-bits", "None"]).act_bits == "none"
+        assert parse([*command, "--act-bits", "6"]).act_bits == 6
+    weight_only = quantize._build_config(parse(["quantize", "--output", "o", "--act-bits", "none"]))
+    assert weight_only.activations.bits is None
+
+
 @pytest.mark.slow  # a fresh interpreter importing diffusers: ~7 s on 2 CPU cores
 def test_module_entry_point_runs_the_cli() -> None:
     # `python -m diffusers_ptq` (what `torchrun -m` / `accelerate launch -m` run) is the console script.

@@ -39,6 +39,11 @@ MODEL_HELP = (
 )
 
 
+def act_bits_arg(text: str) -> int | str:
+    """argparse type of --act-bits: an integer, or 'none' for weight-only quantization."""
+    return "none" if text.lower() == "none" else int(text)
+
+
 def error(err: BaseException) -> int:
     """Print a one-line error for bad input and return exit code 2."""
     print("diffusers-ptq: error: " + " ".join(str(err).split()), file=sys.stderr)

@@ -13,6 +13,7 @@ from diffusers_ptq.benchmark.plotting import pyplot
 from diffusers_ptq.calibration import get_pipeline_spec
 from diffusers_ptq.cli.common import (
     DEFAULT_PROMPTS,
+    act_bits_arg,
     atomic_directory,
     check_output,
     error,
@@ -22,10 +23,6 @@ from diffusers_ptq.cli.common import (
 from diffusers_ptq.cli.pipeline_args import pipeline_kwargs
 from diffusers_ptq.config import PTQConfig
 from diffusers_ptq.sensitivity import measure_sensitivity
-
-
-def _act_bits(text: str) -> int | str:
-    return "none" if text.lower() == "none" else int(text)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--weight-bits", type=int, metavar="BITS", help="override weights.bits.")
     group.add_argument(
         "--act-bits",
-        type=_act_bits,
+        type=act_bits_arg,
         metavar="{BITS,none}",
         help="override activations.bits ('none': weight-only).",
     )

@@ -21,6 +21,7 @@ from diffusers_ptq.cli.common import (
     DEFAULT_PROMPTS,
     DTYPES,
     MODEL_HELP,
+    act_bits_arg,
     atomic_directory,
     check_output,
     error,
@@ -31,10 +32,6 @@ from diffusers_ptq.cli.pipeline_args import add_pipeline_call_arguments, pipelin
 from diffusers_ptq.config import PTQConfig, describe_fields
 from diffusers_ptq.primitives import sqnr_db
 from diffusers_ptq.reconstruction import ReconstructionReport
-
-
-def _act_bits(text: str) -> int | str:
-    return "none" if text.lower() == "none" else int(text)
 
 
 def _timestep_groups(text: str) -> int | str:
@@ -50,7 +47,7 @@ _RECIPE = "Default: from the recipe"
 # (flag, type, metavar, what it overrides); every override is validated by PTQConfig.
 _OVERRIDES = [
     ("--weight-bits", int, "BITS", "weights.bits, an integer 2-8"),
-    ("--act-bits", _act_bits, "{BITS,none}", "activations.bits: 2-16, or 'none' for weight-only"),
+    ("--act-bits", act_bits_arg, "{BITS,none}", "activations.bits: 2-16, or 'none' for weight-only"),
     (
         "--timestep-groups",
         _timestep_groups,
