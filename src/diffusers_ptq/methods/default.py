@@ -6,7 +6,9 @@ calibration. GPTQ rounding of the weights; PTQD-style correction of the noise pr
 error (`bias_correction="output"`); the four layers whose quantization alone hurts the noise prediction most
 kept float (`layers.mixed_precision`, ranked on the calibration set, so it holds on models it was not tuned
 on); one activation scale for all timesteps, because finer timestep scales did not lower FD beyond noise
-(colour model with the correction, shipped model without it); no block reconstruction.
+(colour model with the correction, shipped model without it); no block reconstruction. Per-channel weight
+scales: groups of 64 have since measured better at W4A8 on both models, and are the candidate to replace
+them once W6A6 and their checkpoint-size and CPU-speed cost are weighed (BENCHMARKS.md §8).
 """
 
 from diffusers_ptq.config import PTQConfig
@@ -15,7 +17,7 @@ from diffusers_ptq.methods.registry import register_preset
 # One line for `diffusers-ptq presets`.
 WHY = (
     "the library's default (PTQConfig()): GPTQ + output bias correction + the 4 most sensitive layers "
-    "float, G = 1; best measured FD on both shipped models (BENCHMARKS.md)"
+    "float, G = 1; chosen on FD over both shipped models (BENCHMARKS.md §8)"
 )
 
 
