@@ -12,6 +12,8 @@ from diffusers_ptq.config import (
 )
 from diffusers_ptq.reconstruction import ReconstructionConfig
 
+# Written out, not imported from config._SECTIONS: an independent list, so a section the config drops or
+# adds fails test_config_serialization's to_dict key check instead of silently leaving the tests.
 SECTIONS = {
     "weights": WeightQuantConfig,
     "activations": ActivationQuantConfig,
