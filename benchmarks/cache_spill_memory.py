@@ -102,7 +102,7 @@ def child(args: argparse.Namespace) -> dict:
     config = PTQConfig(
         weight_bits=4,
         act_bits=8,
-        weights={"rounding": "nearest"},
+        weights={"rounding": "nearest", "granularity": "per_channel"},
         bias_correction="off",
         layers={"mixed_precision": {"mode": "off"}},
         calibration={"num_samples": args.num_samples, "num_inference_steps": 100},

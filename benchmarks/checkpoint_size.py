@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
             t0 = time.perf_counter()
             quantized = copy.deepcopy(unet)
             minmax = {"scale_search": "minmax"}
-            weights = dict(minmax)
+            weights = {**minmax, "granularity": "per_channel"}
             if group_size is not None:
                 weights.update(granularity="per_group", group_size=group_size)
             # The storage format is what is measured: nearest rounding (GPTQ changes codes, not bytes), and

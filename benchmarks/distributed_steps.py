@@ -37,7 +37,7 @@ def _config(args: argparse.Namespace):
     return PTQConfig(
         weight_bits=4,
         act_bits=8,
-        weights={"rounding": "nearest"},
+        weights={"rounding": "nearest", "granularity": "per_channel"},
         layers={"mixed_precision": {"mode": "off"}},
         calibration={"num_inference_steps": args.steps, "batch_size": 1},
         reconstruction={

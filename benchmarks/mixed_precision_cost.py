@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
             config = PTQConfig(
                 weight_bits=4,
                 act_bits=8,
+                weights={"granularity": "per_channel"},  # as measured; the int8 GEMM path
                 calibration=calib,
                 layers={"mixed_precision": mixed},
             )

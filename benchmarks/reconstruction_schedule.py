@@ -71,7 +71,7 @@ def measure(config: dict[str, Any], args: argparse.Namespace, batch_size: int) -
     ptq = PTQConfig(
         weight_bits=4,
         act_bits=8,
-        weights={"rounding": "nearest"},
+        weights={"rounding": "nearest", "granularity": "per_channel"},
         layers={"mixed_precision": {"mode": "off"}},
         bias_correction="off",
         reconstruction=recon,

@@ -41,11 +41,17 @@ def calibration_set(unet, rows: int = 10, seed: int = 0, tokens: int = 5, size: 
     )
 
 
-def ptq_config(weight_bits: int = 4, act_bits: int | None = 8, groups: int | str = 2, **layers) -> PTQConfig:
+def ptq_config(
+    weight_bits: int = 4,
+    act_bits: int | None = 8,
+    groups: int | str = 2,
+    granularity: str = "auto",
+    **layers,
+) -> PTQConfig:
     return plain(
         weight_bits=weight_bits,
         act_bits=act_bits,
-        weights={**SEARCH, "symmetric": False},
+        weights={**SEARCH, "symmetric": False, "granularity": granularity},
         activations={**SEARCH, "timestep_groups": groups},
         layers=layers or {},
     )

@@ -27,7 +27,7 @@ def _non_default_config() -> PTQConfig:
         weights=WeightQuantConfig(
             bits=3,
             granularity="per_tensor",
-            group_size=64,
+            group_size=128,
             strict_groups=True,
             symmetric=False,
             scale_search="percentile",
@@ -201,7 +201,7 @@ def test_to_dict_is_a_copy():
 def test_from_dict_partial_keeps_defaults():
     cfg = PTQConfig.from_dict({"weights": {"bits": 4}, "method": "x"})
     assert cfg.weights.bits == 4
-    assert cfg.weights.granularity == "per_channel"
+    assert cfg.weights.granularity == "auto"
     assert cfg.activations == ActivationQuantConfig()
     assert cfg.method == "x"
     assert PTQConfig.from_dict({}) == PTQConfig()

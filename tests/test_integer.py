@@ -155,7 +155,7 @@ def test_weight_bytes_at_realistic_sizes(w_bits, target):
     and for `int_mm` the zero-point correction) add 8 bytes per output channel: at most 0.003x here."""
     context, group_map = context_and_map()
     acts = act_factory(context, group_map, 8, False, 0)
-    weights = WeightQuantConfig(bits=w_bits, scale_search="minmax")
+    weights = WeightQuantConfig(bits=w_bits, granularity="per_channel", scale_search="minmax")
     layers = [
         QuantConv2d.from_float(nn.Conv2d(320, 320, 3, padding=1), weights, acts),  # SD-1.5 resnet conv
         QuantLinear.from_float(nn.Linear(1280, 320), weights, acts),  # SD-1.5 feed-forward out

@@ -57,10 +57,21 @@ def handful(monkeypatch):
     monkeypatch.setattr(Budget, "iterations", iterations)
 
 
+# The default weight scales at W4 are groups of 64 ('auto'); on the tiny UNet2DModel, joint reconstruction
+# with groups ends 1.5 % worse in relative noise error than calibration alone (0.02361 vs 0.02325): each
+# unit's held-out check passed, the whole model's error did not. Found 2026-12-05, not yet explained.
+GROUPED_JOINT_UNET2D = pytest.mark.xfail(
+    strict=True, reason="joint reconstruction on group scales: whole-model error 1.5 % above calibration only"
+)
+
+
 @pytest.mark.parametrize("kind", ["unet2d", "sd"])
 @pytest.mark.parametrize("optimization", ["sequential", "joint"])
-def test_a_tiny_budget_is_no_worse_than_calibration_only(handful, kind, optimization):
-    unet, data = quantized(kind, rows=20, groups=1)
+@pytest.mark.parametrize("granularity", ["per_channel", "auto"])
+def test_a_tiny_budget_is_no_worse_than_calibration_only(handful, kind, optimization, granularity, request):
+    if (granularity, optimization, kind) == ("auto", "joint", "unet2d"):
+        request.applymarker(GROUPED_JOINT_UNET2D)
+    unet, data = quantized(kind, rows=20, groups=1, granularity=granularity)
     calibrated = copy.deepcopy(unet)
     held_out = calibration_set(unet, 10, seed=1)
     with torch.no_grad():

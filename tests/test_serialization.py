@@ -171,7 +171,11 @@ def test_w4_weights_are_packed_nibbles_and_float_layers_stay_float(saved_sd):
         assert f"{layer.name}.weight" not in tensors
         assert packed.dtype == torch.uint8
         assert tuple(packed.shape) == (weight.shape[0], (weight[0].numel() + 1) // 2)
-        assert tensors[f"{layer.name}.weight_quantizers.0.scale"].shape == (weight.shape[0],)
+        module = pipe.unet.get_submodule(layer.name)
+        group_size = module.weight_quantizers[0].group_size  # 'auto' groups at W4; split parts on their own
+        per_row = 1 if group_size is None else module._weight_parts(weight)[0][0].numel() // group_size
+        expected = (weight.shape[0],) if group_size is None else (weight.shape[0], per_row)
+        assert tensors[f"{layer.name}.weight_quantizers.0.scale"].shape == expected
         if layer.split is not None:
             assert f"{layer.name}.weight_quantizers.1.scale" in tensors
             assert f"{layer.name}.act_quantizers.1.scale" in tensors

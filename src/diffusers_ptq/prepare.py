@@ -16,7 +16,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from diffusers_ptq.config import PTQConfig
+from diffusers_ptq.config import PTQConfig, WeightQuantConfig
 from diffusers_ptq.nn import (
     SOFTMAX_FLOAT_BITS,
     SUPPORTED_PROCESSORS,
@@ -125,15 +125,17 @@ def plan_quantization(unet: nn.Module, config: PTQConfig) -> QuantPlan:
 
 
 def group_fallbacks(unet: nn.Module, plan: QuantPlan, config: PTQConfig) -> list[str]:
-    """Planned layers (and split halves) whose input size K is not a multiple of weights.group_size.
+    """Planned layers (and split halves) with per-group scales whose input size K is not a multiple of
+    weights.group_size.
 
-    Their weight quantizers fall back to per-channel scales (`WeightQuantizer`); empty unless 'per_group'.
+    Their weight quantizers fall back to per-channel scales (`WeightQuantizer`); empty unless the
+    granularity ('per_group', or 'auto' at the layer's bit width) is per group.
     """
     weights = config.weights
-    if weights.granularity != "per_group":
-        return []
     found = []
     for layer in plan.layers:
+        if _layer_granularity(weights, layer.weight_bits) != "per_group":
+            continue
         weight = unet.get_submodule(layer.name).weight
         per_input = weight[0, 0].numel()  # kh * kw for a conv, 1 for a Linear
         channels = weight.shape[1]
@@ -146,7 +148,16 @@ def group_fallbacks(unet: nn.Module, plan: QuantPlan, config: PTQConfig) -> list
     return found
 
 
+def _layer_granularity(weights: WeightQuantConfig, bits: int) -> str:
+    layer_weights = copy.copy(weights)
+    layer_weights.bits = bits
+    return layer_weights.granularity_in_effect()
+
+
 def _check_group_sizes(unet: nn.Module, plan: QuantPlan, config: PTQConfig) -> None:
+    # 'auto' falls back quietly: the user asked for the best default, not for groups everywhere.
+    if config.weights.granularity != "per_group":
+        return
     found = group_fallbacks(unet, plan, config)
     if not found:
         return

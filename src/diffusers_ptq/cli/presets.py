@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
             "method": config.method,
             "weight_bits": w.bits,
             "act_bits": a.bits,
-            "weights": f"{w.granularity}, {'symmetric' if w.symmetric else 'asymmetric'}",
+            "weights": f"{w.describe_scales()}, {'symmetric' if w.symmetric else 'asymmetric'}",
             "sampler": c.sampler,
             "num_samples": c.num_samples,
             "timestep_groups": a.timestep_groups,

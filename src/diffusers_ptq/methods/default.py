@@ -6,9 +6,9 @@ calibration. GPTQ rounding of the weights; PTQD-style correction of the noise pr
 error (`bias_correction="output"`); the four layers whose quantization alone hurts the noise prediction most
 kept float (`layers.mixed_precision`, ranked on the calibration set, so it holds on models it was not tuned
 on); one activation scale for all timesteps, because finer timestep scales did not lower FD beyond noise
-(colour model with the correction, shipped model without it); no block reconstruction. Per-channel weight
-scales: groups of 64 have since measured better at W4A8 on both models, and are the candidate to replace
-them once W6A6 and their checkpoint-size and CPU-speed cost are weighed (BENCHMARKS.md §8).
+(colour model with the correction, shipped model without it); no block reconstruction. Weight scales per
+group of 64 inputs at ≤ 4 bits and per output channel above (`weights.granularity="auto"`): groups won at
+W4A8 on the colour model and tied on the shipped one, and tied at W6A6 / W8A8 (BENCHMARKS.md §8).
 """
 
 from diffusers_ptq.config import PTQConfig
@@ -17,7 +17,7 @@ from diffusers_ptq.methods.registry import register_preset
 # One line for `diffusers-ptq presets`.
 WHY = (
     "the library's default (PTQConfig()): GPTQ + output bias correction + the 4 most sensitive layers "
-    "float, G = 1; chosen on FD over both shipped models (BENCHMARKS.md §8)"
+    "float + groups of 64 at <= 4 bits, G = 1; chosen on FD over both shipped models (BENCHMARKS.md §8)"
 )
 
 

@@ -16,9 +16,10 @@ class WeightQuantizer(GridMixin, nn.Module):
 
     `scale`/`zero_point` are buffers of shape (C_out,) (per channel), (1,) (per tensor) or (C_out, G) (per
     group, G = in_features / group_size; see `quantizers.groups` for the column order); they are set by
-    `calibrate(weight)` and saved with the model. 'per_group' needs `in_features` (K, the weight's values
-    per output channel); when group_size does not divide it the quantizer falls back to per-channel scales
-    (`granularity` then says 'per_channel'; `plan_quantization` warns about such layers or refuses them).
+    `calibrate(weight)` and saved with the model. 'auto' is resolved for `config.bits`. 'per_group' needs
+    `in_features` (K, the weight's values per output channel); when group_size does not divide it the
+    quantizer falls back to per-channel scales (`granularity` then says 'per_channel'; `plan_quantization`
+    warns about such layers or refuses them when 'per_group' was asked for explicitly).
     """
 
     def __init__(self, config: WeightQuantConfig, out_channels: int, in_features: int | None = None) -> None:
@@ -26,12 +27,14 @@ class WeightQuantizer(GridMixin, nn.Module):
         self.bits = config.bits
         self.symmetric = config.symmetric
         self.group_size: int | None = None
-        if config.granularity == "per_group":
+        granularity = config.granularity_in_effect()
+        if granularity == "per_group":
             if in_features is None:
-                raise ValueError("per_group weight scales need the layer's in_features (K)")
-            if in_features % config.group_size == 0:
+                if config.granularity == "per_group":  # 'auto' just keeps per-channel scales
+                    raise ValueError("per_group weight scales need the layer's in_features (K)")
+            elif in_features % config.group_size == 0:
                 self.group_size = config.group_size
-        self.per_channel = config.granularity != "per_tensor"
+        self.per_channel = granularity != "per_tensor"
         self.search = config.scale_search
         self.search_kwargs = {
             "lp_norm": config.lp_norm,

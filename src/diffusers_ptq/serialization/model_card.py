@@ -106,9 +106,7 @@ def _body(obj: Any, unet: nn.Module, qconfig: PTQQuantizationConfig, repo_id: st
         "",
     ]
     report = qconfig.report or {}
-    granularity = ptq.weights.granularity
-    if granularity == "per_group":
-        granularity += f" of {ptq.weights.group_size}"
+    granularity = ptq.weights.describe_scales()
     rows = [
         ("method", f"`{ptq.method}`"),
         ("weights", f"{ptq.weights.bits}-bit, {granularity}, {_grid(ptq.weights.symmetric)}"),

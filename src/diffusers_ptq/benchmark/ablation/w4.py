@@ -138,7 +138,7 @@ def describe_recipe(config: PTQConfig) -> list[str]:
     """The table cells the study varies: rounding, weight scales, bias correction, timestep groups and
     the layers kept off the low-bit grid."""
     weights = config.weights
-    scales = f"group {weights.group_size}" if weights.granularity == "per_group" else weights.granularity
+    scales = weights.describe_scales()
     groups = config.activations.timestep_groups
     return [
         weights.rounding,
