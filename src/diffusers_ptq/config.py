@@ -39,9 +39,9 @@ SCALE_SEARCHES = ("minmax", "mse", "percentile")
 GRANULARITIES = ("auto", "per_channel", "per_tensor", "per_group")
 GROUP_SIZES = (32, 64, 128, 256, 512)
 # 'auto' weight scales: groups of `group_size` inputs at this many bits or fewer, per channel above. Groups
-# of 64 measured better than per-channel scales at W4A8 on both benchmark models and tied at W6A6 (shipped
-# model) and W8A8 (colour model) (BENCHMARKS.md §8), where they would cost checkpoint size and the CPU's
-# int8 GEMM for nothing.
+# of 64 measured better than per-channel scales at W4A8 on the colour model and tied on the shipped one, and
+# tied at W6A6 (shipped model) and W8A8 (colour model) (BENCHMARKS.md §8), where they would cost checkpoint
+# size and the CPU's int8 GEMM for nothing.
 AUTO_GROUP_MAX_BITS = 4
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
 TIMESTEP_SAMPLERS = ("uniform", "normal", "skew_normal", "all")
@@ -81,8 +81,8 @@ class WeightQuantConfig:
     )
     group_size: int = _field(
         64,
-        "'per_group': inputs per scale, contiguous along K in the integer kernels' order ((kh, kw, C_in) "
-        "for a conv)",
+        "'per_group' (and 'auto' at <= 4 bits): inputs per scale, contiguous along K in the integer "
+        "kernels' order ((kh, kw, C_in) for a conv)",
         GROUP_SIZES,
     )
     strict_groups: bool = _field(
