@@ -64,11 +64,13 @@ class WeightQuantConfig:
     gptq_act_order: bool = _field(False, "gptq: quantize columns in order of decreasing H diagonal")
     gptq_block_size: int = _field(128, "gptq: columns per lazy-batch block update")
 
-    def granularity_in_effect(self) -> str:
-        """`granularity` with 'auto' resolved for `bits` (a layer's copy carries that layer's bit width)."""
+    def granularity_in_effect(self, bits: int | None = None) -> str:
+        """`granularity` with 'auto' resolved for `bits` (default: this section's; a layer's own bit width
+        may differ, e.g. 8-bit special layers)."""
         if self.granularity != "auto":
             return self.granularity
-        return "per_group" if self.bits <= AUTO_GROUP_MAX_BITS else "per_channel"
+        bits = self.bits if bits is None else bits
+        return "per_group" if bits <= AUTO_GROUP_MAX_BITS else "per_channel"
 
     def describe_scales(self) -> str:
         """'per_channel', 'per_tensor' or 'group 64', with '(auto)' when 'auto' chose it."""

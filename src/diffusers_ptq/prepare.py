@@ -16,7 +16,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from diffusers_ptq.config import PTQConfig, WeightQuantConfig
+from diffusers_ptq.config import PTQConfig
 from diffusers_ptq.nn import (
     SOFTMAX_FLOAT_BITS,
     SUPPORTED_PROCESSORS,
@@ -134,7 +134,7 @@ def group_fallbacks(unet: nn.Module, plan: QuantPlan, config: PTQConfig) -> list
     weights = config.weights
     found = []
     for layer in plan.layers:
-        if _layer_granularity(weights, layer.weight_bits) != "per_group":
+        if weights.granularity_in_effect(layer.weight_bits) != "per_group":
             continue
         weight = unet.get_submodule(layer.name).weight
         per_input = weight[0, 0].numel()  # kh * kw for a conv, 1 for a Linear
@@ -146,12 +146,6 @@ def group_fallbacks(unet: nn.Module, plan: QuantPlan, config: PTQConfig) -> list
                 part = "" if len(halves) == 1 else f" (split part {i})"
                 found.append(f"{layer.name}{part}: K={k}")
     return found
-
-
-def _layer_granularity(weights: WeightQuantConfig, bits: int) -> str:
-    layer_weights = copy.copy(weights)
-    layer_weights.bits = bits
-    return layer_weights.granularity_in_effect()
 
 
 def _check_group_sizes(unet: nn.Module, plan: QuantPlan, config: PTQConfig) -> None:
