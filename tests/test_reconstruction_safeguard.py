@@ -57,23 +57,19 @@ def handful(monkeypatch):
     monkeypatch.setattr(Budget, "iterations", iterations)
 
 
-# The default weight scales at W4 are groups of 64 ('auto'); on the tiny UNet2DModel, joint reconstruction
-# with groups ends 1.5 % worse in relative noise error than calibration alone (0.02361 vs 0.02325): each
-# unit's held-out check passed, the whole model's error did not. Found 2026-12-05, not yet explained.
-GROUPED_JOINT_UNET2D = pytest.mark.xfail(
-    strict=True, reason="joint reconstruction on group scales: whole-model error 1.5 % above calibration only"
-)
+# Fresh rows the whole run is judged on. With 10, the grouped joint case on the UNet2DModel read 1.5 % worse
+# than calibration only (0.02361 vs 0.02325) while 40 rows drawn the same way (the 10 among them) read 1.7 %
+# better (0.02281 vs 0.02320): a 10-row draw decides a difference that size by which rows it holds.
+FRESH_ROWS = 40
 
 
 @pytest.mark.parametrize("kind", ["unet2d", "sd"])
 @pytest.mark.parametrize("optimization", ["sequential", "joint"])
 @pytest.mark.parametrize("granularity", ["per_channel", "auto"])
-def test_a_tiny_budget_is_no_worse_than_calibration_only(handful, kind, optimization, granularity, request):
-    if (granularity, optimization, kind) == ("auto", "joint", "unet2d"):
-        request.applymarker(GROUPED_JOINT_UNET2D)
+def test_a_tiny_budget_is_no_worse_than_calibration_only(handful, kind, optimization, granularity):
     unet, data = quantized(kind, rows=20, groups=1, granularity=granularity)
     calibrated = copy.deepcopy(unet)
-    held_out = calibration_set(unet, 10, seed=1)
+    held_out = calibration_set(unet, FRESH_ROWS, seed=1)
     with torch.no_grad():
         from diffusers_ptq import set_quant_state
 
