@@ -94,7 +94,10 @@ def quant_layer(name: str, w_bits: int, w_sym: bool, a_bits: int, a_sym: bool, s
     torch.manual_seed(seed)
     context, group_map = context_and_map()
     build, shape = LAYERS[name]
-    weights = WeightQuantConfig(bits=w_bits, symmetric=w_sym, scale_search="minmax")
+    # Per-channel scales: the int8 GEMM paths these layers test (group scales: test_group_scales.py).
+    weights = WeightQuantConfig(
+        bits=w_bits, symmetric=w_sym, scale_search="minmax", granularity="per_channel"
+    )
     layer = build(weights, act_factory(context, group_map, a_bits, a_sym, seed))
     layer.calibrate_weights()
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed + 1)) * 1.5

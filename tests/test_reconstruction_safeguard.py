@@ -84,7 +84,10 @@ def test_a_tiny_budget_is_no_worse_than_calibration_only(handful, kind, optimiza
 
 
 def _one_unit(phase: Phase, **overrides):
-    unet, data = quantized("unet2d", rows=ROWS)
+    # Per-channel scales: with 'auto' (near group sizes) this unit starts with a held-out loss a third lower
+    # (0.045 against 0.066) and a few dozen steps on 8 rows improve it at some learning rates and not at
+    # others; the tests below need a unit that training reliably improves (or, at absurd rates, worsens).
+    unet, data = quantized("unet2d", rows=ROWS, granularity="per_channel")
     config = fast_config(cache_batch_size=ROWS, **overrides)
     unit = next(u for u in reconstruction_units(unet, config, data) if u.name == "down_blocks.1.resnets.0")
     cache = full_cache(unet, unit, data, ROWS, phase.acts_on)

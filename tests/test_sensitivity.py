@@ -20,7 +20,10 @@ SENSITIVE = "down_blocks.1.resnets.0.conv1"
 
 
 def _config(**overrides) -> PTQConfig:
-    base = plain(weight_bits=4, act_bits=8, weights=SEARCH, activations=SEARCH, calibration=CALIB)
+    # Per-channel weight scales: `_make_sensitive`'s one outlier per output channel then coarsens the
+    # whole row's grid (with group scales it would coarsen one group of the row).
+    weights = {**SEARCH, "granularity": "per_channel"}
+    base = plain(weight_bits=4, act_bits=8, weights=weights, activations=SEARCH, calibration=CALIB)
     return base.replace(**overrides)
 
 

@@ -41,13 +41,14 @@ class WeightQuantConfig:
     group_size: int = _field(
         64,
         "'per_group' (and 'auto' at <= 4 bits): inputs per scale, contiguous along K in the integer "
-        "kernels' order ((kh, kw, C_in) for a conv)",
+        "kernels' order ((kh, kw, C_in) for a conv); under 'auto' a layer whose K it does not divide gets "
+        "the largest divisor of K in [group_size / 2, group_size], or per-channel scales",
         GROUP_SIZES,
     )
     strict_groups: bool = _field(
         False,
         "'per_group': raise instead of falling back to per-channel scales (with one warning listing them) "
-        "for layers whose input size K is not a multiple of group_size; 'auto' falls back silently",
+        "for layers whose input size K is not a multiple of group_size ('auto' picks a size near it)",
     )
     symmetric: bool = _field(True, "signed range with zero-point 0 (True) or an affine range (False)")
     scale_search: str = _field("mse", "how the clipping range is chosen", SCALE_SEARCHES)

@@ -27,6 +27,7 @@ from diffusers_ptq.nn import (
 from diffusers_ptq.nn.layers import QuantLayerMixin
 from diffusers_ptq.quantizers import OutputCorrection, TimestepActQuantizer, TimestepBiasTable
 from diffusers_ptq.quantizers.bias import OUTPUT_CORRECTION_ATTR, apply_output_correction
+from diffusers_ptq.quantizers.groups import layer_group_size
 from diffusers_ptq.timestep import TimestepContext
 
 SPECIAL_PREFIXES = ("time_embedding.", "class_embedding.", "add_embedding.")
@@ -125,11 +126,10 @@ def plan_quantization(unet: nn.Module, config: PTQConfig) -> QuantPlan:
 
 
 def group_fallbacks(unet: nn.Module, plan: QuantPlan, config: PTQConfig) -> list[str]:
-    """Planned layers (and split halves) with per-group scales whose input size K is not a multiple of
-    weights.group_size.
-
-    Their weight quantizers fall back to per-channel scales (`WeightQuantizer`); empty unless the
-    granularity ('per_group', or 'auto' at the layer's bit width) is per group.
+    """Planned layers (and split halves) meant for per-group scales that get per-channel scales instead:
+    weights.group_size does not divide their input size K (nor, under 'auto', does any size near it:
+    `quantizers.groups.layer_group_size`). Empty unless the granularity ('per_group', or 'auto' at the
+    layer's bit width) is per group.
     """
     weights = config.weights
     found = []
@@ -142,7 +142,7 @@ def group_fallbacks(unet: nn.Module, plan: QuantPlan, config: PTQConfig) -> list
         halves = [channels] if layer.split is None else [layer.split, channels - layer.split]
         for i, c in enumerate(halves):
             k = c * per_input
-            if k % weights.group_size:
+            if layer_group_size(k, weights.group_size, weights.granularity == "auto") is None:
                 part = "" if len(halves) == 1 else f" (split part {i})"
                 found.append(f"{layer.name}{part}: K={k}")
     return found

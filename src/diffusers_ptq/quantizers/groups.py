@@ -9,6 +9,7 @@ A Linear's K is its input features.
 
 Qparams come in three shapes, told apart by their dimensions: (1,) per tensor, (C_out,) per output channel,
 (C_out, G) per group with G = K / group_size. `expand_qparam` broadcasts any of them against the weight.
+A layer's group size is `layer_group_size` of the configured one; checkpoints record it per quantizer.
 """
 
 from __future__ import annotations
@@ -31,6 +32,24 @@ def from_kernel_columns(columns: torch.Tensor, shape: tuple[int, ...] | torch.Si
     if len(shape) <= 2:
         return columns.reshape(shape)
     return columns.reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
+
+
+def layer_group_size(k: int, group_size: int, nearest: bool) -> int | None:
+    """The group size a layer with `k` inputs per output channel gets when `group_size` is asked for.
+
+    `group_size` where it divides K. Otherwise, with `nearest` ('auto' scales), the largest divisor of K
+    between half of `group_size` and `group_size` (K = 144, a 3x3 conv over 16 channels, gets groups of 48
+    for 64), so a model whose channel counts are not powers of two still gets groups of about the asked
+    size, at most twice the scales; None (per-channel scales) where there is no such divisor, or without
+    `nearest` (an explicit 'per_group', which reports such layers instead).
+    """
+    if k % group_size == 0:
+        return group_size
+    if nearest:
+        for size in range(min(group_size, k) - 1, (group_size + 1) // 2 - 1, -1):
+            if k % size == 0:
+                return size
+    return None
 
 
 def num_groups(shape: tuple[int, ...] | torch.Size, group_size: int) -> int:

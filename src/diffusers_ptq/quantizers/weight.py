@@ -8,7 +8,7 @@ from torch import nn
 from diffusers_ptq.config import WeightQuantConfig
 from diffusers_ptq.primitives import compute_qparams, fake_quantize, search_range
 from diffusers_ptq.quantizers.grid import GridMixin
-from diffusers_ptq.quantizers.groups import expand_qparam, group_rows
+from diffusers_ptq.quantizers.groups import expand_qparam, group_rows, layer_group_size
 
 
 class WeightQuantizer(GridMixin, nn.Module):
@@ -17,9 +17,10 @@ class WeightQuantizer(GridMixin, nn.Module):
     `scale`/`zero_point` are buffers of shape (C_out,) (per channel), (1,) (per tensor) or (C_out, G) (per
     group, G = in_features / group_size; see `quantizers.groups` for the column order); they are set by
     `calibrate(weight)` and saved with the model. 'auto' is resolved for `config.bits`. 'per_group' needs
-    `in_features` (K, the weight's values per output channel); when group_size does not divide it the
-    quantizer falls back to per-channel scales (`granularity` then says 'per_channel'; `plan_quantization`
-    warns about such layers or refuses them when 'per_group' was asked for explicitly).
+    `in_features` (K, the weight's values per output channel); where group_size does not divide it,
+    `layer_group_size` picks the layer's size: under 'auto' a divisor of K near group_size, else per-channel
+    scales (`granularity` then says 'per_channel'; `plan_quantization` warns about such layers or refuses
+    them when 'per_group' was asked for explicitly).
     """
 
     def __init__(self, config: WeightQuantConfig, out_channels: int, in_features: int | None = None) -> None:
@@ -32,8 +33,9 @@ class WeightQuantizer(GridMixin, nn.Module):
             if in_features is None:
                 if config.granularity == "per_group":  # 'auto' just keeps per-channel scales
                     raise ValueError("per_group weight scales need the layer's in_features (K)")
-            elif in_features % config.group_size == 0:
-                self.group_size = config.group_size
+            else:
+                nearest = config.granularity == "auto"
+                self.group_size = layer_group_size(in_features, config.group_size, nearest)
         self.per_channel = granularity != "per_tensor"
         self.search = config.scale_search
         self.search_kwargs = {
@@ -48,6 +50,19 @@ class WeightQuantizer(GridMixin, nn.Module):
         self.register_buffer("scale", torch.ones(shape))
         self.register_buffer("zero_point", torch.zeros(shape))
         self.enabled = True
+        self.calibrated = False
+
+    def set_group_size(self, group_size: int | None, in_features: int) -> None:
+        """Re-shape the (uncalibrated) scales for another group size: a checkpoint's, when loading."""
+        if group_size is not None and (group_size < 1 or in_features % group_size or not self.per_channel):
+            kind = self.granularity
+            raise ValueError(f"groups of {group_size} do not fit {in_features} inputs ({kind} scales)")
+        self.group_size = group_size
+        out_channels = self.scale.shape[0] if self.per_channel else 1
+        shape = (out_channels, in_features // group_size) if group_size else (out_channels,)
+        device = self.scale.device
+        self.scale = torch.ones(shape, device=device)
+        self.zero_point = torch.zeros(shape, device=device)
         self.calibrated = False
 
     @property

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -47,6 +47,10 @@ class LayerRecord:
     shape: tuple[int, ...]  # the float weight's shape
     dtype: str  # the float weight's dtype, e.g. "float32"
     qmin: int  # first code of the weight grid (negative: signed grid)
+    # Per weight quantizer (a split layer has two): its group size, None for per-channel / per-tensor scales.
+    # None for the whole field in checkpoints written before layers could get a group size other than the
+    # configured one; those had it only where it divided K.
+    group_sizes: tuple[int | None, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -134,10 +138,14 @@ def _record_to_list(record: LayerRecord | AttentionRecord) -> list[Any]:
 
 
 def _record_from_list(cls: type, item: Any) -> Any:
-    names = list(cls.__dataclass_fields__)
-    if not isinstance(item, list) or len(item) != len(names):
+    fields = cls.__dataclass_fields__.values()
+    names = [f.name for f in fields]
+    required = sum(f.default is MISSING for f in fields)  # later fields may be absent from older files
+    if not isinstance(item, list) or not required <= len(item) <= len(names):
         raise ValueError(f"expected a list of {len(names)} values ({', '.join(names)}), got {item!r}")
     values = dict(zip(names, item))
     if "shape" in values:
         values["shape"] = tuple(int(s) for s in values["shape"])
+    if values.get("group_sizes") is not None:
+        values["group_sizes"] = tuple(None if g is None else int(g) for g in values["group_sizes"])
     return cls(**values)

@@ -119,6 +119,7 @@ def rebuild_modules(
     # A placeholder with the right number of groups; the stored map replaces it while loading.
     install(model, plan, qconfig.ptq, context, contiguous_group_map(num_train, num_groups))
     for record in manifest.layers:
+        _set_group_sizes(model.get_submodule(record.name), record, qconfig.ptq.weights.group_size)
         quantizer = model.get_submodule(record.name).weight_quantizers[0]
         if quantizer.qmin != record.qmin:
             raise CheckpointError(
@@ -126,6 +127,25 @@ def rebuild_modules(
                 f"grid starts at {quantizer.qmin} (weights.symmetric disagrees with the weights)"
             )
     return plan, context
+
+
+def _set_group_sizes(module: nn.Module, record: LayerRecord, configured: int) -> None:
+    """Give each weight quantizer the group size it was saved with (the stored recipe's rule can change)."""
+    quantizers = list(module.weight_quantizers)
+    sizes = record.group_sizes
+    if sizes is None:  # written when a layer's groups were the configured size or none
+        sizes = tuple(configured if q.group_size == configured else None for q in quantizers)
+    if len(sizes) != len(quantizers):
+        raise CheckpointError(
+            f"layer {record.name!r}: the checkpoint has {len(sizes)} group sizes for {len(quantizers)} "
+            "weight quantizers"
+        )
+    for q, part, size in zip(quantizers, module._weight_parts(module.weight), sizes):
+        if q.group_size != size:
+            try:
+                q.set_group_size(size, part[0].numel())
+            except ValueError as err:
+                raise CheckpointError(f"layer {record.name!r}: {err}") from None
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module | None:

@@ -120,6 +120,7 @@ def _pack_layer(
         shape=tuple(int(s) for s in weight.shape),
         dtype=str(weight.dtype).removeprefix("torch."),
         qmin=int(qmin),
+        group_sizes=tuple(q.group_size for q in quantizers),
     )
     return record, packed
 
