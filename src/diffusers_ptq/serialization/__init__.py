@@ -2,9 +2,9 @@
 
 `register()` (run by `import diffusers_ptq`) adds `PTQQuantizer` / `PTQQuantizationConfig` to diffusers'
 quantizer registry and makes `save_pretrained` of diffusers-ptq models atomic. Layout of a checkpoint:
-`layout.py`; packing of integer weights: `packing.py`; save side: `state.py`; load side: `loading.py`;
-registration with diffusers: `registration.py`; Hub upload and model card: `hub.py` (save, then upload),
-`upload.py`, `model_card.py`. Imports run one way:
+`layout.py`; packing of integer weights: `packing.py`; save side: `state.py`; load side: `loading.py`
+(its tensor conversion: `reader.py`); registration with diffusers: `registration.py`; Hub upload and
+model card: `hub.py` (save, then upload), `upload.py`, `model_card.py`. Imports run one way:
 registration -> saving -> upload -> model_card -> quantizer -> loading.
 """
 

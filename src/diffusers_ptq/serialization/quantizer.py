@@ -18,6 +18,7 @@ from torch import nn
 from diffusers_ptq.serialization import loading
 from diffusers_ptq.serialization.layout import CheckpointError
 from diffusers_ptq.serialization.quant_config import PTQQuantizationConfig
+from diffusers_ptq.serialization.reader import CheckpointReader
 from diffusers_ptq.serialization.state import checkpoint_state_dict
 
 
@@ -40,7 +41,7 @@ class PTQQuantizer(DiffusersQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.model: nn.Module | None = None  # the model this quantizer serialises
         self._manifest: loading.Manifest | None = None
-        self._reader: loading.CheckpointReader | None = None
+        self._reader: CheckpointReader | None = None
         self._rebuilt: tuple[loading.QuantPlan, loading.TimestepContext] | None = None
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
@@ -66,7 +67,7 @@ class PTQQuantizer(DiffusersQuantizer):
                 "checkpoints with from_pretrained on a directory or Hub repo holding safetensors files"
             )
         self._rebuilt = loading.rebuild_modules(model, self._manifest, self.quantization_config)
-        self._reader = loading.CheckpointReader(self._manifest, model)
+        self._reader = CheckpointReader(self._manifest, model)
         return model
 
     def update_missing_keys(self, model: nn.Module, missing_keys: list[str], prefix: str) -> list[str]:
