@@ -20,7 +20,7 @@ def _parts(config: PTQConfig) -> dict:
     return {
         "rounding": weights["rounding"],
         "granularity": weights["granularity"],
-        "group_size": weights["group_size"] if weights["granularity"] == "per_group" else None,
+        "group_size": weights["group_size"] if weights["granularity"] in ("per_group", "auto") else None,
         "bias": data["bias_correction"],
         "groups": data["activations"]["timestep_groups"],
     }
@@ -62,6 +62,7 @@ def test_w4_rows_vary_exactly_their_part():
         "gptq bias=output mixed=2 recon=5min": ("gptq", "per_channel", None, "output", 1),
         "gptq group 64 bias=output mixed=2": ("gptq", "per_group", 64, "output", 1),
         "gptq group 64 bias=output mixed=4": ("gptq", "per_group", 64, "output", 1),
+        "gptq auto bias=output mixed=4 greedy": ("gptq", "auto", 64, "output", 1),
     }
     kept = {
         "gptq bias=layer special=float": ("float", "off"),
@@ -71,6 +72,7 @@ def test_w4_rows_vary_exactly_their_part():
         "gptq bias=output mixed=2 recon=5min": ("8bit", "max_layers"),
         "gptq group 64 bias=output mixed=2": ("8bit", "max_layers"),
         "gptq group 64 bias=output mixed=4": ("8bit", "max_layers"),
+        "gptq auto bias=output mixed=4 greedy": ("8bit", "max_layers"),
     }
     assert set(expected) == set(VARIANTS)
     for label, parts in expected.items():
@@ -79,6 +81,8 @@ def test_w4_rows_vary_exactly_their_part():
         layers = config.to_dict()["layers"]
         special, mode = kept.get(label, ("8bit", "off"))
         assert (layers["special_layers"], layers["mixed_precision"]["mode"]) == (special, mode), label
+        selection = "greedy" if label.endswith("greedy") else "alone"
+        assert layers["mixed_precision"]["selection"] == selection, label
         assert _rest(config) == _rest(base), label
         assert config.weights.bits == 4 and config.activations.bits == 8
         assert config.calibration.num_samples == 64

@@ -9,6 +9,7 @@ from diffusers_ptq.config_fields import _check_choice, _check_float, _check_int,
 
 MIXED_PRECISION_MODES = ("off", "avg_weight_bits", "max_layers")
 SENSITIVITY_METRICS = ("mse", "bias")
+MIXED_SELECTIONS = ("alone", "greedy")
 # The most an average can be: a layer kept float in float32.
 MAX_AVERAGE_BITS = 32.0
 
@@ -46,6 +47,14 @@ class MixedPrecisionConfig:
         "over steps)",
         SENSITIVITY_METRICS,
     )
+    selection: str = _field(
+        "alone",
+        "'alone': each layer quantized alone on the float UNet, ranked once (one pass per layer); 'greedy': "
+        "on the UNet with every planned layer quantized, round by round the layer whose switch to float "
+        "lowers the metric most, with the earlier picks float (one pass per remaining layer per round; a "
+        "candidate is measured float even when high_bits is set)",
+        MIXED_SELECTIONS,
+    )
     num_samples: int = _field(
         32,
         "calibration rows (evenly spaced over the calibration set) each layer's sensitivity is measured on",
@@ -62,7 +71,8 @@ class MixedPrecisionConfig:
         by_count = self.mode == "max_layers"
         budget = f"{self.max_layers} layers" if by_count else f"avg {self.avg_weight_bits} bits"
         high = "float" if self.high_bits is None else f"W{self.high_bits}"
-        return f"{budget} {high} ({self.metric})"
+        how = self.metric if self.selection == "alone" else f"{self.metric}, {self.selection}"
+        return f"{budget} {high} ({how})"
 
     def validate(self, path: str = "layers.mixed_precision") -> None:
         _check_choice(f"{path}.mode", self.mode, MIXED_PRECISION_MODES)
@@ -73,6 +83,7 @@ class MixedPrecisionConfig:
         if self.high_bits is not None:
             _check_int(f"{path}.high_bits", self.high_bits, 3, 8)
         _check_choice(f"{path}.metric", self.metric, SENSITIVITY_METRICS)
+        _check_choice(f"{path}.selection", self.selection, MIXED_SELECTIONS)
         _check_int(f"{path}.num_samples", self.num_samples, 1)
 
     def check_against(self, weight_bits: int, path: str = "layers.mixed_precision") -> None:

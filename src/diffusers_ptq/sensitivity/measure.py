@@ -2,7 +2,9 @@
 
 Scales come from the real recipe's calibration (`install` + `initialise_*`, as `quantize_pipeline` does before
 any search or reconstruction), computed once on a shared calibration set; every unit is then switched on
-alone and its error against the float prediction accumulated per sampling step.
+alone and its error against the float prediction accumulated per sampling step. In the other context
+(`kept_float`), everything is quantized and each unit is switched *off* on top of the layers kept float:
+the error that remains once the unit is float.
 """
 
 from __future__ import annotations
@@ -85,21 +87,36 @@ def calibrated_probe(
         patch.restore()
 
 
-def enable_only(unet: nn.Module, unit: Unit | None, acts: bool) -> None:
-    """Fake quantization off everywhere but in `unit` (None: off everywhere)."""
-    set_quant_state(unet, weights=False, acts=False)
-    if unit is None:
-        return
+def _switches(unet: nn.Module, unit: Unit) -> list[QuantLayerMixin | QuantAttnProcessor]:
+    """The quantized layers and attention processors of `unit` (ValueError for a name that has none)."""
+    found: list[QuantLayerMixin | QuantAttnProcessor] = []
     for name in unit.layers:
         module = unet.get_submodule(name)
         if not isinstance(module, QuantLayerMixin):
             raise ValueError(f"unit {unit.name!r}: {name!r} is not a quantized layer")
-        module.set_quant_state(True, acts)
+        found.append(module)
     for name in unit.attentions:
         processor = getattr(unet.get_submodule(name), "processor", None)
         if not isinstance(processor, QuantAttnProcessor):
             raise ValueError(f"unit {unit.name!r}: attention {name!r} has no quantized processor")
-        processor.set_quant_state(True, acts)
+        found.append(processor)
+    return found
+
+
+def enable_only(unet: nn.Module, unit: Unit | None, acts: bool) -> None:
+    """Fake quantization off everywhere but in `unit` (None: off everywhere)."""
+    set_quant_state(unet, weights=False, acts=False)
+    if unit is not None:
+        for module in _switches(unet, unit):
+            module.set_quant_state(True, acts)
+
+
+def enable_all_but(unet: nn.Module, units: list[Unit], acts: bool) -> None:
+    """Fake quantization on everywhere but in `units`, which run float."""
+    set_quant_state(unet, weights=True, acts=acts)
+    for unit in units:
+        for module in _switches(unet, unit):
+            module.set_quant_state(False, False)
 
 
 def even_rows(num_rows: int, count: int | None) -> torch.Tensor:
@@ -119,9 +136,12 @@ def measure_units(
     rows: torch.Tensor | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    kept_float: list[Unit] | None = None,
 ) -> list[StepErrors]:
     """StepErrors of each unit, switched on alone, against the float prediction on `rows` of `data`.
 
+    With `kept_float` (a list, possibly empty) the context is the quantized UNet instead: each unit's error
+    is that of the UNet with every quantizer on but those of `kept_float` and of the unit itself.
     The UNet must carry calibrated quantizers (see `calibrated_probe`); quantization is left off afterwards.
     """
     rows = torch.arange(len(data)) if rows is None else rows
@@ -168,7 +188,10 @@ def measure_units(
     results = []
     try:
         for unit in tqdm(units, desc="sensitivity", unit="unit", disable=not progress):
-            enable_only(unet, unit, acts)
+            if kept_float is None:
+                enable_only(unet, unit, acts)
+            else:
+                enable_all_but(unet, [*kept_float, unit], acts)
             sse = torch.zeros(len(present), dtype=torch.float64)
             mean_error = torch.zeros(len(present), elements, dtype=torch.float64)
             error = None

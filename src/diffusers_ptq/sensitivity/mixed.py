@@ -1,15 +1,18 @@
 """Sensitivity-driven mixed precision: the most sensitive layers stay at higher bits or float, in a budget.
 
-`check_budget` runs on the plan before any calibration; `choose_mixed_precision` measures each planned layer
-alone with calibrated scales on the calibration set and returns the plan with the top-ranked layers promoted.
-Promotion is a prefix of the ranking: the first layer that does not fit the budget ends it, so the promoted
-layers are always exactly the most sensitive ones.
+`check_budget` runs on the plan before any calibration; `choose_mixed_precision` ranks the planned layers with
+calibrated scales on the calibration set and returns the plan with the top-ranked layers promoted. The ranking
+is by each layer quantized alone on the float UNet (`selection="alone"`), or greedy on the quantized UNet
+(`"greedy"`): each round picks the layer whose switch to float lowers the error most, with the earlier picks
+float, so it sees how layers' errors add up. Promotion is a prefix of the ranking: the first layer that does
+not fit the budget ends it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -90,6 +93,39 @@ def allocate(
     return promoted
 
 
+def fits(unet: nn.Module, plan: QuantPlan, mp: MixedPrecisionConfig, promoted: dict[str, int | None]) -> bool:
+    """Whether `promoted` stays within the budget."""
+    if mp.mode == "max_layers":
+        return len(promoted) <= mp.max_layers
+    return average_weight_bits(unet, plan, promoted) <= mp.avg_weight_bits + 1e-9
+
+
+def greedy_selection(
+    candidates: list[str],
+    measure: Callable[[list[str], list[str]], dict[str, float]],
+    fits_budget: Callable[[list[str]], bool],
+    limit: int | None = None,
+) -> tuple[list[tuple[str, float]], dict[str, float]]:
+    """(picks in order with the score each left, the last round's scores) of greedy selection.
+
+    `measure(candidates, picked)` scores each candidate by the error of the UNet with it and `picked` float
+    (lower is better). Each round picks the lowest score (ties by name); it stops when the pick would not
+    fit `fits_budget(picks)`, after `limit` picks, or when no candidate is left.
+    """
+    picks: list[tuple[str, float]] = []
+    remaining = list(candidates)
+    last: dict[str, float] = {}
+    while remaining and (limit is None or len(picks) < limit):
+        scores = measure(remaining, [name for name, _ in picks])
+        best = min(remaining, key=lambda n: (scores[n], n))
+        last = scores
+        if not fits_budget([*(name for name, _ in picks), best]):
+            break
+        picks.append((best, scores[best]))
+        remaining.remove(best)
+    return picks, last
+
+
 def promote(plan: QuantPlan, promoted: dict[str, int | None]) -> QuantPlan:
     """A new plan with each promoted layer at its new bits (activations too, never lowered) or float."""
     layers: list[LayerPlan] = []
@@ -124,30 +160,50 @@ def choose_mixed_precision(
     allowed = set(eligible(plan, mp))
     units = [u for u in layer_units(plan, attentions=False) if u.name in allowed]
     rows = even_rows(len(data), mp.num_samples)
-    with calibrated_probe(unet, plan, config, group_map, data, batch_size, seed, progress):
+    by_name = {u.name: u for u in units}
+
+    def measure(names: list[str], kept_float: list[str] | None) -> dict[str, float]:
         errors = measure_units(
             unet,
             data,
-            units,
+            [by_name[n] for n in names],
             acts=config.activations.enabled,
             rows=rows,
             batch_size=batch_size,
             progress=progress,
+            kept_float=None if kept_float is None else [by_name[n] for n in kept_float],
         )
-    scores = {u.name: (e.total_mse if mp.metric == "mse" else e.mean_bias) for u, e in zip(units, errors)}
-    ranking = sorted(scores, key=lambda n: (-scores[n], n))
-    promoted = allocate(ranking, unet, plan, mp)
+        return {n: (e.total_mse if mp.metric == "mse" else e.mean_bias) for n, e in zip(names, errors)}
+
+    with calibrated_probe(unet, plan, config, group_map, data, batch_size, seed, progress):
+        if mp.selection == "alone":
+            scores = measure(list(by_name), None)
+            ranking = sorted(scores, key=lambda n: (-scores[n], n))
+            promoted = allocate(ranking, unet, plan, mp)
+            ranked = [(name, scores[name]) for name in ranking]
+        else:
+            picks, last = greedy_selection(
+                list(by_name),
+                measure,
+                lambda names: fits(unet, plan, mp, {n: mp.high_bits for n in names}),
+                limit=mp.max_layers if mp.mode == "max_layers" else None,
+            )
+            promoted = {name: mp.high_bits for name, _ in picks}
+            rest = sorted((n for n in last if n not in promoted), key=lambda n: (last[n], n))
+            ranked = picks + [(name, last[name]) for name in rest]
     new_plan = promote(plan, promoted)
     summary = {
         **mp.to_dict(),
         "rows": len(rows),
         # Lists, not dicts: the order (most sensitive first) survives config.json, whose keys are sorted.
-        "promoted": [[name, promoted[name]] for name in ranking if name in promoted],
+        "promoted": [[name, promoted[name]] for name, _ in ranked if name in promoted],
         "average_weight_bits": [
             round(average_weight_bits(unet, plan), 4),
             round(average_weight_bits(unet, plan, promoted), 4),
         ],
-        "ranking": [[name, float(f"{scores[name]:.6g}")] for name in ranking],
+        # alone: each layer's error quantized alone (most sensitive first); greedy: the picks with the
+        # error each left, then the rest by the last round's error with the layer float.
+        "ranking": [[name, float(f"{score:.6g}")] for name, score in ranked],
         "seconds": round(time.perf_counter() - start, 3),
     }
     return new_plan, summary
