@@ -76,28 +76,25 @@ def check_budget(unet: nn.Module, plan: QuantPlan, config: PTQConfig) -> None:
             )
 
 
-def allocate(
-    ranking: list[str], unet: nn.Module, plan: QuantPlan, mp: MixedPrecisionConfig
-) -> dict[str, int | None]:
-    """{layer: new weight bits (None: float)} for the longest prefix of `ranking` the budget allows."""
-    allowed = set(eligible(plan, mp))
-    candidates = [name for name in ranking if name in allowed]
-    promoted: dict[str, int | None] = {}
-    if mp.mode == "max_layers":
-        return {name: mp.high_bits for name in candidates[: mp.max_layers]}
-    for name in candidates:
-        trial = {**promoted, name: mp.high_bits}
-        if average_weight_bits(unet, plan, trial) > mp.avg_weight_bits + 1e-9:
-            break
-        promoted = trial
-    return promoted
-
-
 def fits(unet: nn.Module, plan: QuantPlan, mp: MixedPrecisionConfig, promoted: dict[str, int | None]) -> bool:
     """Whether `promoted` stays within the budget."""
     if mp.mode == "max_layers":
         return len(promoted) <= mp.max_layers
     return average_weight_bits(unet, plan, promoted) <= mp.avg_weight_bits + 1e-9
+
+
+def allocate(
+    ranking: list[str], unet: nn.Module, plan: QuantPlan, mp: MixedPrecisionConfig
+) -> dict[str, int | None]:
+    """{layer: new weight bits (None: float)} for the longest prefix of `ranking` the budget allows."""
+    allowed = set(eligible(plan, mp))
+    promoted: dict[str, int | None] = {}
+    for name in (n for n in ranking if n in allowed):
+        trial = {**promoted, name: mp.high_bits}
+        if not fits(unet, plan, mp, trial):
+            break
+        promoted = trial
+    return promoted
 
 
 def greedy_selection(
