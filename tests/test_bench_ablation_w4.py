@@ -63,6 +63,7 @@ def test_w4_rows_vary_exactly_their_part():
         "gptq group 64 bias=output mixed=2": ("gptq", "per_group", 64, "output", 1),
         "gptq group 64 bias=output mixed=4": ("gptq", "per_group", 64, "output", 1),
         "gptq auto bias=output mixed=4 greedy": ("gptq", "auto", 64, "output", 1),
+        "gptq auto bias=output mixed=5": ("gptq", "auto", 64, "output", 1),
     }
     kept = {
         "gptq bias=layer special=float": ("float", "off"),
@@ -73,6 +74,7 @@ def test_w4_rows_vary_exactly_their_part():
         "gptq group 64 bias=output mixed=2": ("8bit", "max_layers"),
         "gptq group 64 bias=output mixed=4": ("8bit", "max_layers"),
         "gptq auto bias=output mixed=4 greedy": ("8bit", "max_layers"),
+        "gptq auto bias=output mixed=5": ("8bit", "max_layers"),
     }
     assert set(expected) == set(VARIANTS)
     for label, parts in expected.items():
@@ -83,6 +85,8 @@ def test_w4_rows_vary_exactly_their_part():
         assert (layers["special_layers"], layers["mixed_precision"]["mode"]) == (special, mode), label
         selection = "greedy" if label.endswith("greedy") else "alone"
         assert layers["mixed_precision"]["selection"] == selection, label
+        if label.startswith("gptq auto"):
+            assert layers["mixed_precision"]["max_layers"] == (5 if label.endswith("=5") else 4), label
         assert _rest(config) == _rest(base), label
         assert config.weights.bits == 4 and config.activations.bits == 8
         assert config.calibration.num_samples == 64

@@ -9,8 +9,9 @@ groups without search, per-step scales) with and without `layer` or `output` cor
 groups pay once the bias is corrected. Two rows keep layers off the 4-bit grid on top of GPTQ + `layer`
 correction: the special layers (conv_in, conv_out, time embeddings) float, or the two layers the sensitivity
 pass ranks worst (`layers.mixed_precision`, float), the model-agnostic form of the same idea; more rows
-combine that with `output` correction, groups of 64 (two and four float layers), a short reconstruction, and
-four float layers chosen greedily on the quantized UNet.
+combine that with `output` correction, groups of 64 (two and four float layers) and a short reconstruction;
+two more take the default's near group sizes (`auto`) with four float layers chosen greedily on the
+quantized UNet, or with five float layers.
 The last row is the default recipe itself, whatever it is when the study runs.
 """
 
@@ -32,6 +33,7 @@ G8: dict[str, Any] = {"timestep_groups": 8}
 MIXED_2: dict[str, Any] = {"mode": "max_layers", "max_layers": 2, "high_bits": None}
 MIXED_4: dict[str, Any] = {"mode": "max_layers", "max_layers": 4, "high_bits": None}
 MIXED_4_GREEDY: dict[str, Any] = {**MIXED_4, "selection": "greedy"}
+MIXED_5: dict[str, Any] = {**MIXED_4, "max_layers": 5}
 RECON_5MIN: dict[str, Any] = {"enabled": True, "max_minutes": 5.0}
 DEFAULT_LABEL = "default recipe"
 # Row label -> overrides of the base recipe (weights / activations sections and bias_correction).
@@ -99,6 +101,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "weights": {**GPTQ, "granularity": "auto", "group_size": 64},
         "bias_correction": "output",
         "layers": {"mixed_precision": MIXED_4_GREEDY},
+    },
+    # The default recipe with a fifth float layer.
+    "gptq auto bias=output mixed=5": {
+        "weights": {**GPTQ, "granularity": "auto", "group_size": 64},
+        "bias_correction": "output",
+        "layers": {"mixed_precision": MIXED_5},
     },
 }
 W4_ROWS = (*VARIANTS, DEFAULT_LABEL)
