@@ -28,6 +28,8 @@ BASE: dict[str, dict[str, Any]] = {
     "layers": {"special_layers": "8bit", "mixed_precision": {"mode": "off"}},
 }
 GPTQ: dict[str, Any] = {"rounding": "gptq"}
+# The default's weights: GPTQ, groups of 64, near group sizes where 64 does not divide a layer's input size.
+GPTQ_AUTO_64: dict[str, Any] = {**GPTQ, "granularity": "auto", "group_size": 64}
 G8: dict[str, Any] = {"timestep_groups": 8}
 # The two layers whose quantization alone hurts the noise prediction most stay float.
 MIXED_2: dict[str, Any] = {"mode": "max_layers", "max_layers": 2, "high_bits": None}
@@ -98,13 +100,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     },
     # Near group sizes (`auto`) and the four float layers chosen greedily on the quantized UNet.
     "gptq auto bias=output mixed=4 greedy": {
-        "weights": {**GPTQ, "granularity": "auto", "group_size": 64},
+        "weights": GPTQ_AUTO_64,
         "bias_correction": "output",
         "layers": {"mixed_precision": MIXED_4_GREEDY},
     },
     # The default recipe with a fifth float layer.
     "gptq auto bias=output mixed=5": {
-        "weights": {**GPTQ, "granularity": "auto", "group_size": 64},
+        "weights": GPTQ_AUTO_64,
         "bias_correction": "output",
         "layers": {"mixed_precision": MIXED_5},
     },
