@@ -64,6 +64,7 @@ def test_w4_rows_vary_exactly_their_part():
         "gptq group 64 bias=output mixed=4": ("gptq", "per_group", 64, "output", 1),
         "gptq auto bias=output mixed=4 greedy": ("gptq", "auto", 64, "output", 1),
         "gptq auto bias=output mixed=5": ("gptq", "auto", 64, "output", 1),
+        "gptq auto bias=output mixed=4 recon=5min": ("gptq", "auto", 64, "output", 1),
     }
     kept = {
         "gptq bias=layer special=float": ("float", "off"),
@@ -75,6 +76,7 @@ def test_w4_rows_vary_exactly_their_part():
         "gptq group 64 bias=output mixed=4": ("8bit", "max_layers"),
         "gptq auto bias=output mixed=4 greedy": ("8bit", "max_layers"),
         "gptq auto bias=output mixed=5": ("8bit", "max_layers"),
+        "gptq auto bias=output mixed=4 recon=5min": ("8bit", "max_layers"),
     }
     assert set(expected) == set(VARIANTS)
     for label, parts in expected.items():

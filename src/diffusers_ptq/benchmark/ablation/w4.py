@@ -10,8 +10,8 @@ groups pay once the bias is corrected. Two rows keep layers off the 4-bit grid o
 correction: the special layers (conv_in, conv_out, time embeddings) float, or the two layers the sensitivity
 pass ranks worst (`layers.mixed_precision`, float), the model-agnostic form of the same idea; more rows
 combine that with `output` correction, groups of 64 (two and four float layers) and a short reconstruction;
-two more take the default's near group sizes (`auto`) with four float layers chosen greedily on the
-quantized UNet, or with five float layers.
+three more take the default's near group sizes (`auto`) with four float layers chosen greedily on the
+quantized UNet, with five float layers, or with the default's four and the short reconstruction.
 The last row is the default recipe itself, whatever it is when the study runs.
 """
 
@@ -109,6 +109,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "weights": GPTQ_AUTO_64,
         "bias_correction": "output",
         "layers": {"mixed_precision": MIXED_5},
+    },
+    # The default recipe plus the capped reconstruction, from its GPTQ codes.
+    "gptq auto bias=output mixed=4 recon=5min": {
+        "weights": GPTQ_AUTO_64,
+        "bias_correction": "output",
+        "layers": {"mixed_precision": MIXED_4},
+        "reconstruction": RECON_5MIN,
     },
 }
 W4_ROWS = (*VARIANTS, DEFAULT_LABEL)
