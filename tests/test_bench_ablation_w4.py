@@ -64,6 +64,7 @@ def test_w4_rows_vary_exactly_their_part():
         "gptq group 64 bias=output mixed=4": ("gptq", "per_group", 64, "output", 1),
         "gptq auto bias=output mixed=4 greedy": ("gptq", "auto", 64, "output", 1),
         "gptq auto bias=output mixed=5": ("gptq", "auto", 64, "output", 1),
+        "gptq auto bias=output mixed=4 metric=bias": ("gptq", "auto", 64, "output", 1),
         "gptq auto bias=output mixed=4 recon=5min": ("gptq", "auto", 64, "output", 1),
     }
     kept = {
@@ -76,6 +77,7 @@ def test_w4_rows_vary_exactly_their_part():
         "gptq group 64 bias=output mixed=4": ("8bit", "max_layers"),
         "gptq auto bias=output mixed=4 greedy": ("8bit", "max_layers"),
         "gptq auto bias=output mixed=5": ("8bit", "max_layers"),
+        "gptq auto bias=output mixed=4 metric=bias": ("8bit", "max_layers"),
         "gptq auto bias=output mixed=4 recon=5min": ("8bit", "max_layers"),
     }
     assert set(expected) == set(VARIANTS)
@@ -87,6 +89,8 @@ def test_w4_rows_vary_exactly_their_part():
         assert (layers["special_layers"], layers["mixed_precision"]["mode"]) == (special, mode), label
         selection = "greedy" if label.endswith("greedy") else "alone"
         assert layers["mixed_precision"]["selection"] == selection, label
+        metric = "bias" if label.endswith("metric=bias") else "mse"
+        assert layers["mixed_precision"]["metric"] == metric, label
         if label.startswith("gptq auto"):
             assert layers["mixed_precision"]["max_layers"] == (5 if label.endswith("=5") else 4), label
         assert _rest(config) == _rest(base), label

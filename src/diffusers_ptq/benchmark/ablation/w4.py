@@ -11,7 +11,8 @@ correction: the special layers (conv_in, conv_out, time embeddings) float, or th
 pass ranks worst (`layers.mixed_precision`, float), the model-agnostic form of the same idea; more rows
 combine that with `output` correction, groups of 64 (two and four float layers) and a short reconstruction;
 three more take the default's near group sizes (`auto`) with four float layers chosen greedily on the
-quantized UNet, with five float layers, or with the default's four and the short reconstruction.
+quantized UNet, with five float layers, with the default's four ranked by the noise bias instead of the
+noise MSE, or with the default's four and the short reconstruction.
 The last row is the default recipe itself, whatever it is when the study runs.
 """
 
@@ -36,6 +37,7 @@ MIXED_2: dict[str, Any] = {"mode": "max_layers", "max_layers": 2, "high_bits": N
 MIXED_4: dict[str, Any] = {"mode": "max_layers", "max_layers": 4, "high_bits": None}
 MIXED_4_GREEDY: dict[str, Any] = {**MIXED_4, "selection": "greedy"}
 MIXED_5: dict[str, Any] = {**MIXED_4, "max_layers": 5}
+MIXED_4_BY_BIAS: dict[str, Any] = {**MIXED_4, "metric": "bias"}
 RECON_5MIN: dict[str, Any] = {"enabled": True, "max_minutes": 5.0}
 DEFAULT_LABEL = "default recipe"
 # Row label -> overrides of the base recipe (weights / activations sections and bias_correction).
@@ -109,6 +111,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "weights": GPTQ_AUTO_64,
         "bias_correction": "output",
         "layers": {"mixed_precision": MIXED_5},
+    },
+    # The default recipe with its four float layers ranked by the noise bias instead of the noise MSE.
+    "gptq auto bias=output mixed=4 metric=bias": {
+        "weights": GPTQ_AUTO_64,
+        "bias_correction": "output",
+        "layers": {"mixed_precision": MIXED_4_BY_BIAS},
     },
     # The default recipe plus the capped reconstruction, from its GPTQ codes.
     "gptq auto bias=output mixed=4 recon=5min": {
