@@ -74,6 +74,14 @@ def test_max_layers_promotes_exactly_the_top_ranked(ddim_pipe, metric):
     assert unet.ptq_state.report.layers_by_bits["W8A8"] == 4 + 3
 
 
+def test_bias_ranking_on_one_row_per_step_warns_before_promoting(ddim_pipe):
+    # 16 calibration rows over 4 steps; 4 evenly spaced rows hold one row per step.
+    config = _config(mode="max_layers", max_layers=1, metric="bias", num_samples=4)
+    with pytest.warns(UserWarning, match=r"layers.mixed_precision.metric='bias' .* raise layers\.mixed_prec"):
+        quantize_pipeline(ddim_pipe, config, **FAST)
+    assert len(ddim_pipe.unet.ptq_state.report.mixed_precision["promoted"]) == 1
+
+
 def test_average_bits_budget_is_respected_and_a_prefix_of_the_ranking(ddim_pipe):
     config = _config(mode="avg_weight_bits", avg_weight_bits=4.6)
     ranking = [n for n in _ranking(ddim_pipe, config) if not n.startswith(("conv_", "time_embedding."))]

@@ -79,6 +79,30 @@ def test_per_step_numbers_equal_an_independent_computation(ddim_pipe):
     assert unit.bias == pytest.approx(sum(unit.bias_per_step) / len(report.steps), rel=1e-12)
 
 
+def test_bias_from_one_row_per_step_warns_that_it_is_the_rms_error(ddim_pipe, recwarn):
+    """16 rows, 4 steps (4 trajectories each, step-major): 4 even rows hold one row per step, whose bias is
+    that row's RMS error; 8 rows hold two per step and measure a mean over them, without a warning."""
+    config = _config()
+    data = capture_for_sensitivity(ddim_pipe, config, None, None, None, None, None, False)
+    assert torch.bincount(data.step_index).tolist() == [4, 4, 4, 4]
+    kwargs = {"data": data, "groups": False, "metric": "bias", "progress": False}
+    with pytest.warns(UserWarning, match=r"metric='bias' is measured on 4 calibration rows over 4 sampling"):
+        report = measure_sensitivity(copy.deepcopy(ddim_pipe.unet), config, max_rows=4, **kwargs)
+    unit = report.get(SENSITIVE)
+    # One row per step: the bias is exactly the square root of the step's MSE.
+    assert unit.bias_per_step == pytest.approx([m**0.5 for m in unit.mse_per_step], rel=1e-9)
+    recwarn.clear()
+    report = measure_sensitivity(copy.deepcopy(ddim_pipe.unet), config, max_rows=8, **kwargs)
+    assert not [w for w in recwarn if "metric='bias'" in str(w.message)]
+    assert report.get(SENSITIVE).bias_per_step != pytest.approx(
+        [m**0.5 for m in report.get(SENSITIVE).mse_per_step], rel=1e-3
+    )
+    # The MSE ranking never warns, however few rows per step.
+    recwarn.clear()
+    measure_sensitivity(copy.deepcopy(ddim_pipe.unet), config, max_rows=4, **{**kwargs, "metric": "mse"})
+    assert not [w for w in recwarn if "metric='bias'" in str(w.message)]
+
+
 def test_groups_cover_special_layers_attention_time_path_and_blocks(ddim_pipe):
     report = measure_sensitivity(ddim_pipe, _config(), max_rows=4, progress=False)
     groups = {u.name: u for u in report.units if u.kind == "group"}

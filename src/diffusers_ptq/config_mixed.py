@@ -45,7 +45,7 @@ class MixedPrecisionConfig:
     metric: str = _field(
         "mse",
         "ranking: per-layer noise-prediction 'mse', or 'bias' (norm of the per-step mean error, averaged "
-        "over steps)",
+        "over steps; a bias only where steps hold several of the num_samples rows, else a warning)",
         SENSITIVITY_METRICS,
     )
     selection: str = _field(

@@ -10,6 +10,7 @@ the error that remains once the unit is float.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -124,6 +125,23 @@ def even_rows(num_rows: int, count: int | None) -> torch.Tensor:
     if count is None or count >= num_rows:
         return torch.arange(num_rows)
     return torch.linspace(0, num_rows - 1, count).round().long().unique()
+
+
+def warn_if_bias_is_rms(data: CalibrationSet, rows: torch.Tensor, metric: str, rows_field: str) -> None:
+    """Warn when most measured steps hold one row: a one-row step's 'bias' is that row's RMS error."""
+    counts = torch.bincount(data.step_index[rows])
+    counts = counts[counts > 0]
+    single = int((counts == 1).sum())
+    if 2 * single <= len(counts):
+        return
+    warnings.warn(
+        f"{metric}='bias' is measured on {len(rows)} calibration rows over {len(counts)} sampling steps, "
+        f"{single} of them with a single row: for such a step the bias (the norm of the mean error over "
+        "the step's rows) is that row's RMS error, so the ranking is an error ranking with every step "
+        f"weighted alike. For a bias, let each step hold several rows: raise {rows_field} (up to the "
+        f"{len(data)} calibration rows) or record more trajectories per step (calibration.num_samples).",
+        stacklevel=3,
+    )
 
 
 @torch.no_grad()

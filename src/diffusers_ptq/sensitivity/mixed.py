@@ -23,7 +23,12 @@ from diffusers_ptq.config import PTQConfig
 from diffusers_ptq.config_fields import _fail
 from diffusers_ptq.config_mixed import MixedPrecisionConfig
 from diffusers_ptq.prepare import LayerPlan, QuantPlan
-from diffusers_ptq.sensitivity.measure import calibrated_probe, even_rows, measure_units
+from diffusers_ptq.sensitivity.measure import (
+    calibrated_probe,
+    even_rows,
+    measure_units,
+    warn_if_bias_is_rms,
+)
 from diffusers_ptq.sensitivity.units import layer_units
 
 PATH = "layers.mixed_precision"
@@ -157,6 +162,8 @@ def choose_mixed_precision(
     allowed = set(eligible(plan, mp))
     units = [u for u in layer_units(plan, attentions=False) if u.name in allowed]
     rows = even_rows(len(data), mp.num_samples)
+    if mp.metric == "bias":
+        warn_if_bias_is_rms(data, rows, "layers.mixed_precision.metric", "layers.mixed_precision.num_samples")
     by_name = {u.name: u for u in units}
 
     def measure(names: list[str], kept_float: list[str] | None) -> dict[str, float]:

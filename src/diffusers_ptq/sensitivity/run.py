@@ -17,7 +17,12 @@ from diffusers_ptq.calibration.driver import CalibrationDriver, check_pipeline_k
 from diffusers_ptq.calibration.pipelines import inference_steps
 from diffusers_ptq.config import PTQConfig
 from diffusers_ptq.prepare import is_quantized, plan_quantization
-from diffusers_ptq.sensitivity.measure import calibrated_probe, even_rows, measure_units
+from diffusers_ptq.sensitivity.measure import (
+    calibrated_probe,
+    even_rows,
+    measure_units,
+    warn_if_bias_is_rms,
+)
 from diffusers_ptq.sensitivity.report import SensitivityReport, UnitSensitivity
 from diffusers_ptq.sensitivity.units import group_units, layer_units
 
@@ -96,6 +101,8 @@ def measure_sensitivity(
     )
     units = (layer_units(plan) if layers else []) + (group_units(unet, plan) if groups else [])
     rows = even_rows(len(data), max_rows)
+    if metric == "bias":
+        warn_if_bias_is_rms(data, rows, "metric", "max_rows")
     with calibrated_probe(
         unet, plan, config, group_map, data, calib_batch, config.calibration.seed, progress
     ):
