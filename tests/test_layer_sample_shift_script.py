@@ -1,0 +1,83 @@
+"""benchmarks/layer_sample_shift.py: each layer quantized alone, judged on sampled images; FD explained."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusers_ptq import PTQConfig
+from diffusers_ptq.prepare import is_quantized, plan_quantization
+from diffusers_ptq.sensitivity.mixed import eligible
+from script_helpers import load_script
+
+SENSITIVE = "down_blocks.1.resnets.0.conv1"
+
+
+def test_measure_covers_every_eligible_layer_and_finds_a_biased_one(ddim_pipe):
+    script = load_script("benchmarks", "layer_sample_shift")
+    with torch.no_grad():  # all-positive weights with one outlier per row: 4-bit rounding shifts the output
+        weight = ddim_pipe.unet.get_submodule(SENSITIVE).weight
+        flat = weight.view(weight.shape[0], -1)
+        flat.abs_()
+        flat[:, 0] = flat.amax(dim=1) * 40.0
+    before = {k: v.clone() for k, v in ddim_pipe.unet.state_dict().items()}
+    config = PTQConfig(
+        weight_bits=4,
+        act_bits=8,
+        weights={"num_candidates": 20, "granularity": "per_channel"},
+        activations={"num_candidates": 20},
+        calibration={"num_samples": 16, "num_inference_steps": 4, "batch_size": 8},
+        layers={"mixed_precision": {"num_samples": 8}},
+    )
+    effects = script.layer_effects(ddim_pipe, config, trajectories=3, seed=0, progress=False)
+
+    plan = plan_quantization(ddim_pipe.unet, config)
+    assert list(effects) == [n for n in eligible(plan, config.layers.mixed_precision) if n in effects]
+    assert set(effects) == set(eligible(plan, config.layers.mixed_precision))
+    for name, e in effects.items():
+        # Mean of the error squared <= mean square of its per-position mean <= mean squared error.
+        assert e["shift"] ** 2 <= e["sample_drift"] * (1 + 1e-9) <= e["sample_mse"] * (1 + 1e-9), name
+        assert len(e["shift_per_channel"]) == 3
+        assert sum(e["shift_per_channel"]) / 3 == pytest.approx(e["shift"], rel=1e-9, abs=1e-15)
+    assert max(effects, key=lambda n: effects[n]["sample_mse"]) == SENSITIVE
+    # The UNet is float and unchanged afterwards.
+    assert not is_quantized(ddim_pipe.unet)
+    after = ddim_pipe.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _results(path: Path, rows: list[tuple[str, float, list[str]]]) -> Path:
+    """A stand-in bench results.json: a float row (FD 10) and quantized rows with their float layers."""
+    data = {"rows": [{"name": "float", "metrics": {"FD": [10.0]}}]}
+    for name, fd, kept in rows:
+        info = {"mixed_precision": {"promoted": [[k, None] for k in kept]}} if kept else {}
+        data["rows"].append({"name": name, "metrics": {"FD": [fd]}, "calibration_info": info})
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_explain_adds_up_the_quantized_layers_shifts(tmp_path):
+    script = load_script("benchmarks", "layer_sample_shift")
+    layers = {
+        "a": {"shift": 0.10, "sample_mse": 0.3},
+        "b": {"shift": -0.05, "sample_mse": 0.2},
+        "c": {"shift": 0.02, "sample_mse": 0.1},
+    }
+    run = _results(
+        tmp_path / "results.json",
+        [("keeps a", 10.5, ["a"]), ("keeps b", 12.0, ["b"]), ("keeps c", 11.0, ["c"]), ("none", 13.0, [])],
+    )
+    out = script.explain(layers, [run])
+    got = {r["row"]: (r["fd_change_percent"], r["net_shift"], r["sample_mse_sum"]) for r in out["rows"]}
+    assert set(got) == {"keeps a", "keeps b", "keeps c"}  # a row that keeps nothing float is not explained
+    assert got["keeps a"] == pytest.approx((5.0, -0.03, 0.3))
+    assert got["keeps b"] == pytest.approx((20.0, 0.12, 0.4))
+    assert got["keeps c"] == pytest.approx((10.0, 0.05, 0.5))
+    assert out["spearman_fd_abs_net_shift"] == pytest.approx(1.0)  # |net|: 0.03 < 0.05 < 0.12
+    assert out["spearman_fd_sample_mse_sum"] == pytest.approx(0.5)
+
+    with pytest.raises(ValueError, match=r"kept \['d'\] float, not in the layer file"):
+        script.explain(layers, [_results(tmp_path / "other.json", [("keeps d", 11.0, ["d"])])])
