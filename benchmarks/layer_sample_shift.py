@@ -9,7 +9,8 @@ error (a brightness shift), per channel too, and the per-step noise MSE the mixe
 
 `explain`: for every quantized row of `diffusers-ptq bench` results that kept layers float, the net shift
 its quantized layers add up to (the sum of their single-layer shifts; the float ones contribute none), next
-to the row's FD, and the Spearman correlation of FD with |net shift| and with the summed sample MSE.
+to the row's FD, and the Spearman correlation of FD with |net shift| and with the summed sample MSE; and each
+layer's rank by the per-step noise MSE and by the sample error.
 
     python benchmarks/layer_sample_shift.py measure --model fashion --output OUT.json
     python benchmarks/layer_sample_shift.py explain --layers OUT.json RESULTS.json [...] --output EXPL.json
@@ -61,17 +62,18 @@ def layer_effects(
     units = [u for u in layer_units(plan, attentions=False) if u.name in allowed]
     rows = even_rows(len(data), mp.num_samples)
     batch = config.calibration.batch_size
+    acts = config.activations.enabled
     effects: dict[str, dict[str, Any]] = {}
     with calibrated_probe(pipe.unet, plan, config, group_map, data, batch, seed, progress):
-        errors = measure_units(pipe.unet, data, units, acts=True, rows=rows, batch_size=batch, progress=False)
-        enable_only(pipe.unet, None, True)
+        errors = measure_units(pipe.unet, data, units, acts=acts, rows=rows, batch_size=batch, progress=False)
+        enable_only(pipe.unet, None, acts)
         reference = sample(pipe, trajectories, steps, seed)
         for unit, err in zip(tqdm(units, desc="layers", disable=not progress), errors):
-            enable_only(pipe.unet, unit, True)
+            enable_only(pipe.unet, unit, acts)
             try:
                 diff = sample(pipe, trajectories, steps, seed) - reference
             finally:
-                enable_only(pipe.unet, None, True)
+                enable_only(pipe.unet, None, acts)
             effects[unit.name] = {
                 "step_noise_mse": err.total_mse,
                 "sample_mse": float(diff.pow(2).mean()),
@@ -110,8 +112,14 @@ def explain(layers: dict[str, dict[str, Any]], results: list[Path]) -> dict[str,
                 }
             )
     fd = [r["fd_change_percent"] for r in rows]
+    by_noise = sorted(layers, key=lambda n: -layers[n]["step_noise_mse"])
+    by_sample = sorted(layers, key=lambda n: -layers[n]["sample_mse"])
     return {
         "rows": rows,
+        # 1 = the layer whose quantization alone costs most: by the ranking's noise MSE, by the sample error.
+        "layer_ranks": {
+            n: {"step_noise_mse": by_noise.index(n) + 1, "sample_mse": by_sample.index(n) + 1} for n in layers
+        },
         "spearman_fd_abs_net_shift": spearman(fd, [abs(r["net_shift"]) for r in rows]),
         "spearman_fd_sample_mse_sum": spearman(fd, [r["sample_mse_sum"] for r in rows]),
     }

@@ -12,17 +12,12 @@ from diffusers_ptq import PTQConfig
 from diffusers_ptq.prepare import is_quantized, plan_quantization
 from diffusers_ptq.sensitivity.mixed import eligible
 from script_helpers import load_script
-
-SENSITIVE = "down_blocks.1.resnets.0.conv1"
+from sensitivity_helpers import SENSITIVE, make_sensitive
 
 
 def test_measure_covers_every_eligible_layer_and_finds_a_biased_one(ddim_pipe):
     script = load_script("benchmarks", "layer_sample_shift")
-    with torch.no_grad():  # all-positive weights with one outlier per row: 4-bit rounding shifts the output
-        weight = ddim_pipe.unet.get_submodule(SENSITIVE).weight
-        flat = weight.view(weight.shape[0], -1)
-        flat.abs_()
-        flat[:, 0] = flat.amax(dim=1) * 40.0
+    make_sensitive(ddim_pipe.unet, SENSITIVE)
     before = {k: v.clone() for k, v in ddim_pipe.unet.state_dict().items()}
     config = PTQConfig(
         weight_bits=4,
@@ -62,9 +57,9 @@ def _results(path: Path, rows: list[tuple[str, float, list[str]]]) -> Path:
 def test_explain_adds_up_the_quantized_layers_shifts(tmp_path):
     script = load_script("benchmarks", "layer_sample_shift")
     layers = {
-        "a": {"shift": 0.10, "sample_mse": 0.3},
-        "b": {"shift": -0.05, "sample_mse": 0.2},
-        "c": {"shift": 0.02, "sample_mse": 0.1},
+        "a": {"shift": 0.10, "sample_mse": 0.3, "step_noise_mse": 1.0},
+        "b": {"shift": -0.05, "sample_mse": 0.2, "step_noise_mse": 3.0},
+        "c": {"shift": 0.02, "sample_mse": 0.1, "step_noise_mse": 2.0},
     }
     run = _results(
         tmp_path / "results.json",
@@ -78,6 +73,8 @@ def test_explain_adds_up_the_quantized_layers_shifts(tmp_path):
     assert got["keeps c"] == pytest.approx((10.0, 0.05, 0.5))
     assert out["spearman_fd_abs_net_shift"] == pytest.approx(1.0)  # |net|: 0.03 < 0.05 < 0.12
     assert out["spearman_fd_sample_mse_sum"] == pytest.approx(0.5)
+    ranks = {n: (r["step_noise_mse"], r["sample_mse"]) for n, r in out["layer_ranks"].items()}
+    assert ranks == {"a": (3, 1), "b": (1, 2), "c": (2, 3)}
 
     with pytest.raises(ValueError, match=r"kept \['d'\] float, not in the layer file"):
         script.explain(layers, [_results(tmp_path / "other.json", [("keeps d", 11.0, ["d"])])])

@@ -13,34 +13,22 @@ from diffusers_ptq.prepare import is_quantized
 from diffusers_ptq.sensitivity import measure_sensitivity
 from diffusers_ptq.sensitivity.run import capture_for_sensitivity
 from recipe_helpers import plain
+from sensitivity_helpers import SENSITIVE, make_sensitive
 
 SEARCH = {"num_candidates": 20}  # a short range search keeps calibration quick; tested in test_primitives
 CALIB = {"num_samples": 16, "num_inference_steps": 4, "batch_size": 8}
-SENSITIVE = "down_blocks.1.resnets.0.conv1"
 
 
 def _config(**overrides) -> PTQConfig:
-    # Per-channel weight scales: `_make_sensitive`'s one outlier per output channel then coarsens the
+    # Per-channel weight scales: `make_sensitive`'s one outlier per output channel then coarsens the
     # whole row's grid (with group scales it would coarsen one group of the row).
     weights = {**SEARCH, "granularity": "per_channel"}
     base = plain(weight_bits=4, act_bits=8, weights=weights, activations=SEARCH, calibration=CALIB)
     return base.replace(**overrides)
 
 
-def _make_sensitive(unet: torch.nn.Module, name: str, factor: float = 40.0) -> None:
-    """One outlier weight per output channel: its 4-bit grid becomes so coarse that the rest round to zero.
-
-    The rest are made positive, so what rounding removes is a systematic shift (bias), not only noise.
-    """
-    with torch.no_grad():
-        weight = unet.get_submodule(name).weight
-        flat = weight.view(weight.shape[0], -1)
-        flat.abs_()
-        flat[:, 0] = flat.amax(dim=1) * factor
-
-
 def test_deliberately_sensitive_layer_ranks_first(ddim_pipe):
-    _make_sensitive(ddim_pipe.unet, SENSITIVE)
+    make_sensitive(ddim_pipe.unet, SENSITIVE)
     before = {k: v.clone() for k, v in ddim_pipe.unet.state_dict().items()}
     report = measure_sensitivity(ddim_pipe, _config(), groups=False, progress=False)
     for metric in ("mse", "bias"):
