@@ -32,6 +32,7 @@ def _rest(config: PTQConfig) -> dict:
     for key in ("rounding", "granularity", "group_size"):
         data["weights"].pop(key)
     data["activations"].pop("timestep_groups")
+    data["activations"].pop("scale_search")
     data.pop("bias_correction")
     data.pop("layers")
     data.pop("reconstruction")
@@ -66,6 +67,7 @@ def test_w4_rows_vary_exactly_their_part():
         "gptq auto bias=output mixed=5": ("gptq", "auto", 64, "output", 1),
         "gptq auto bias=output mixed=4 metric=bias": ("gptq", "auto", 64, "output", 1),
         "gptq auto bias=output mixed=4 recon=5min": ("gptq", "auto", 64, "output", 1),
+        "gptq auto bias=output mixed=4 acts=minmax": ("gptq", "auto", 64, "output", 1),
     }
     kept = {
         "gptq bias=layer special=float": ("float", "off"),
@@ -79,6 +81,7 @@ def test_w4_rows_vary_exactly_their_part():
         "gptq auto bias=output mixed=5": ("8bit", "max_layers"),
         "gptq auto bias=output mixed=4 metric=bias": ("8bit", "max_layers"),
         "gptq auto bias=output mixed=4 recon=5min": ("8bit", "max_layers"),
+        "gptq auto bias=output mixed=4 acts=minmax": ("8bit", "max_layers"),
     }
     assert set(expected) == set(VARIANTS)
     for label, parts in expected.items():
@@ -94,6 +97,8 @@ def test_w4_rows_vary_exactly_their_part():
         if label.startswith("gptq auto"):
             assert layers["mixed_precision"]["max_layers"] == (5 if label.endswith("=5") else 4), label
         assert _rest(config) == _rest(base), label
+        search = "minmax" if label.endswith("acts=minmax") else "mse"
+        assert config.activations.scale_search == search, label
         assert config.weights.bits == 4 and config.activations.bits == 8
         assert config.calibration.num_samples == 64
         recon = config.reconstruction

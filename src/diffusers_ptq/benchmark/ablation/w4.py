@@ -12,7 +12,8 @@ pass ranks worst (`layers.mixed_precision`, float), the model-agnostic form of t
 combine that with `output` correction, groups of 64 (two and four float layers) and a short reconstruction;
 three more take the default's near group sizes (`auto`) with four float layers chosen greedily on the
 quantized UNet, with five float layers, with the default's four ranked by the noise bias instead of the
-noise MSE, or with the default's four and the short reconstruction.
+noise MSE, or with the default's four and the short reconstruction; one more is the default with every
+activation range at its observed min / max instead of the 'mse' search.
 The last row is the default recipe itself, whatever it is when the study runs.
 """
 
@@ -118,6 +119,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "bias_correction": "output",
         "layers": {"mixed_precision": MIXED_4_BY_BIAS},
     },
+    # The default recipe with every activation range at its observed min / max (no clipping search).
+    "gptq auto bias=output mixed=4 acts=minmax": {
+        "weights": GPTQ_AUTO_64,
+        "activations": {"scale_search": "minmax"},
+        "bias_correction": "output",
+        "layers": {"mixed_precision": MIXED_4},
+    },
     # The default recipe plus the capped reconstruction, from its GPTQ codes.
     "gptq auto bias=output mixed=4 recon=5min": {
         "weights": GPTQ_AUTO_64,
@@ -201,7 +209,8 @@ def w4_notes(calibration_samples: int | None) -> list[str]:
         "timestep groups without search, per-step = one activation scale per sampling step; mixed=2 / "
         "mixed=4 = the two / four layers ranked most sensitive by noise MSE kept float; recon=5min = block "
         "reconstruction (sequential AdaRound + activation step sizes, held-out safeguard) from the GPTQ "
-        "codes, capped at 5 minutes).",
+        "codes, capped at 5 minutes; auto = the default's weight scales, groups of 64 or a near size at 4 "
+        "bits; acts=minmax = every activation range at its observed min / max).",
         f"'{DEFAULT_LABEL}': PTQConfig(weight_bits, act_bits) as shipped, unchanged.",
         "noise bias: per step, the RMS over (C, H, W) of the mean over samples of eps_q - eps, averaged over "
         "steps (the systematic error DDIM adds up; lower is better).",
