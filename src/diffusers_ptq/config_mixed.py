@@ -17,8 +17,8 @@ MAX_AVERAGE_BITS = 32.0
 # on both shipped models those are image-space layers (conv_in, conv_out, the last up blocks' convolutions),
 # found on the calibration set rather than named. Four measured better than two on both models at W8A8 and
 # W6A6 and on the shipped model at W4A8 (-1.3 % against +11.6 % FD), within noise on the colour model's
-# W4A8 (+8.2 % against +4.9 %); a fifth gained 0.8 points on the colour model and lost 2.2 on the shipped
-# one at W4A8 (1,000 images, two seeds) (BENCHMARKS.md §8).
+# W4A8 (+8.2 % against +4.9 %); a fifth gained 2.0 points on the colour model and lost 1.0 on the shipped
+# one at W4A8 (1,000 images, two seeds), and lost 3.9 on the shipped one at W6A6 (BENCHMARKS.md §8).
 DEFAULT_MIXED_PRECISION: dict[str, Any] = {"mode": "max_layers", "max_layers": 4, "high_bits": None}
 
 
