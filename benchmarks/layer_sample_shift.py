@@ -13,7 +13,8 @@ to the row's FD, and the Spearman correlation of FD with |net shift| and with th
 layer's rank by the per-step noise MSE and by the sample error.
 
     python benchmarks/layer_sample_shift.py measure --model fashion --output OUT.json
-    python benchmarks/layer_sample_shift.py explain --layers OUT.json RESULTS.json [...] --output EXPL.json
+    python benchmarks/layer_sample_shift.py explain --layers OUT.json RESULTS.json [...] --output EXPL.json \\
+        [--rows 'W4A8 default recipe,...']
 """
 
 from __future__ import annotations
@@ -32,10 +33,9 @@ from tqdm.auto import tqdm
 from diffusers_ptq import PTQConfig
 from diffusers_ptq.api import build_group_map
 from diffusers_ptq.prepare import plan_quantization
-from diffusers_ptq.sensitivity.measure import calibrated_probe, enable_only, even_rows, measure_units
-from diffusers_ptq.sensitivity.mixed import eligible
+from diffusers_ptq.sensitivity.measure import enable_only
+from diffusers_ptq.sensitivity.mixed import layer_probe
 from diffusers_ptq.sensitivity.run import capture_for_sensitivity
-from diffusers_ptq.sensitivity.units import layer_units
 
 NOISE_SEED = 10_000  # far above the small calibration seeds
 
@@ -57,18 +57,15 @@ def layer_effects(
     group_map = build_group_map(
         config.activations.timestep_groups, data.num_train_timesteps, data.step_timesteps
     )
-    mp = config.layers.mixed_precision
-    allowed = set(eligible(plan, mp))
-    units = [u for u in layer_units(plan, attentions=False) if u.name in allowed]
-    rows = even_rows(len(data), mp.num_samples)
-    batch = config.calibration.batch_size
     acts = config.activations.enabled
     effects: dict[str, dict[str, Any]] = {}
-    with calibrated_probe(pipe.unet, plan, config, group_map, data, batch, seed, progress):
-        errors = measure_units(pipe.unet, data, units, acts=acts, rows=rows, batch_size=batch, progress=False)
+    with layer_probe(
+        pipe.unet, plan, config, group_map, data, config.calibration.batch_size, seed, False
+    ) as probe:
+        errors = probe.errors(list(probe.units))
         enable_only(pipe.unet, None, acts)
         reference = sample(pipe, trajectories, steps, seed)
-        for unit, err in zip(tqdm(units, desc="layers", disable=not progress), errors):
+        for unit, err in zip(tqdm(list(probe.units.values()), desc="layers", disable=not progress), errors):
             enable_only(pipe.unet, unit, acts)
             try:
                 diff = sample(pipe, trajectories, steps, seed) - reference
@@ -84,8 +81,18 @@ def layer_effects(
     return effects
 
 
-def explain(layers: dict[str, dict[str, Any]], results: list[Path]) -> dict[str, Any]:
-    """Net shift and summed sample MSE of each bench row's quantized layers, against its FD."""
+def explain(
+    layers: dict[str, dict[str, Any]], results: list[Path], only: list[str] | None = None
+) -> dict[str, Any]:
+    """Net shift and summed sample MSE of each bench row's quantized layers, against its FD.
+
+    `only`: explain just the rows of these names (as the results name them, e.g. 'W4A8 default recipe').
+    """
+    if only is not None:
+        seen = {r["name"] for path in results for r in json.loads(Path(path).read_text())["rows"]}
+        missing = [name for name in only if name not in seen]
+        if missing:
+            raise ValueError(f"--rows: {missing} in none of the results; they hold {sorted(seen)}")
     total_shift = sum(e["shift"] for e in layers.values())
     total_mse = sum(e["sample_mse"] for e in layers.values())
     rows = []
@@ -96,6 +103,8 @@ def explain(layers: dict[str, dict[str, Any]], results: list[Path]) -> dict[str,
             mixed = (row.get("calibration_info") or {}).get("mixed_precision") or {}
             kept = [name for name, _ in mixed.get("promoted", [])]
             if row["name"] == "float" or not kept or not floats or not row["metrics"].get("FD"):
+                continue
+            if only is not None and row["name"] not in only:
                 continue
             unknown = sorted(set(kept) - set(layers))
             if unknown:
@@ -142,11 +151,18 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("explain", help="net shift of each bench row's quantized layers against its FD")
     e.add_argument("--layers", type=Path, required=True, help="a `measure` output")
     e.add_argument("results", type=Path, nargs="+", help="bench results.json files of the same model")
+    e.add_argument(
+        "--rows",
+        type=lambda v: [n.strip() for n in v.split(",") if n.strip()],
+        default=None,
+        help="comma-separated row names to explain, as the results name them (e.g. 'W4A8 default recipe'); "
+        "default: every row that kept layers float",
+    )
     e.add_argument("--output", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.command == "explain":
         layers = json.loads(args.layers.read_text())["layers"]
-        out = explain(layers, args.results)
+        out = explain(layers, args.results, args.rows)
         for r in out["rows"]:
             print(f"{r['fd_change_percent']:+6.1f} %  net shift {r['net_shift']:+.4f}  {r['kept_float']}")
         print(f"Spearman(FD, |net shift|) {out['spearman_fd_abs_net_shift']:+.2f}")

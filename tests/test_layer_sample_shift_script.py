@@ -78,3 +78,22 @@ def test_explain_adds_up_the_quantized_layers_shifts(tmp_path):
 
     with pytest.raises(ValueError, match=r"kept \['d'\] float, not in the layer file"):
         script.explain(layers, [_results(tmp_path / "other.json", [("keeps d", 11.0, ["d"])])])
+
+
+def test_explain_rows_filter_picks_rows_by_name_and_rejects_unknown_names(tmp_path):
+    script = load_script("benchmarks", "layer_sample_shift")
+    shifts = [("a", 0.1, 0.1), ("b", -0.2, 0.2), ("c", 0.4, 0.3), ("d", 0.0, 0.4)]
+    layers = {n: {"shift": v, "sample_mse": e, "step_noise_mse": 1.0} for n, v, e in shifts}
+    kept = [
+        ("keeps a", 10.5, ["a"]),
+        ("keeps b", 12.0, ["b"]),
+        ("keeps c", 11.0, ["c"]),
+        ("keeps d", 9.0, ["d"]),
+    ]
+    run = _results(tmp_path / "results.json", kept)
+    out = script.explain(layers, [run], only=["keeps d", "keeps c", "keeps b"])
+    assert [r["row"] for r in out["rows"]] == ["keeps b", "keeps c", "keeps d"]
+    assert [r["net_shift"] for r in out["rows"]] == pytest.approx([0.5, -0.1, 0.3])
+    assert out["spearman_fd_abs_net_shift"] == pytest.approx(0.5)  # FD 20 / 10 / -10 %, |net| .5 / .1 / .3
+    with pytest.raises(ValueError, match=r"--rows: \['keeps e'\] in none of the results"):
+        script.explain(layers, [run], only=["keeps b", "keeps e"])

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -24,12 +25,13 @@ from diffusers_ptq.config_fields import _fail
 from diffusers_ptq.config_mixed import MixedPrecisionConfig
 from diffusers_ptq.prepare import LayerPlan, QuantPlan
 from diffusers_ptq.sensitivity.measure import (
+    StepErrors,
     calibrated_probe,
     even_rows,
     measure_units,
     warn_if_bias_is_rms,
 )
-from diffusers_ptq.sensitivity.units import layer_units
+from diffusers_ptq.sensitivity.units import Unit, layer_units
 
 PATH = "layers.mixed_precision"
 
@@ -146,6 +148,54 @@ def promote(plan: QuantPlan, promoted: dict[str, int | None]) -> QuantPlan:
     return QuantPlan(layers=layers, attentions=list(plan.attentions), kept_float=kept_float)
 
 
+@dataclasses.dataclass
+class LayerProbe:
+    """The layers mixed precision may promote, on the calibrated probe: each quantized alone or in sets."""
+
+    unet: nn.Module
+    data: CalibrationSet
+    units: dict[str, Unit]  # in execution order
+    rows: torch.Tensor
+    acts: bool
+    batch_size: int
+    progress: bool
+
+    def errors(self, names: list[str], kept_float: list[str] | None = None) -> list[StepErrors]:
+        """Per name, the noise-prediction error with that layer quantized (with `kept_float` float)."""
+        return measure_units(
+            self.unet,
+            self.data,
+            [self.units[n] for n in names],
+            acts=self.acts,
+            rows=self.rows,
+            batch_size=self.batch_size,
+            progress=self.progress,
+            kept_float=None if kept_float is None else [self.units[n] for n in kept_float],
+        )
+
+
+@contextmanager
+def layer_probe(
+    unet: nn.Module,
+    plan: QuantPlan,
+    config: PTQConfig,
+    group_map: torch.Tensor,
+    data: CalibrationSet,
+    batch_size: int,
+    seed: int = 0,
+    progress: bool = True,
+) -> Iterator[LayerProbe]:
+    """The UNet with calibrated probe quantizers on the layers `config`'s mixed precision may promote."""
+    mp = config.layers.mixed_precision
+    allowed = set(eligible(plan, mp))
+    units = {u.name: u for u in layer_units(plan, attentions=False) if u.name in allowed}
+    rows = even_rows(len(data), mp.num_samples)
+    if mp.metric == "bias":  # before the calibration, which takes a while
+        warn_if_bias_is_rms(data, rows, f"{PATH}.metric", f"{PATH}.num_samples")
+    with calibrated_probe(unet, plan, config, group_map, data, batch_size, seed, progress):
+        yield LayerProbe(unet, data, units, rows, config.activations.enabled, batch_size, progress)
+
+
 def choose_mixed_precision(
     unet: nn.Module,
     plan: QuantPlan,
@@ -159,35 +209,20 @@ def choose_mixed_precision(
     """(the promoted plan, a summary for the report) from each layer's sensitivity on `data`."""
     mp = config.layers.mixed_precision
     start = time.perf_counter()
-    allowed = set(eligible(plan, mp))
-    units = [u for u in layer_units(plan, attentions=False) if u.name in allowed]
-    rows = even_rows(len(data), mp.num_samples)
-    if mp.metric == "bias":
-        warn_if_bias_is_rms(data, rows, "layers.mixed_precision.metric", "layers.mixed_precision.num_samples")
-    by_name = {u.name: u for u in units}
+    with layer_probe(unet, plan, config, group_map, data, batch_size, seed, progress) as probe:
 
-    def measure(names: list[str], kept_float: list[str] | None) -> dict[str, float]:
-        errors = measure_units(
-            unet,
-            data,
-            [by_name[n] for n in names],
-            acts=config.activations.enabled,
-            rows=rows,
-            batch_size=batch_size,
-            progress=progress,
-            kept_float=None if kept_float is None else [by_name[n] for n in kept_float],
-        )
-        return {n: (e.total_mse if mp.metric == "mse" else e.mean_bias) for n, e in zip(names, errors)}
+        def measure(names: list[str], kept_float: list[str] | None) -> dict[str, float]:
+            errors = probe.errors(names, kept_float)
+            return {n: (e.total_mse if mp.metric == "mse" else e.mean_bias) for n, e in zip(names, errors)}
 
-    with calibrated_probe(unet, plan, config, group_map, data, batch_size, seed, progress):
         if mp.selection == "alone":
-            scores = measure(list(by_name), None)
+            scores = measure(list(probe.units), None)
             ranking = sorted(scores, key=lambda n: (-scores[n], n))
             promoted = allocate(ranking, unet, plan, mp)
             ranked = [(name, scores[name]) for name in ranking]
         else:
             picks, last = greedy_selection(
-                list(by_name),
+                list(probe.units),
                 measure,
                 lambda names: fits(unet, plan, mp, {n: mp.high_bits for n in names}),
                 limit=mp.max_layers if mp.mode == "max_layers" else None,
@@ -198,7 +233,7 @@ def choose_mixed_precision(
     new_plan = promote(plan, promoted)
     summary = {
         **mp.to_dict(),
-        "rows": len(rows),
+        "rows": len(probe.rows),
         # Lists, not dicts: the order (most sensitive first) survives config.json, whose keys are sorted.
         "promoted": [[name, promoted[name]] for name, _ in ranked if name in promoted],
         "average_weight_bits": [
