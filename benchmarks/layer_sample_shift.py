@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in out["rows"]:
             print(f"{r['fd_change_percent']:+6.1f} %  net shift {r['net_shift']:+.4f}  {r['kept_float']}")
         print(f"Spearman(FD, |net shift|) {out['spearman_fd_abs_net_shift']:+.2f}")
-        write_json(args.output, {"layers_file": str(args.layers), **out})
+        write_json(args.output, {"layers_file": str(args.layers), "only_rows": args.rows, **out})
         return 0
     if args.trajectories < 1 or args.steps < 1:
         parser.error("--trajectories and --steps must be >= 1")

@@ -206,8 +206,10 @@ def w4_notes(calibration_samples: int | None) -> list[str]:
         "(GPTQ with damp 0.01, no act order; groups of 128 / 64 inputs per weight scale, layers whose input "
         "size is not a multiple keep per-channel scales; bias correction 'layer' = per-layer, per-group "
         "output-mean tables, 'output' = PTQD-style correction of the noise prediction; G = 8 contiguous "
-        "timestep groups without search, per-step = one activation scale per sampling step; mixed=2 / "
-        "mixed=4 = the two / four layers ranked most sensitive by noise MSE kept float; recon=5min = block "
+        "timestep groups without search, per-step = one activation scale per sampling step; mixed=2 / 4 / "
+        "5 = the two / four / five layers ranked most sensitive by noise MSE (each quantized alone) kept "
+        "float, greedy = chosen greedily on the quantized UNet instead, metric=bias = ranked by the noise "
+        "bias instead; recon=5min = block "
         "reconstruction (sequential AdaRound + activation step sizes, held-out safeguard) from the GPTQ "
         "codes, capped at 5 minutes; auto = the default's weight scales, groups of 64 or a near size at 4 "
         "bits; acts=minmax = every activation range at its observed min / max).",
