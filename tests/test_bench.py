@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from diffusers_ptq import cli
-from diffusers_ptq.benchmark.quality.benchmark import run_quality_benchmark
+from diffusers_ptq.benchmark.quality.benchmark import _row_config, run_quality_benchmark
 from diffusers_ptq.benchmark.quality.report import markdown_table, write_outputs
 from diffusers_ptq.benchmark.quality.sampling import (
     ddim_pipeline,
@@ -19,6 +19,7 @@ from diffusers_ptq.benchmark.quality.sampling import (
     sample_images,
 )
 from diffusers_ptq.benchmark.quality.settings import BenchSettings, parse_bits
+from diffusers_ptq.config import PTQConfig
 from diffusers_ptq.prepare import is_quantized
 
 # The smallest run that still exercises every part: two rows per bit setting, a few images, a few steps.
@@ -50,6 +51,7 @@ class MeanBrightness:
         ({"seeds": []}, "seeds="),
         ({"batch_size": 0}, "batch_size=0"),
         ({"calibration_samples": 0}, "calibration_samples=0"),
+        ({"calibration_seed": -1}, "calibration_seed=-1 is invalid; expected an integer >= 0"),
     ],
 )
 def test_bad_settings_are_rejected(overrides: dict, message: str) -> None:
@@ -156,6 +158,7 @@ def test_bench_command_without_a_classifier_still_measures_sqnr(tmp_path: Path, 
         (["--bits", "W4"], "W<weight bits>A<act bits>"),
         (["--presets", "gptq"], "not a preset"),
         (["--num-samples", "1"], "at least 2"),
+        (["--calibration-seed", "-2"], "calibration_seed=-2 is invalid"),
     ],
 )
 def test_bench_command_rejects_bad_input(extra: list[str], message: str, tmp_path: Path, capsys) -> None:
@@ -177,3 +180,9 @@ def test_bench_on_the_shipped_model_reports_fd_against_references(tmp_path: Path
     reference = (out / "reference.md").read_text()
     assert "Gaussian noise" in reference and "real train (all 60k) vs test" in reference
     assert "Command: `diffusers-ptq bench --quick" in (out / "table.md").read_text()
+
+
+def test_calibration_seed_reaches_every_row_and_defaults_to_the_library_s() -> None:
+    assert _row_config(BenchSettings(), "q-diffusion", 8, 8).calibration.seed == PTQConfig().calibration.seed
+    for preset in ("default", "q-diffusion"):
+        assert _row_config(BenchSettings(calibration_seed=3), preset, 4, 8).calibration.seed == 3

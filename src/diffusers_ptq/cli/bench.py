@@ -105,6 +105,12 @@ def add_parser(sub: Any) -> None:
         help="override each preset's calibration size. Default: the preset's.",
     )
     b.add_argument(
+        "--calibration-seed",
+        type=int,
+        help="seed of every row's calibration draw (its trajectories' noise, the observers' subsample); "
+        "--seeds sets the sampling noise. Default: 0.",
+    )
+    b.add_argument(
         "--reconstruction-minutes",
         type=float,
         help="per-row time budget of block reconstruction, applied as reconstruction.max_minutes to rows "
@@ -151,7 +157,7 @@ def _settings(args: argparse.Namespace) -> BenchSettings:
             raise ValueError(f"{option} applies to --ablation runs only; add --ablation groups or selectors")
     names = (
         "presets", "bits", "num_samples", "seeds", "num_inference_steps", "batch_size", "sqnr_samples",
-        "calibration_samples", "reconstruction_minutes", "compare_quanto",
+        "calibration_samples", "calibration_seed", "reconstruction_minutes", "compare_quanto",
     )  # fmt: skip
     overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.no_reconstruction:
@@ -365,7 +371,7 @@ def _ablation_settings(args: argparse.Namespace) -> AblationSettings:
         overrides["sizes"] = _sizes(args.sizes)
     names = (
         "bits", "rows", "selectors", "search_epochs", "search_images", "search_lambda", "search_init_logit",
-        "feature_samples", "calibration_samples", "reconstruction_minutes",
+        "feature_samples", "calibration_samples", "calibration_seed", "reconstruction_minutes",
         "num_samples", "seeds", "num_inference_steps", "batch_size", "sqnr_samples",
     )  # fmt: skip
     overrides.update({n: getattr(args, n) for n in names if getattr(args, n) is not None})

@@ -86,7 +86,12 @@ def _recipe(
     num_samples: int | None = None,
 ) -> PTQConfig:
     """The base recipe with this row's groups, search, calibration samples and selector."""
-    calib = {**RANDOM_CALIBRATION, **(calibration or {}), "num_inference_steps": settings.num_inference_steps}
+    calib = {
+        **RANDOM_CALIBRATION,
+        **(calibration or {}),
+        "num_inference_steps": settings.num_inference_steps,
+        "seed": settings.calibration_seed,
+    }
     if num_samples is not None:
         calib["num_samples"] = num_samples
     group_search: dict[str, Any] = {"enabled": search}
@@ -190,6 +195,7 @@ def w4_rows(settings: AblationSettings) -> list[AblationRow]:
                 settings.num_inference_steps,
                 settings.calibration_samples,
                 settings.reconstruction_minutes,
+                settings.calibration_seed,
             )
             groups = config.activations.timestep_groups
             rows.append(AblationRow(f"{tag} {label}", w, a, groups=groups, config=config))

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from math import inf
 
-from diffusers_ptq.benchmark.quality.settings import BenchSettings, parse_bits
+from diffusers_ptq.benchmark.quality.settings import BenchSettings, check_seed, parse_bits
 
 STUDIES = ("groups", "selectors", "w4")
 # Row labels of the selectors study; "random+search" is added next to "active" (its fair baseline).
@@ -66,6 +66,13 @@ class AblationSettings:
         default=None,
         metadata=_help(
             "'groups' / 'w4': calibration samples of every row (None: apq-dm's 1,024 / the default recipe's)"
+        ),
+    )
+    calibration_seed: int = field(
+        default=0,
+        metadata=_help(
+            "seed of the calibration draw (calibration.seed: the calibration trajectories' noise and the "
+            "observers' subsample), the same for every row; the sampling noise is `seeds`"
         ),
     )
     search_epochs: int | None = field(
@@ -150,6 +157,7 @@ class AblationSettings:
         elif self.study == "selectors":
             self._validate_selectors()
         self._validate_rows()
+        check_seed("calibration_seed", self.calibration_seed)
         for name in ("calibration_samples", "search_images", "feature_samples"):
             value = getattr(self, name)
             if value is not None and not _positive_int(value):

@@ -144,12 +144,14 @@ def w4_recipe(
     num_inference_steps: int,
     num_samples: int | None,
     reconstruction_minutes: float | None = None,
+    calibration_seed: int = 0,
 ) -> PTQConfig:
     """The recipe of row `label` at W`w`A`a`; ValueError naming the valid labels for an unknown one.
-    `reconstruction_minutes` replaces the cap of the rows that reconstruct."""
+    `reconstruction_minutes` replaces the cap of the rows that reconstruct; every row calibrates on the
+    draw of `calibration_seed`."""
     if label not in W4_ROWS:
         raise ValueError(f"w4 row {label!r} is not valid; expected one of {', '.join(W4_ROWS)}")
-    calibration: dict[str, Any] = {"num_inference_steps": num_inference_steps}
+    calibration: dict[str, Any] = {"num_inference_steps": num_inference_steps, "seed": calibration_seed}
     if num_samples is not None:
         calibration["num_samples"] = num_samples
     if label == DEFAULT_LABEL:

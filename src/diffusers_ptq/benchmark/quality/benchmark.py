@@ -134,7 +134,10 @@ def calibration_prompts(settings: BenchSettings, config: PTQConfig) -> list[str]
 
 
 def _row_config(settings: BenchSettings, preset: str, w: int, a: int) -> PTQConfig:
-    calibration: dict[str, Any] = {"num_inference_steps": settings.num_inference_steps}
+    calibration: dict[str, Any] = {
+        "num_inference_steps": settings.num_inference_steps,
+        "seed": settings.calibration_seed,
+    }
     if settings.calibration_samples is not None:
         calibration["num_samples"] = settings.calibration_samples
     if settings.prompts is not None:  # calibration sees the guidance the rows sample with

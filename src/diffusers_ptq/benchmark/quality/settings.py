@@ -36,6 +36,12 @@ def check_minutes(name: str, value: object) -> None:
         raise ValueError(f"{name}={value!r} is invalid; expected None or a number of minutes > 0")
 
 
+def check_seed(name: str, value: object) -> None:
+    """An integer >= 0."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name}={value!r} is invalid; expected an integer >= 0")
+
+
 def _help(text: str) -> dict[str, str]:
     return {"help": text}
 
@@ -56,6 +62,13 @@ class BenchSettings:
     sqnr_samples: int = field(default=32, metadata=_help("float trajectories for the per-step noise error"))
     calibration_samples: int | None = field(
         default=None, metadata=_help("override each preset's calibration.num_samples (None: the preset's)")
+    )
+    calibration_seed: int = field(
+        default=0,
+        metadata=_help(
+            "seed of the calibration draw (calibration.seed: the calibration trajectories' noise and the "
+            "observers' subsample), the same for every row; the sampling noise is `seeds`"
+        ),
     )
     reconstruction_minutes: float | None = field(
         default=None,
@@ -136,6 +149,7 @@ class BenchSettings:
         calib = self.calibration_samples
         if calib is not None and (not isinstance(calib, int) or calib < 1):
             raise ValueError(f"calibration_samples={calib!r} is invalid; expected None or an integer >= 1")
+        check_seed("calibration_seed", self.calibration_seed)
         check_minutes("reconstruction_minutes", self.reconstruction_minutes)
         if not isinstance(self.reconstruction, bool):
             raise ValueError(f"reconstruction={self.reconstruction!r} is invalid; expected True or False")
