@@ -31,11 +31,20 @@ def test_defaults_validate_and_have_documented_values():
     cfg = PTQConfig()
     cfg.validate()
     assert cfg.weights.bits == 8
-    # The default recipe (methods/default.py, BENCHMARKS.md): GPTQ, output correction, 4 layers float, G = 1.
+    # The default recipe (methods/default.py, BENCHMARKS.md): GPTQ, output correction, layers float (five at
+    # 4-bit weights, four above), G = 1.
     assert cfg.weights.rounding == "gptq" and cfg.weights.gptq_damp == 0.01
     assert cfg.bias_correction == "output" and cfg.activations.timestep_groups == 1
     mixed = cfg.layers.mixed_precision
-    assert (mixed.mode, mixed.max_layers, mixed.high_bits, mixed.metric) == ("max_layers", 4, None, "mse")
+    assert (mixed.mode, mixed.max_layers, mixed.high_bits, mixed.metric) == (
+        "max_layers",
+        "auto",
+        None,
+        "mse",
+    )
+    assert [mixed.resolved(bits).max_layers for bits in (2, 4, 5, 6, 8)] == [5, 5, 4, 4, 4]
+    assert mixed.describe(4) == "5 layers float (mse)" and mixed.describe(8) == "4 layers float (mse)"
+    assert mixed.describe().startswith("auto (5 at <= 4 bits, else 4) layers float")
     assert not cfg.weights.gptq_act_order and cfg.weights.gptq_block_size == 128
     assert cfg.activations.bits == 8
     assert cfg.activations.enabled

@@ -213,3 +213,22 @@ def test_failure_in_the_sensitivity_pass_restores_the_float_unet(ddim_pipe, monk
     assert not unet._forward_pre_hooks  # the probe's timestep hook is gone
     after = unet.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize(("weight_bits", "count"), [(4, 5), (6, 4)])
+def test_auto_max_layers_keeps_five_float_at_4_bit_weights_and_four_above(ddim_pipe, weight_bits, count):
+    config = _config(mode="max_layers", max_layers="auto", high_bits=None).replace(weight_bits=weight_bits)
+    eligible = [n for n in _ranking(ddim_pipe, config) if not n.startswith(("conv_", "time_embedding."))]
+    quantize_pipeline(ddim_pipe, config, **FAST)
+    report = ddim_pipe.unet.ptq_state.report.mixed_precision
+    assert [name for name, _ in report["promoted"]] == eligible[:count]
+    assert report["max_layers"] == count  # the report records the resolved count
+    assert ddim_pipe.unet.ptq_state.config.layers.mixed_precision.max_layers == "auto"  # the config, as given
+
+
+@pytest.mark.parametrize("value", ["five", "AUTO"])
+def test_max_layers_rejects_strings_other_than_auto(value):
+    with pytest.raises(
+        ValueError, match=rf"layers.mixed_precision.max_layers={value!r}.*an integer >= 1 or 'auto'"
+    ):
+        _config(mode="max_layers", max_layers=value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -13,13 +14,17 @@ MIXED_SELECTIONS = ("alone", "greedy")
 # The most an average can be: a layer kept float in float32.
 MAX_AVERAGE_BITS = 32.0
 
-# The default recipe keeps the four layers whose quantization alone hurts the noise prediction most float:
-# on both shipped models those are image-space layers (conv_in, conv_out, the last up blocks' convolutions),
+# The default recipe keeps float the layers whose quantization alone hurts the noise prediction most: on
+# both shipped models those are image-space layers (conv_in, conv_out, the last up blocks' convolutions),
 # found on the calibration set rather than named. Four measured better than two on both models at W8A8 and
-# W6A6 and on the shipped model at W4A8 (-1.3 % against +11.6 % FD), within noise on the colour model's
-# W4A8 (+8.2 % against +4.9 %); a fifth gained 2.0 points on the colour model and lost 1.0 on the shipped
-# one at W4A8 (1,000 images, two seeds), and lost 3.9 on the shipped one at W6A6 (BENCHMARKS.md §8).
-DEFAULT_MIXED_PRECISION: dict[str, Any] = {"mode": "max_layers", "max_layers": 4, "high_bits": None}
+# W6A6 and on the shipped model at W4A8. A fifth, at 1,000 images (BENCHMARKS.md §8): at W4A8 better on
+# both models averaged over two calibration draws (shipped +0.1 % against +0.8 %, colour +9.6 % against
+# +10.6 %; within the draws' spread); at W6A6 3.4 points worse on the shipped model and even on the colour
+# one. Hence 'auto': five at 4-bit weights or fewer, four above.
+AUTO = "auto"
+AUTO_LOW_WEIGHT_BITS = 4
+AUTO_LOW, AUTO_HIGH = 5, 4  # layers at weights.bits <= AUTO_LOW_WEIGHT_BITS / above
+DEFAULT_MIXED_PRECISION: dict[str, Any] = {"mode": "max_layers", "max_layers": AUTO, "high_bits": None}
 
 
 @dataclass
@@ -36,7 +41,11 @@ class MixedPrecisionConfig:
     avg_weight_bits: float | None = _field(
         None, "'avg_weight_bits' budget: average weight bits over the planned layers (float counts its dtype)"
     )
-    max_layers: int | None = _field(None, "'max_layers' budget: at most this many layers promoted")
+    max_layers: int | str | None = _field(
+        None,
+        "'max_layers' budget: at most this many layers promoted; 'auto': "
+        f"{AUTO_LOW} at weights.bits <= {AUTO_LOW_WEIGHT_BITS}, {AUTO_HIGH} above",
+    )
     high_bits: int | None = _field(
         8,
         "bits of a promoted layer's weights (its input activations get max(activations.bits, high_bits)); "
@@ -65,12 +74,27 @@ class MixedPrecisionConfig:
     def enabled(self) -> bool:
         return self.mode != "off"
 
-    def describe(self) -> str:
-        """One phrase for tables and listings, e.g. '2 layers float (mse)'; 'off' when disabled."""
+    def resolved(self, weight_bits: int) -> MixedPrecisionConfig:
+        """This config with an 'auto' layer count replaced by its value at `weight_bits`."""
+        if self.max_layers != AUTO:
+            return self
+        count = AUTO_LOW if weight_bits <= AUTO_LOW_WEIGHT_BITS else AUTO_HIGH
+        return dataclasses.replace(self, max_layers=count)
+
+    def describe(self, weight_bits: int | None = None) -> str:
+        """One phrase for tables and listings, e.g. '2 layers float (mse)'; 'off' when disabled; an 'auto'
+        count is resolved at `weight_bits` when given."""
         if not self.enabled:
             return "off"
+        if weight_bits is not None:
+            return self.resolved(weight_bits).describe()
         by_count = self.mode == "max_layers"
-        budget = f"{self.max_layers} layers" if by_count else f"avg {self.avg_weight_bits} bits"
+        count = (
+            f"auto ({AUTO_LOW} at <= {AUTO_LOW_WEIGHT_BITS} bits, else {AUTO_HIGH})"
+            if self.max_layers == AUTO
+            else self.max_layers
+        )
+        budget = f"{count} layers" if by_count else f"avg {self.avg_weight_bits} bits"
         high = "float" if self.high_bits is None else f"W{self.high_bits}"
         how = self.metric if self.selection == "alone" else f"{self.metric}, {self.selection}"
         return f"{budget} {high} ({how})"
@@ -79,7 +103,9 @@ class MixedPrecisionConfig:
         _check_choice(f"{path}.mode", self.mode, MIXED_PRECISION_MODES)
         if self.avg_weight_bits is not None or self.mode == "avg_weight_bits":
             _check_float(f"{path}.avg_weight_bits", self.avg_weight_bits, 2.0, MAX_AVERAGE_BITS)
-        if self.max_layers is not None or self.mode == "max_layers":
+        if (self.max_layers is not None or self.mode == "max_layers") and self.max_layers != AUTO:
+            if isinstance(self.max_layers, str):
+                _fail(f"{path}.max_layers", self.max_layers, f"an integer >= 1 or '{AUTO}'")
             _check_int(f"{path}.max_layers", self.max_layers, 1)
         if self.high_bits is not None:
             _check_int(f"{path}.high_bits", self.high_bits, 3, 8)

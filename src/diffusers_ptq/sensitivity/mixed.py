@@ -207,7 +207,7 @@ def choose_mixed_precision(
     progress: bool = True,
 ) -> tuple[QuantPlan, dict[str, Any]]:
     """(the promoted plan, a summary for the report) from each layer's sensitivity on `data`."""
-    mp = config.layers.mixed_precision
+    mp = config.layers.mixed_precision.resolved(config.weights.bits)
     start = time.perf_counter()
     with layer_probe(unet, plan, config, group_map, data, batch_size, seed, progress) as probe:
 

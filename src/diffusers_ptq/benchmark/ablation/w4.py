@@ -196,7 +196,7 @@ def _kept(config: PTQConfig) -> str:
     layers = config.layers
     special = f"special {layers.special_layers}"
     mixed = layers.mixed_precision
-    return f"{special}; {mixed.describe()}" if mixed.enabled else special
+    return f"{special}; {mixed.describe(config.weights.bits)}" if mixed.enabled else special
 
 
 def w4_notes(calibration_samples: int | None) -> list[str]:
