@@ -63,6 +63,7 @@ def test_w4_rows_vary_exactly_their_part():
         "gptq bias=output mixed=2 recon=5min": ("gptq", "per_channel", None, "output", 1),
         "gptq group 64 bias=output mixed=2": ("gptq", "per_group", 64, "output", 1),
         "gptq group 64 bias=output mixed=4": ("gptq", "per_group", 64, "output", 1),
+        "gptq auto bias=output mixed=4": ("gptq", "auto", 64, "output", 1),
         "gptq auto bias=output mixed=4 greedy": ("gptq", "auto", 64, "output", 1),
         "gptq auto bias=output mixed=5": ("gptq", "auto", 64, "output", 1),
         "gptq auto bias=output mixed=4 metric=bias": ("gptq", "auto", 64, "output", 1),
@@ -77,6 +78,7 @@ def test_w4_rows_vary_exactly_their_part():
         "gptq bias=output mixed=2 recon=5min": ("8bit", "max_layers"),
         "gptq group 64 bias=output mixed=2": ("8bit", "max_layers"),
         "gptq group 64 bias=output mixed=4": ("8bit", "max_layers"),
+        "gptq auto bias=output mixed=4": ("8bit", "max_layers"),
         "gptq auto bias=output mixed=4 greedy": ("8bit", "max_layers"),
         "gptq auto bias=output mixed=5": ("8bit", "max_layers"),
         "gptq auto bias=output mixed=4 metric=bias": ("8bit", "max_layers"),
@@ -111,6 +113,12 @@ def test_w4_rows_vary_exactly_their_part():
     assert default.to_dict()["weights"] == shipped.to_dict()["weights"]
     assert default.bias_correction == shipped.bias_correction
     assert default.reconstruction == shipped.reconstruction
+    # The default keeps five layers float at 4-bit weights: the `mixed=5` row is the default, `mixed=4` the
+    # previous one.
+    assert (
+        default.layers.mixed_precision.resolved(4)
+        == rows["W4A8 gptq auto bias=output mixed=5"].config.layers.mixed_precision
+    )
 
 
 def test_w4_base_is_pinned_whatever_the_default_recipe(monkeypatch):

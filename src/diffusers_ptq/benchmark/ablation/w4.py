@@ -10,9 +10,9 @@ groups pay once the bias is corrected. Two rows keep layers off the 4-bit grid o
 correction: the special layers (conv_in, conv_out, time embeddings) float, or the two layers the sensitivity
 pass ranks worst (`layers.mixed_precision`, float), the model-agnostic form of the same idea; more rows
 combine that with `output` correction, groups of 64 (two and four float layers) and a short reconstruction;
-three more take the default's near group sizes (`auto`) with four float layers chosen greedily on the
-quantized UNet, with five float layers, with the default's four ranked by the noise bias instead of the
-noise MSE, or with the default's four and the short reconstruction; one more is the default with every
+more take the default's near group sizes (`auto`) with four float layers at every bit width (the default
+before `max_layers="auto"`), chosen greedily on the quantized UNet, with five (the default at 4-bit
+weights), ranked by the noise bias instead of the noise MSE, with the short reconstruction, or with every
 activation range at its observed min / max instead of the 'mse' search.
 The last row is the default recipe itself, whatever it is when the study runs.
 """
@@ -101,32 +101,39 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "bias_correction": "output",
         "layers": {"mixed_precision": MIXED_4},
     },
+    # The default recipe before `max_layers="auto"`: near group sizes (`auto`), four float layers at every
+    # bit width (since, the default keeps five at 4-bit weights: the `mixed=5` row).
+    "gptq auto bias=output mixed=4": {
+        "weights": GPTQ_AUTO_64,
+        "bias_correction": "output",
+        "layers": {"mixed_precision": MIXED_4},
+    },
     # Near group sizes (`auto`) and the four float layers chosen greedily on the quantized UNet.
     "gptq auto bias=output mixed=4 greedy": {
         "weights": GPTQ_AUTO_64,
         "bias_correction": "output",
         "layers": {"mixed_precision": MIXED_4_GREEDY},
     },
-    # The default recipe with a fifth float layer.
+    # Five float layers at every bit width (the default at 4-bit weights).
     "gptq auto bias=output mixed=5": {
         "weights": GPTQ_AUTO_64,
         "bias_correction": "output",
         "layers": {"mixed_precision": MIXED_5},
     },
-    # The default recipe with its four float layers ranked by the noise bias instead of the noise MSE.
+    # The four-float-layer default with its layers ranked by the noise bias instead of the noise MSE.
     "gptq auto bias=output mixed=4 metric=bias": {
         "weights": GPTQ_AUTO_64,
         "bias_correction": "output",
         "layers": {"mixed_precision": MIXED_4_BY_BIAS},
     },
-    # The default recipe with every activation range at its observed min / max (no clipping search).
+    # The four-float-layer default with every activation range at its observed min / max (no clipping search).
     "gptq auto bias=output mixed=4 acts=minmax": {
         "weights": GPTQ_AUTO_64,
         "activations": {"scale_search": "minmax"},
         "bias_correction": "output",
         "layers": {"mixed_precision": MIXED_4},
     },
-    # The default recipe plus the capped reconstruction, from its GPTQ codes.
+    # The four-float-layer default plus the capped reconstruction, from its GPTQ codes.
     "gptq auto bias=output mixed=4 recon=5min": {
         "weights": GPTQ_AUTO_64,
         "bias_correction": "output",
