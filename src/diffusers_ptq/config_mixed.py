@@ -18,9 +18,9 @@ MAX_AVERAGE_BITS = 32.0
 # both shipped models those are image-space layers (conv_in, conv_out, the last up blocks' convolutions),
 # found on the calibration set rather than named. Four measured better than two on both models at W8A8 and
 # W6A6 and on the shipped model at W4A8. A fifth, at 1,000 images (BENCHMARKS.md §8): at W4A8 better on
-# both models averaged over two calibration draws (shipped +0.1 % against +0.8 %, colour +9.6 % against
-# +10.6 %; within the draws' spread); at W6A6 3.4 points worse on the shipped model and even on the colour
-# one. Hence 'auto': five at 4-bit weights or fewer, four above.
+# both models averaged over calibration draws (shipped, two: +0.1 % against +0.8 %; colour, three: +10.9 %
+# against +11.1 %, a tie; all within the draws' spread); at W6A6 3.4 points worse on the shipped model and
+# even on the colour one. Hence 'auto': five at 4-bit weights or fewer, four above.
 AUTO = "auto"
 AUTO_LOW_WEIGHT_BITS = 4
 AUTO_LOW, AUTO_HIGH = 5, 4  # layers at weights.bits <= AUTO_LOW_WEIGHT_BITS / above
