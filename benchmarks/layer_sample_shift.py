@@ -88,16 +88,16 @@ def explain(
 
     `only`: explain just the rows of these names (as the results name them, e.g. 'W4A8 default recipe').
     """
+    runs = {path: json.loads(Path(path).read_text()) for path in results}
     if only is not None:
-        seen = {r["name"] for path in results for r in json.loads(Path(path).read_text())["rows"]}
+        seen = {r["name"] for run in runs.values() for r in run["rows"]}
         missing = [name for name in only if name not in seen]
         if missing:
             raise ValueError(f"--rows: {missing} in none of the results; they hold {sorted(seen)}")
     total_shift = sum(e["shift"] for e in layers.values())
     total_mse = sum(e["sample_mse"] for e in layers.values())
     rows = []
-    for path in results:
-        run = json.loads(Path(path).read_text())
+    for path, run in runs.items():
         floats = [r for r in run["rows"] if r["name"] == "float" and r["metrics"].get("FD")]
         for row in run["rows"]:
             mixed = (row.get("calibration_info") or {}).get("mixed_precision") or {}

@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from diffusers_ptq.benchmark.ablation.benchmark import ablation_rows, run_ablation
+from diffusers_ptq.benchmark.ablation.benchmark import run_ablation
 from diffusers_ptq.benchmark.ablation.report import ablation_table, write_ablation_outputs
-from diffusers_ptq.benchmark.ablation.settings import SELECTORS, STUDIES, AblationSettings, parse_groups
+from diffusers_ptq.benchmark.ablation.settings import AblationSettings
 from diffusers_ptq.benchmark.metrics.colour_fashion import ColourFashionFidelity, matches_colour_model
 from diffusers_ptq.benchmark.metrics.fashion import FashionFidelity, matches_fashion_model
 from diffusers_ptq.benchmark.metrics.inception import (
@@ -31,6 +31,12 @@ from diffusers_ptq.benchmark.quality.benchmark import (
 from diffusers_ptq.benchmark.quality.report import markdown_table, reference_table, write_outputs
 from diffusers_ptq.benchmark.quality.settings import QUICK_RECONSTRUCTION_MINUTES, BenchSettings
 from diffusers_ptq.calibration import get_pipeline_spec
+from diffusers_ptq.cli.bench_ablation import (
+    ABLATION_ONLY,
+    ablation_settings,
+    add_ablation_arguments,
+    comma_names,
+)
 from diffusers_ptq.cli.bench_text import (
     add_text_arguments,
     check_model_prompts,
@@ -62,10 +68,6 @@ def _ints(text: str) -> list[int]:
     return [int(part) for part in text.split(",") if part.strip()]
 
 
-def _names(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
 def add_parser(sub: Any) -> None:
     b = sub.add_parser(
         "bench",
@@ -85,10 +87,10 @@ def add_parser(sub: Any) -> None:
     default = BenchSettings()
     b.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} Default: {DEFAULT_MODEL}.")
     b.add_argument(
-        "--presets", type=_names, help=f"comma-separated presets. Default: {','.join(default.presets)}."
+        "--presets", type=comma_names, help=f"comma-separated presets. Default: {','.join(default.presets)}."
     )
     b.add_argument(
-        "--bits", type=_names, help=f"comma-separated bit settings. Default: {','.join(default.bits)}."
+        "--bits", type=comma_names, help=f"comma-separated bit settings. Default: {','.join(default.bits)}."
     )
     b.add_argument(
         "--num-samples", type=int, help=f"images per seed and row. Default: {default.num_samples}."
@@ -254,137 +256,9 @@ def run(args: argparse.Namespace) -> int:
     return _report(header + markdown_table(result), result.notes, out)
 
 
-# --ablation: options, which study each applies to, and the run.
-_SEARCH_OPTIONS = ("--search-epochs", "--search-images", "--search-lambda", "--search-init-logit")
-ABLATION_ONLY = ("--rows", "--groups", "--selectors", "--sizes", *_SEARCH_OPTIONS, "--feature-samples")
-_STUDY_OPTIONS = {
-    "--rows": "w4",
-    "--groups": "groups",
-    "--selectors": "selectors",
-    "--sizes": "selectors",
-    "--feature-samples": "selectors",
-}
-
-
-def add_ablation_arguments(b: argparse.ArgumentParser) -> None:
-    default = AblationSettings()
-    b.add_argument(
-        "--ablation",
-        metavar="{groups,selectors,w4}",
-        help="run an ablation instead of the preset rows: 'groups' (timestep groups G at each bit setting; "
-        "--bits default W6A6,W8A8), 'selectors' (calibration-sample selectors x calibration sizes; --bits "
-        "default W6A6) or 'w4' (nearest vs GPTQ, group scales 128/64, bias correction off/layer/output, "
-        "G = 1/8/per-step with and without bias correction, the default recipe; --bits default W4A8). "
-        "Writes table.md, results.json, a plot and grids/ into --output; "
-        "--calibration-samples sets the groups and w4 studies' calibration size. Default sampling: "
-        f"{default.num_samples} images x seeds {','.join(map(str, default.seeds))}.",
-    )
-    b.add_argument(
-        "--rows",
-        type=_names,
-        help="--ablation w4: comma-separated row labels to run (e.g. 'nearest,gptq bias=layer,default "
-        "recipe'), in the study's order. Default: all.",
-    )
-    b.add_argument(
-        "--groups",
-        type=_names,
-        help="--ablation groups: comma-separated G, integers or per_step. Default: 1,4,8,16,per_step.",
-    )
-    b.add_argument(
-        "--selectors",
-        type=_names,
-        help=f"--ablation selectors: comma-separated, of {','.join(SELECTORS)} ('active' adds its "
-        "'random+search' baseline). Default: all.",
-    )
-    b.add_argument(
-        "--sizes",
-        type=_names,
-        help="--ablation selectors: comma-separated calibration sizes. Default: "
-        f"{','.join(map(str, default.sizes))}.",
-    )
-    b.add_argument(
-        "--search-epochs",
-        type=int,
-        help="--ablation: group-search epochs after selection (bounds its CPU cost). Default: apq-dm's 10.",
-    )
-    b.add_argument(
-        "--search-images",
-        type=int,
-        help="--ablation: float samples the group search's noise target draws from. Default: apq-dm's 1024.",
-    )
-    b.add_argument(
-        "--search-lambda",
-        type=float,
-        help="--ablation: the group search's entropy weight (group_search.entropy_weight). Default: "
-        "apq-dm's 0.8.",
-    )
-    b.add_argument(
-        "--search-init-logit",
-        type=float,
-        help="--ablation: the starting logit of each step's initial group (group_search.init_logit). "
-        "Default: apq-dm's 1.0.",
-    )
-    b.add_argument(
-        "--feature-samples",
-        type=int,
-        help="--ablation selectors: trajectories of density_diversity's float feature pass. Default: "
-        "eda-dm's 1024.",
-    )
-
-
-def _sizes(texts: list[str]) -> list[int]:
-    sizes = []
-    for text in texts:
-        try:
-            sizes.append(int(text))
-        except ValueError:
-            raise ValueError(f"--sizes: {text!r} is not a calibration size; expected integers >= 1") from None
-    return sizes
-
-
-def _ablation_settings(args: argparse.Namespace) -> AblationSettings:
-    study = args.ablation
-    if study not in STUDIES:
-        raise ValueError(f"--ablation {study!r} is invalid; expected one of {', '.join(STUDIES)}")
-    fixed = ("--presets", "--no-reconstruction", "--compare-quanto")
-    for option in fixed if study == "w4" else (*fixed, "--reconstruction-minutes"):
-        if getattr(args, option.lstrip("-").replace("-", "_")) is not None:
-            raise ValueError(
-                f"{option} does not apply to --ablation {study} (its rows fix their own recipes)"
-            )
-    for option in ("--prompts", "--guidance-scale", "--clip-model"):
-        if getattr(args, option.lstrip("-").replace("-", "_")) is not None:
-            raise ValueError(f"{option} does not apply to --ablation (it samples unconditional models only)")
-    for option, owner in _STUDY_OPTIONS.items():
-        if owner != study and getattr(args, option.lstrip("-").replace("-", "_")) is not None:
-            raise ValueError(f"{option} applies to --ablation {owner}, not --ablation {study}")
-    if study == "w4":
-        for option in _SEARCH_OPTIONS:
-            if getattr(args, option.lstrip("-").replace("-", "_")) is not None:
-                raise ValueError(f"{option} does not apply to --ablation w4 (its rows run no group search)")
-    if study == "selectors" and args.calibration_samples is not None:
-        raise ValueError("--calibration-samples does not apply to --ablation selectors; use --sizes")
-    overrides: dict[str, Any] = {}
-    if args.groups is not None:
-        overrides["groups"] = [parse_groups(g) for g in args.groups]
-    if args.sizes is not None:
-        overrides["sizes"] = _sizes(args.sizes)
-    names = (
-        "bits", "rows", "selectors", "search_epochs", "search_images", "search_lambda", "search_init_logit",
-        "feature_samples", "calibration_samples", "calibration_seed", "reconstruction_minutes",
-        "num_samples", "seeds", "num_inference_steps", "batch_size", "sqnr_samples",
-    )  # fmt: skip
-    overrides.update({n: getattr(args, n) for n in names if getattr(args, n) is not None})
-    settings = (
-        AblationSettings.quick(study, **overrides) if args.quick else AblationSettings(study, **overrides)
-    )
-    ablation_rows(settings)  # validates the settings and builds every recipe before any model runs
-    return settings
-
-
 def run_ablation_command(args: argparse.Namespace) -> int:
     try:
-        settings, out, device, pipe = _prepare(args, _ablation_settings)
+        settings, out, device, pipe = _prepare(args, ablation_settings)
     except (ValueError, TypeError, OSError, ImportError) as err:
         return error(err)
     fidelity, _, notes = _fidelity(args.model, pipe)
