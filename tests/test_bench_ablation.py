@@ -142,6 +142,8 @@ def test_selector_rows_differ_only_in_calibration() -> None:
         ({"search_init_logit": -1.0}, "search_init_logit=-1.0 is invalid"),
         ({"bits": ["W6"]}, "W<weight bits>A<act bits>"),
         ({"num_samples": 1}, "FD needs at least 2"),
+        ({"calibration_seeds": []}, "calibration_seeds=[] is invalid; expected at least one seed"),
+        ({"calibration_seeds": [0, True]}, "calibration_seeds: True is not a valid seed"),
     ],
 )
 def test_bad_ablation_settings_are_rejected(overrides: dict, message: str) -> None:
@@ -177,6 +179,7 @@ def test_parse_groups() -> None:
         ),
         (["--ablation", "groups", "--search-epochs", "-2"], "search_epochs=-2 is invalid"),
         (["--groups", "4"], "--groups applies to --ablation runs only"),
+        (["--calibration-seeds", "0,1"], "--calibration-seeds applies to --ablation runs only"),
         (["--reconstruction-minutes", "0"], "reconstruction_minutes=0.0 is invalid"),
     ],
 )

@@ -159,7 +159,7 @@ def test_reconstruction_cap_reaches_only_the_rows_that_reconstruct():
 def test_calibration_seed_reaches_every_row_of_every_study():
     for study in ("w4", "groups", "selectors"):
         assert {r.config.calibration.seed for r in ablation_rows(AblationSettings(study)) if r.config} == {0}
-        seeded = ablation_rows(AblationSettings(study, calibration_seed=7))
+        seeded = ablation_rows(AblationSettings(study, calibration_seeds=[7]))
         assert {r.config.calibration.seed for r in seeded if r.config} == {7}, study
     assert w4_recipe(DEFAULT_LABEL, 4, 8, 20, None, calibration_seed=2).calibration.seed == 2
 
@@ -178,6 +178,10 @@ def test_unknown_w4_row_names_the_valid_ones():
         (["--rows", "gptq,gptq G=4"], "rows: 'gptq G=4' is not a w4 row; choose from nearest, gptq"),
         (["--rows", "gptq,gptq"], "rows: gptq listed more than once"),
         (["--calibration-seed", "-1"], "calibration_seed=-1 is invalid; expected an integer >= 0"),
+        (["--calibration-seeds", "0,x"], "--calibration-seeds: 'x' is not a seed; expected integers >= 0"),
+        (["--calibration-seeds", "0,-1"], "calibration_seeds: -1 is not a valid seed"),
+        (["--calibration-seeds", "1,2,1"], "calibration_seeds: 1 listed more than once"),
+        (["--calibration-seeds", "1,2", "--calibration-seed", "1"], "both given; use one of them"),
     ],
 )
 def test_bad_w4_input_is_rejected_before_any_work(extra, message, tmp_path: Path, capsys) -> None:

@@ -156,7 +156,9 @@ def add_parser(sub: Any) -> None:
 def _settings(args: argparse.Namespace) -> BenchSettings:
     for option in ABLATION_ONLY:
         if getattr(args, option.lstrip("-").replace("-", "_")) is not None:
-            raise ValueError(f"{option} applies to --ablation runs only; add --ablation groups or selectors")
+            raise ValueError(
+                f"{option} applies to --ablation runs only; add --ablation groups, selectors or w4"
+            )
     names = (
         "presets", "bits", "num_samples", "seeds", "num_inference_steps", "batch_size", "sqnr_samples",
         "calibration_samples", "calibration_seed", "reconstruction_minutes", "compare_quanto",
@@ -190,11 +192,14 @@ def _header(
     seeds = ", ".join(map(str, settings.seeds))
     prompts = getattr(settings, "prompts", None)
     text = "" if prompts is None else f"{len(prompts)} prompts, guidance scale {settings.guidance_scale}; "
+    draws = getattr(settings, "calibration_seeds", None) or [getattr(settings, "calibration_seed", 0)]
+    calibration = f"calibration seed{'s' if len(draws) > 1 else ''} {', '.join(map(str, draws))}"
     return (
         f"Command: `{command}`  \n"
         f"Model: {args.model}; DDIM {settings.num_inference_steps} steps, eta 0; {text}"
         f"{settings.num_samples} images x {len(settings.seeds)} seeds ({seeds}) "
-        f"per row, same noise in every row; noise SQNR on {settings.sqnr_samples} float trajectories.  \n"
+        f"per row, same noise in every row; {calibration}; noise SQNR on {settings.sqnr_samples} float "
+        "trajectories.  \n"
         f"Machine: {machine_description(device)}; total {seconds / 60:.1f} min.\n\n"
     )
 

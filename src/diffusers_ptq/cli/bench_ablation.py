@@ -7,6 +7,7 @@ from typing import Any
 
 from diffusers_ptq.benchmark.ablation.benchmark import ablation_rows
 from diffusers_ptq.benchmark.ablation.settings import SELECTORS, STUDIES, AblationSettings, parse_groups
+from diffusers_ptq.benchmark.quality.settings import check_seed
 
 
 def comma_names(text: str) -> list[str]:
@@ -16,7 +17,10 @@ def comma_names(text: str) -> list[str]:
 
 # Which study each option applies to.
 _SEARCH_OPTIONS = ("--search-epochs", "--search-images", "--search-lambda", "--search-init-logit")
-ABLATION_ONLY = ("--rows", "--groups", "--selectors", "--sizes", *_SEARCH_OPTIONS, "--feature-samples")
+ABLATION_ONLY = (
+    "--rows", "--groups", "--selectors", "--sizes", *_SEARCH_OPTIONS, "--feature-samples",
+    "--calibration-seeds",
+)  # fmt: skip
 _STUDY_OPTIONS = {
     "--rows": "w4",
     "--groups": "groups",
@@ -44,6 +48,13 @@ def add_ablation_arguments(b: argparse.ArgumentParser) -> None:
         type=comma_names,
         help="--ablation w4: comma-separated row labels to run (e.g. 'nearest,gptq bias=layer,default "
         "recipe'), in the study's order. Default: all.",
+    )
+    b.add_argument(
+        "--calibration-seeds",
+        type=comma_names,
+        help="--ablation: comma-separated calibration seeds (e.g. 0,1,2): every quantized row runs once per "
+        "calibration draw, on the same sampling noise and float row, and the table gains each recipe's FD "
+        "change per draw, its mean and spread. Instead of --calibration-seed. Default: 0.",
     )
     b.add_argument(
         "--groups",
@@ -92,14 +103,26 @@ def add_ablation_arguments(b: argparse.ArgumentParser) -> None:
     )
 
 
-def _sizes(texts: list[str]) -> list[int]:
-    sizes = []
+def _ints(option: str, texts: list[str], what: str, expected: str) -> list[int]:
+    values = []
     for text in texts:
         try:
-            sizes.append(int(text))
+            values.append(int(text))
         except ValueError:
-            raise ValueError(f"--sizes: {text!r} is not a calibration size; expected integers >= 1") from None
-    return sizes
+            raise ValueError(f"{option}: {text!r} is not {what}; expected {expected}") from None
+    return values
+
+
+def _calibration_seeds(args: argparse.Namespace) -> list[int] | None:
+    """--calibration-seeds as integers, or --calibration-seed as a one-draw list (None: neither given)."""
+    if args.calibration_seeds is not None:
+        if args.calibration_seed is not None:
+            raise ValueError("--calibration-seed and --calibration-seeds both given; use one of them")
+        return _ints("--calibration-seeds", args.calibration_seeds, "a seed", "integers >= 0")
+    if args.calibration_seed is not None:
+        check_seed("calibration_seed", args.calibration_seed)
+        return [args.calibration_seed]
+    return None
 
 
 def ablation_settings(args: argparse.Namespace) -> AblationSettings:
@@ -128,10 +151,13 @@ def ablation_settings(args: argparse.Namespace) -> AblationSettings:
     if args.groups is not None:
         overrides["groups"] = [parse_groups(g) for g in args.groups]
     if args.sizes is not None:
-        overrides["sizes"] = _sizes(args.sizes)
+        overrides["sizes"] = _ints("--sizes", args.sizes, "a calibration size", "integers >= 1")
+    seeds = _calibration_seeds(args)
+    if seeds is not None:
+        overrides["calibration_seeds"] = seeds
     names = (
         "bits", "rows", "selectors", "search_epochs", "search_images", "search_lambda", "search_init_logit",
-        "feature_samples", "calibration_samples", "calibration_seed", "reconstruction_minutes",
+        "feature_samples", "calibration_samples", "reconstruction_minutes",
         "num_samples", "seeds", "num_inference_steps", "batch_size", "sqnr_samples",
     )  # fmt: skip
     overrides.update({n: getattr(args, n) for n in names if getattr(args, n) is not None})

@@ -2,7 +2,9 @@
 
 Every row is one PTQConfig over a shared base recipe, so only what the study varies differs between rows.
 Rows run through `quality.run_rows`: the same per-image noise in every row (and in the float row), the
-same float trajectories for the noise SQNR, the same fidelity metric.
+same float trajectories for the noise SQNR, the same fidelity metric. With several calibration seeds
+(`AblationSettings.calibration_seeds`) every quantized row runs once per draw, and `draws.py` summarises
+each recipe over its draws.
 
 Base recipe of both studies: the apq-dm preset's quantizers (asymmetric per-channel weights and asymmetric
 per-tensor activations, lp search with p = 2.4, first/last layers at 8 bits), block reconstruction off,
@@ -33,6 +35,7 @@ from typing import Any
 
 import torch
 
+from diffusers_ptq.benchmark.ablation.draws import draw_name, summarise_draws
 from diffusers_ptq.benchmark.ablation.settings import PER_STEP, AblationSettings
 from diffusers_ptq.benchmark.ablation.w4 import W4_ROWS, w4_notes, w4_recipe
 from diffusers_ptq.benchmark.quality.benchmark import (
@@ -65,6 +68,11 @@ class AblationRow:
     size: int | None = None  # calibration.num_samples
     search: bool = False  # APQ-DM group search on
     config: PTQConfig | None = field(default=None, repr=False)
+    calibration_seed: int | None = None  # the calibration draw (None: the float row)
+    recipe: str = ""  # the name without its draw (`draws.draw_name`); "": the same as `name`
+
+    def __post_init__(self) -> None:
+        self.recipe = self.recipe or self.name
 
     def describe(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "config"}
@@ -78,6 +86,7 @@ def _recipe(
     settings: AblationSettings,
     w: int,
     a: int,
+    seed: int,
     *,
     groups: int | str = 1,
     search: bool = False,
@@ -90,7 +99,7 @@ def _recipe(
         **RANDOM_CALIBRATION,
         **(calibration or {}),
         "num_inference_steps": settings.num_inference_steps,
-        "seed": settings.calibration_seed,
+        "seed": seed,
     }
     if num_samples is not None:
         calib["num_samples"] = num_samples
@@ -121,14 +130,14 @@ def _bits(settings: AblationSettings) -> list[tuple[str, int, int]]:
     return [(text.upper(), *parse_bits(text)) for text in settings.bit_settings]
 
 
-def group_rows(settings: AblationSettings) -> list[AblationRow]:
+def group_rows(settings: AblationSettings, seed: int) -> list[AblationRow]:
     """Per bit setting, one row per G: 1 and 'per_step' plain calibration, the others searched."""
     rows = []
     for tag, w, a in _bits(settings):
         for g in settings.groups:
             search = g not in (1, PER_STEP)
             config = _recipe(
-                settings, w, a, groups=g, search=search, num_samples=settings.calibration_samples
+                settings, w, a, seed, groups=g, search=search, num_samples=settings.calibration_samples
             )
             label = "per-step" if g == PER_STEP else f"G={g}"
             rows.append(AblationRow(f"{tag} {label}", w, a, groups=g, search=search, config=config))
@@ -164,7 +173,7 @@ def _selector_recipes(settings: AblationSettings) -> dict[str, dict[str, Any]]:
     }
 
 
-def selector_rows(settings: AblationSettings) -> list[AblationRow]:
+def selector_rows(settings: AblationSettings, seed: int) -> list[AblationRow]:
     """Per bit setting and calibration size, one row per selector ('random+search' right after 'active')."""
     recipes = _selector_recipes(settings)
     labels = [
@@ -175,14 +184,14 @@ def selector_rows(settings: AblationSettings) -> list[AblationRow]:
         for size in settings.sizes:
             for label in labels:
                 kw = recipes[label]
-                config = _recipe(settings, w, a, num_samples=size, **kw)
+                config = _recipe(settings, w, a, seed, num_samples=size, **kw)
                 groups, search = kw.get("groups", 1), kw.get("search", False)
                 name = f"{tag} {label} N={size}"
                 rows.append(AblationRow(name, w, a, groups, label, size, search, config))
     return rows
 
 
-def w4_rows(settings: AblationSettings) -> list[AblationRow]:
+def w4_rows(settings: AblationSettings, seed: int) -> list[AblationRow]:
     """Per bit setting, one row per 4-bit part (`ablation/w4.py`), then the default recipe."""
     rows = []
     labels = [label for label in W4_ROWS if settings.rows is None or label in settings.rows]
@@ -195,7 +204,7 @@ def w4_rows(settings: AblationSettings) -> list[AblationRow]:
                 settings.num_inference_steps,
                 settings.calibration_samples,
                 settings.reconstruction_minutes,
-                settings.calibration_seed,
+                seed,
             )
             groups = config.activations.timestep_groups
             rows.append(AblationRow(f"{tag} {label}", w, a, groups=groups, config=config))
@@ -206,9 +215,17 @@ _STUDY_ROWS = {"groups": group_rows, "selectors": selector_rows, "w4": w4_rows}
 
 
 def ablation_rows(settings: AblationSettings) -> list[AblationRow]:
-    """The float row, then the study's rows; every recipe is built (so validated) here."""
+    """The float row, then the study's rows once per calibration draw (named by `draw_name` when there are
+    several); every recipe is built (so validated) here."""
     settings.validate()
-    return [AblationRow("float"), *_STUDY_ROWS[settings.study](settings)]
+    rows = [AblationRow("float")]
+    draws = settings.calibration_seeds
+    for seed in draws:
+        for row in _STUDY_ROWS[settings.study](settings, seed):
+            row.calibration_seed = seed
+            row.name = draw_name(row.recipe, seed, len(draws))
+            rows.append(row)
+    return rows
 
 
 @dataclass
@@ -225,7 +242,7 @@ class AblationResult:
         return list(zip(self.rows, self.results))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "study": self.settings.study,
             "settings": self.settings.to_dict(),
             "fidelity": self.fidelity,
@@ -233,10 +250,30 @@ class AblationResult:
             "notes": self.notes,
             "rows": [{**spec.describe(), **asdict(res)} for spec, res in self.pairs()],
         }
+        if len(self.settings.calibration_seeds) > 1:
+            summaries = summarise_draws(self.pairs(), self.results[0].mean("FD"))
+            data["draws"] = [summary.to_dict() for summary in summaries]
+        return data
 
 
 def study_notes(settings: AblationSettings) -> list[str]:
     """What the table's rows hold fixed and vary, in the words a reader needs."""
+    return [*_study_notes(settings), *_draws_note(settings)]
+
+
+def _draws_note(settings: AblationSettings) -> list[str]:
+    seeds = settings.calibration_seeds
+    if len(seeds) == 1:
+        return [] if seeds == [0] else [f"Every quantized row calibrates on calibration seed {seeds[0]}."]
+    listed = ", ".join(map(str, seeds))
+    return [
+        f"Every quantized row runs once per calibration draw (calibration seeds {listed}: the calibration "
+        "trajectories' noise and the observers' subsample), on the same sampling noise and against the same "
+        "float row; the second table gives each recipe's FD change on every draw, its mean and its spread."
+    ]
+
+
+def _study_notes(settings: AblationSettings) -> list[str]:
     if settings.study == "w4":
         return w4_notes(settings.calibration_samples)
     search = PTQConfig.preset(BASE_PRESET).group_search

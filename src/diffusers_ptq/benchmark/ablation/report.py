@@ -5,6 +5,9 @@
   one line per selector (and bit setting).
 
 The float model's FD is drawn as a horizontal line. Without a fidelity metric only the SQNR panel is drawn.
+With one calibration draw the error bars are the sd over sampling seeds; with several, each point is a
+recipe's mean over its draws and the error bar the sd over draws (the table then gains a summary per recipe,
+`draws.py`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from diffusers_ptq.benchmark.ablation.benchmark import SEARCH_LABEL, AblationResult, AblationRow
+from diffusers_ptq.benchmark.ablation.draws import by_recipe, draws_table, row_bias, summarise_draws
 from diffusers_ptq.benchmark.ablation.settings import PER_STEP
 from diffusers_ptq.benchmark.ablation.w4 import describe_recipe
 from diffusers_ptq.benchmark.plotting import pyplot
@@ -25,12 +29,10 @@ from diffusers_ptq.benchmark.quality.settings import parse_bits
 PLOT_FILES = {"groups": "fd_vs_groups.png", "selectors": "fd_vs_calibration_size.png", "w4": "w4_parts.png"}
 
 
-def _at_bits(result: AblationResult, bits: str) -> list[tuple[AblationRow, RowResult]]:
-    """The quantized rows at the bit setting `bits` (e.g. 'W6A6')."""
+def _at_bits(result: AblationResult, bits: str) -> list[tuple[AblationRow, list[RowResult]]]:
+    """The quantized recipes at the bit setting `bits` (e.g. 'W6A6'), each with its rows (one per draw)."""
     w, a = parse_bits(bits)
-    return [
-        (s, r) for s, r in result.pairs() if s.config is not None and (s.weight_bits, s.act_bits) == (w, a)
-    ]
+    return [(s, rows) for s, rows in by_recipe(result.pairs()) if (s.weight_bits, s.act_bits) == (w, a)]
 
 
 def _groups_label(g: int | str | None) -> str:
@@ -92,17 +94,30 @@ def ablation_table(result: AblationResult) -> str:
             "–" if row.search_s is None else f"{row.search_s:.1f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    table = "\n".join(lines)
+    if len(result.settings.calibration_seeds) > 1:
+        summary = draws_table(summarise_draws(result.pairs(), float_fd))
+        table += f"\n\nOver calibration draws (seeds {_seeds(result)}):\n\n{summary}"
+    return table
+
+
+def _seeds(result: AblationResult) -> str:
+    return ", ".join(map(str, result.settings.calibration_seeds))
 
 
 def _mean_bias(row: RowResult) -> str:
     """The noise bias averaged over steps, or '–' (the float row, or no trajectory)."""
-    steps = row.bias_per_step
-    return "–" if not steps or row.weight_bits is None else f"{float(np.mean(steps)):.4f}"
+    bias = row_bias(row)
+    return "–" if bias is None else f"{bias:.4f}"
 
 
-def _metric(row: RowResult, name: str) -> tuple[float, float]:
-    """(mean, sd over seeds) of FD, or (SQNR, 0); NaN when missing."""
+def _metric(rows: list[RowResult], name: str) -> tuple[float, float]:
+    """One row: (mean, sd over seeds) of FD, or (SQNR, 0). Several rows (draws of one recipe): the mean of
+    their values and the sd over draws. NaN when missing."""
+    if len(rows) > 1:
+        values = [_metric([row], name)[0] for row in rows]
+        return float(np.mean(values)), float(np.std(values, ddof=1))
+    row = rows[0]
     if name == "sqnr":
         return (np.nan if row.sqnr_db is None else row.sqnr_db), 0.0
     values = row.metrics.get(name) or []
@@ -131,6 +146,8 @@ def _plot(result: AblationResult, path: Path, draw: Callable, xlabel: str, title
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    if len(result.settings.calibration_seeds) > 1:
+        title += f"\n(each recipe: mean ± sd over calibration seeds {_seeds(result)})"
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)
@@ -144,7 +161,7 @@ def save_groups_plot(result: AblationResult, path: Path) -> None:
 
     def draw(ax: object, metric: str) -> None:
         for bits in result.settings.bit_settings:
-            stats = {spec.groups: _metric(row, metric) for spec, row in _at_bits(result, bits)}
+            stats = {spec.groups: _metric(rows, metric) for spec, rows in _at_bits(result, bits)}
             mean = [stats.get(g, (np.nan, 0.0))[0] for g in groups]
             sd = [stats.get(g, (np.nan, 0.0))[1] for g in groups]
             ax.errorbar(range(len(groups)), mean, yerr=sd, marker="o", capsize=3, label=bits.upper())
@@ -163,7 +180,7 @@ def save_selectors_plot(result: AblationResult, path: Path) -> None:
         for bits in result.settings.bit_settings:
             for label in labels:
                 at_bits = _at_bits(result, bits)
-                stats = {spec.size: _metric(row, metric) for spec, row in at_bits if spec.selector == label}
+                stats = {spec.size: _metric(rows, metric) for spec, rows in at_bits if spec.selector == label}
                 mean = [stats.get(n, (np.nan, 0.0))[0] for n in sizes]
                 sd = [stats.get(n, (np.nan, 0.0))[1] for n in sizes]
                 name = f"{bits.upper()} {label}" if several_bits else label
@@ -179,7 +196,7 @@ def save_selectors_plot(result: AblationResult, path: Path) -> None:
 
 def save_w4_plot(result: AblationResult, path: Path) -> None:
     """FD and SQNR of every row as bars (one colour per bit setting), float FD as a dotted line."""
-    quantized = [(spec, row) for spec, row in result.pairs() if spec.config is not None]
+    quantized = by_recipe(result.pairs())
 
     def draw(ax: object, metric: str) -> None:
         for bits in result.settings.bit_settings:
@@ -193,7 +210,7 @@ def save_w4_plot(result: AblationResult, path: Path) -> None:
                 capsize=2,
                 label=bits.upper(),
             )
-        ax.set_xticks(range(len(quantized)), [row.name for _, row in quantized], rotation=60, ha="right")
+        ax.set_xticks(range(len(quantized)), [spec.recipe for spec, _ in quantized], rotation=60, ha="right")
 
     _plot(result, path, draw, "", "4-bit weights: rounding, group scales, bias correction, timestep groups")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from math import inf
 
-from diffusers_ptq.benchmark.quality.settings import BenchSettings, check_seed, parse_bits
+from diffusers_ptq.benchmark.quality.settings import BenchSettings, parse_bits
 
 STUDIES = ("groups", "selectors", "w4")
 # Row labels of the selectors study; "random+search" is added next to "active" (its fair baseline).
@@ -68,11 +68,12 @@ class AblationSettings:
             "'groups' / 'w4': calibration samples of every row (None: apq-dm's 1,024 / the default recipe's)"
         ),
     )
-    calibration_seed: int = field(
-        default=0,
+    calibration_seeds: list[int] = field(
+        default_factory=lambda: [0],
         metadata=_help(
-            "seed of the calibration draw (calibration.seed: the calibration trajectories' noise and the "
-            "observers' subsample), the same for every row; the sampling noise is `seeds`"
+            "seeds of the calibration draws (calibration.seed: the calibration trajectories' noise and the "
+            "observers' subsample); every quantized row runs once per draw, on the same sampling noise "
+            "(`seeds`) and float row, and several draws add a per-recipe summary (mean and spread)"
         ),
     )
     search_epochs: int | None = field(
@@ -157,7 +158,12 @@ class AblationSettings:
         elif self.study == "selectors":
             self._validate_selectors()
         self._validate_rows()
-        check_seed("calibration_seed", self.calibration_seed)
+        if not self.calibration_seeds:
+            raise ValueError("calibration_seeds=[] is invalid; expected at least one seed, an integer >= 0")
+        for seed in self.calibration_seeds:
+            if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+                raise ValueError(f"calibration_seeds: {seed!r} is not a valid seed; expected integers >= 0")
+        _no_repeats("calibration_seeds", self.calibration_seeds)
         for name in ("calibration_samples", "search_images", "feature_samples"):
             value = getattr(self, name)
             if value is not None and not _positive_int(value):
