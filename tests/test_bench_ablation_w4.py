@@ -10,7 +10,7 @@ import pytest
 from diffusers_ptq import cli
 from diffusers_ptq.benchmark.ablation.benchmark import ablation_rows
 from diffusers_ptq.benchmark.ablation.settings import AblationSettings
-from diffusers_ptq.benchmark.ablation.w4 import DEFAULT_LABEL, VARIANTS, W4_ROWS, w4_recipe
+from diffusers_ptq.benchmark.ablation.w4 import DEFAULT_LABEL, DEFAULT_VARIANTS, VARIANTS, W4_ROWS, w4_recipe
 from diffusers_ptq.config import PTQConfig
 
 
@@ -119,6 +119,14 @@ def test_w4_rows_vary_exactly_their_part():
         default.layers.mixed_precision.resolved(4)
         == rows["W4A8 gptq auto bias=output mixed=5"].config.layers.mixed_precision
     )
+    # The staggered row is the default recipe with another calibration layout, nothing else.
+    assert list(DEFAULT_VARIANTS) == [f"{DEFAULT_LABEL} staggered=10"]
+    staggered = rows[f"W4A8 {DEFAULT_LABEL} staggered=10"].config.to_dict()
+    assert staggered["calibration"].pop("sampler") == "staggered" and default.calibration.sampler == "uniform"
+    assert staggered["calibration"].pop("step_interval") == 10
+    plain = default.to_dict()
+    plain["calibration"].pop("sampler"), plain["calibration"].pop("step_interval")
+    assert staggered == plain
 
 
 def test_w4_base_is_pinned_whatever_the_default_recipe(monkeypatch):

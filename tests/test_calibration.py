@@ -73,6 +73,18 @@ def test_unconditional_records_only_planned_rows(ddim_pipe):
     assert data.inputs["sample"].device.type == "cpu"
 
 
+def test_staggered_capture_records_its_offset_steps_on_separate_trajectories(ddim_pipe):
+    calib = CalibrationConfig(sampler="staggered", step_interval=3, num_samples=11, batch_size=4, seed=1)
+    data, mask, _ = _capture(ddim_pipe, calib, steps=9)
+    assert mask.shape[0] == 4 and len(data) == 11
+    got = sorted(zip(data.trajectory.tolist(), data.step_index.tolist()))
+    assert got == [(0, 0), (0, 3), (0, 6), (1, 1), (1, 4), (1, 7), (2, 2), (2, 5), (2, 8), (3, 0), (3, 3)]
+    # Each trajectory is its own noise draw: the same step on two trajectories holds different inputs.
+    first = data.inputs["sample"][(data.trajectory == 0) & (data.step_index == 0)]
+    fourth = data.inputs["sample"][(data.trajectory == 3) & (data.step_index == 0)]
+    assert not torch.equal(first, fourth)
+
+
 def test_recorded_inputs_equal_the_pipeline_unet_inputs(ddim_pipe):
     """Rows hold exactly the tensors the UNet saw at that step (not a re-implemented sampler)."""
     calib = CalibrationConfig(sampler="all", num_samples=5, batch_size=1)

@@ -34,7 +34,7 @@ def _mask(sampler: str, num_samples: int, steps: int, seed: int = 0, **kwargs) -
 
 
 def test_available_samplers():
-    assert set(available_samplers()) >= {"uniform", "all", "normal", "skew_normal"}
+    assert set(available_samplers()) >= {"uniform", "staggered", "all", "normal", "skew_normal"}
     assert available_samplers() == sorted(available_samplers())
 
 
@@ -58,8 +58,8 @@ COMBOS = [
 ]
 
 
-@pytest.mark.parametrize("sampler", ["uniform", "all", "normal", "skew_normal"])
-@pytest.mark.parametrize(("num_samples", "steps", "interval"), COMBOS)
+@pytest.mark.parametrize("sampler", ["uniform", "staggered", "all", "normal", "skew_normal"])
+@pytest.mark.parametrize(("num_samples", "steps", "interval"), [*COMBOS, (256, 100, 10), (50, 20, 200)])
 def test_exact_number_of_samples(sampler, num_samples, steps, interval):
     mask = _mask(sampler, num_samples, steps, step_interval=interval)
     assert mask.dtype == torch.bool
@@ -91,6 +91,30 @@ def test_all_records_every_step_evenly(num_samples, steps, interval):
     if num_samples >= steps:
         assert (counts >= 1).all()
     assert mask.shape[0] == math.ceil(num_samples / steps)
+
+
+@pytest.mark.parametrize(("num_samples", "steps", "interval"), [*COMBOS, (256, 100, 10), (50, 20, 200)])
+def test_staggered_records_every_step_evenly_from_offset_trajectories(num_samples, steps, interval):
+    mask = _mask("staggered", num_samples, steps, step_interval=interval)
+    k = min(interval, steps)
+    for j, row in enumerate(mask):
+        recorded = row.nonzero().flatten().tolist()
+        # Trajectory j: every k-th step from step j mod k (the last one may stop early).
+        assert recorded and recorded == list(range(j % k, steps, k))[: len(recorded)], j
+    assert all(bool(row.sum() == len(range(j % k, steps, k))) for j, row in enumerate(mask[:-1]))
+    counts = mask.sum(dim=0)
+    assert int(counts.max() - counts.min()) <= 1
+    if num_samples >= steps:
+        assert (counts >= 1).all()
+    if interval == 1:
+        assert torch.equal(mask, _mask("all", num_samples, steps))
+
+
+def test_staggered_draws_the_default_calibration_from_ten_times_the_trajectories():
+    # 256 samples at DDIM 100: 'uniform' every step needs 3 trajectories, 'staggered' every 10th 26.
+    assert _mask("uniform", 256, 100).shape[0] == 3
+    mask = _mask("staggered", 256, 100, step_interval=10)
+    assert mask.shape[0] == 26 and set(mask.sum(dim=0).tolist()) == {2, 3}
 
 
 def test_uniform_q_diffusion_layout():
@@ -236,7 +260,7 @@ def test_same_seed_same_mask_different_seed_different(sampler):
     assert not torch.equal(a, c)
 
 
-@pytest.mark.parametrize("sampler", ["uniform", "all"])
+@pytest.mark.parametrize("sampler", ["uniform", "staggered", "all"])
 def test_deterministic_samplers_ignore_seed(sampler):
     assert torch.equal(_mask(sampler, 37, 20, seed=1), _mask(sampler, 37, 20, seed=2))
 
@@ -250,7 +274,7 @@ def test_unknown_sampler_raises_value_error():
         recording_mask(cfg, _schedule(10), T, _gen())
     msg = str(info.value)
     assert "calibration.sampler" in msg and "bogus" in msg
-    for name in ("uniform", "normal", "skew_normal", "all"):
+    for name in ("uniform", "staggered", "normal", "skew_normal", "all"):
         assert name in msg
 
 

@@ -40,7 +40,7 @@ from diffusers_ptq.config_search import (
 )
 from diffusers_ptq.reconstruction.config import ReconstructionConfig
 
-TIMESTEP_SAMPLERS = ("uniform", "normal", "skew_normal", "all")
+TIMESTEP_SAMPLERS = ("uniform", "staggered", "normal", "skew_normal", "all")
 SAMPLE_SELECTORS = ("random", "density_diversity", "active")
 BIAS_CORRECTIONS = ("off", "layer", "output")
 
@@ -76,7 +76,9 @@ class CalibrationConfig:
     num_inference_steps: int | None = _field(
         None, "sampling steps of the calibration run (None: pipeline default)"
     )
-    step_interval: int = _field(1, "'uniform': record every k-th sampling step")
+    step_interval: int = _field(
+        1, "'uniform' / 'staggered': every k-th sampling step ('staggered': trajectory j from step j mod k)"
+    )
     mean: float = _field(0.4, "'normal'/'skew_normal': mean timestep as a fraction of the training timesteps")
     std: float = _field(
         0.4, "'normal'/'skew_normal': standard deviation as a fraction of the training timesteps"

@@ -69,6 +69,25 @@ def uniform(
     return every_step_mask(steps, len(step_timesteps), config.num_samples)
 
 
+@register_timestep_sampler("staggered")
+def staggered(
+    config: CalibrationConfig, step_timesteps: torch.Tensor, T: int, gen: torch.Generator
+) -> torch.Tensor:
+    """Every `step_interval`-th sampling step as in 'uniform', but trajectory j starts at step j mod the
+    interval: every step is recorded equally often (within one sample), and the same number of samples comes
+    from about `step_interval` times as many trajectories (noise draws) as 'uniform' records them from."""
+    num_steps = len(step_timesteps)
+    interval = min(config.step_interval, num_steps)
+    rows, remaining = [], config.num_samples
+    while remaining > 0:
+        steps = list(range(len(rows) % interval, num_steps, interval))[:remaining]
+        row = torch.zeros(num_steps, dtype=torch.bool)
+        row[steps] = True
+        rows.append(row)
+        remaining -= len(steps)
+    return torch.stack(rows)
+
+
 @register_timestep_sampler("all")
 def all_steps(
     config: CalibrationConfig, step_timesteps: torch.Tensor, T: int, gen: torch.Generator
