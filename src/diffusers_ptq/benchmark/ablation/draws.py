@@ -12,14 +12,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from diffusers_ptq.benchmark.quality.benchmark import RowResult
 
-if TYPE_CHECKING:
-    from diffusers_ptq.benchmark.ablation.benchmark import AblationRow
+
+class AblationRow(Protocol):
+    """What this module reads of `ablation.benchmark.AblationRow` (not imported: that module imports this)."""
+
+    recipe: str
+    calibration_seed: int | None
+    config: Any
 
 
 def draw_name(recipe: str, seed: int, draws: int) -> str:
